@@ -1,0 +1,66 @@
+#pragma once
+// The attention policy kind: pre-RMSNorm, q/k/v projections, optional QK-norm, RoPE, causal GQA
+// softmax attention over a KV cache, and the output projection of the heads the policy owns.
+//
+// In an FoE layer each group owns one attention instance: its KV head(s), the query heads that
+// share them and the matching columns of o_proj, so forward() returns that group's additive
+// contribution Attn_h(RMSNorm(x[h])) in R^d. A standard MoE layer owns one instance with all heads.
+
+#include <concepts>
+
+#include "foe/core/config.hpp"
+#include "foe/core/tensor.hpp"
+#include "foe/layer/batch.hpp"
+
+namespace foe::attention {
+
+/// The shape of one attention instance and of its KV cache.
+struct AttentionSpec {
+    index_t hidden_size = 0;
+    index_t q_heads = 0;   ///< query heads this instance owns
+    index_t kv_heads = 0;  ///< KV heads this instance owns; q_heads is a multiple of it
+    index_t head_dim = 0;
+    QkNorm qk_norm = QkNorm::none;
+    float rms_norm_eps = 1e-5f;
+    double rope_theta = 10000.0;
+    index_t cache_slots = 1;     ///< sequences the KV cache holds at once
+    index_t cache_capacity = 0;  ///< positions per sequence
+
+    /// The spec of group `group` of H for a model config.
+    [[nodiscard]] static AttentionSpec for_group(const ModelConfig& c, index_t cache_slots, index_t cache_capacity)
+    {
+        return AttentionSpec{c.hidden_size,
+                             c.q_heads_per_group(),
+                             c.kv_heads_per_group(),
+                             c.head_dim,
+                             c.qk_norm,
+                             static_cast<float>(c.rms_norm_eps),
+                             c.rope_theta,
+                             cache_slots,
+                             cache_capacity};
+    }
+};
+
+/// Views of the weights one attention instance reads (never owned).
+struct AttentionWeights {
+    VectorView<const float> input_norm;  ///< [hidden]
+    MatrixView<const float> q_proj;      ///< [q_heads * head_dim, hidden]
+    MatrixView<const float> k_proj;      ///< [kv_heads * head_dim, hidden]
+    MatrixView<const float> v_proj;      ///< [kv_heads * head_dim, hidden]
+    MatrixView<const float> o_proj;      ///< [hidden, q_heads * head_dim], a column block of the full o_proj
+    VectorView<const float> q_norm;      ///< [head_dim] per head, [q_heads * head_dim] full width, empty for none
+    VectorView<const float> k_norm;      ///< [head_dim] per head, [kv_heads * head_dim] full width, empty for none
+};
+
+/// An attention policy is built from a spec and weight views, and adds nothing to the residual
+/// itself: forward writes out[t, :] = o_proj(Attention(RMSNorm(x))[t, :]) for the batch's tokens,
+/// appending their keys and values to the KV cache at the batch's positions.
+template <class A>
+concept AttentionPolicy =
+    std::constructible_from<A, const AttentionSpec&, const AttentionWeights&> &&
+    requires(A& a, const A& ca, const Batch& batch, MatrixView<const float> x, MatrixView<float> out) {
+        { a.forward(batch, x, out) } -> std::same_as<void>;
+        { ca.spec() } -> std::convertible_to<const AttentionSpec&>;
+    };
+
+}  // namespace foe::attention

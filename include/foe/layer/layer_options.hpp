@@ -1,0 +1,20 @@
+#pragma once
+// Run-time options shared by the layer templates.
+
+#include <vector>
+
+#include "foe/core/types.hpp"
+
+namespace foe {
+
+struct LayerOptions {
+    index_t cache_slots = 1;     ///< sequences whose KV caches the layer holds at once
+    index_t cache_capacity = 0;  ///< positions per sequence; 0 means max_position_embeddings
+    index_t group_begin = 0;     ///< the expert groups this rank holds: [group_begin, group_end)
+    index_t group_end = -1;      ///< -1 means every group
+    /// The order in which the held groups' attention runs (a permutation of [0, held)); empty
+    /// means ascending. Results never depend on it: a test runs groups in reverse to prove it.
+    std::vector<index_t> compute_order;
+};
+
+}  // namespace foe

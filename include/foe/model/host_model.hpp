@@ -1,0 +1,41 @@
+#pragma once
+// The host layer and model compositions the library ships, and make_model(), which picks one
+// from a config at run time (the runner's path from a model directory to a model).
+
+#include <memory>
+
+#include "foe/attention/gqa_attention.hpp"
+#include "foe/experts/swiglu_experts.hpp"
+#include "foe/layer/foe_layer.hpp"
+#include "foe/layer/moe_layer.hpp"
+#include "foe/model/model.hpp"
+#include "foe/parallel/local_experts.hpp"
+#include "foe/routing/router.hpp"
+#include "foe/sync/all_reduce_mean.hpp"
+
+namespace foe {
+
+/// FoE layer on one process: every group and expert local, residual sync over SelfComm.
+template <routing::ScoreFunctionPolicy Score = routing::Softmax, gemm::GemmPolicy Gemm = gemm::Default>
+using HostFoeLayer = FoeLayer<attention::GqaAttention<Gemm>, routing::Router<Score, routing::PerGroupTopK, Gemm>,
+                              experts::SwiGluExperts<Gemm>, parallel::LocalExperts, sync::AllReduceMean<>>;
+
+/// Standard MoE layer (OLMoE) on one process.
+template <routing::ScoreFunctionPolicy Score = routing::Softmax, gemm::GemmPolicy Gemm = gemm::Default>
+using HostMoeLayer = MoeLayer<attention::GqaAttention<Gemm>, routing::Router<Score, routing::GlobalTopK, Gemm>,
+                              experts::SwiGluExperts<Gemm>, parallel::LocalExperts>;
+
+/// The host model for the weights' config: OlmoeForCausalLM -> standard MoE layers,
+/// FoeForCausalLM -> FoE layers with the config's score function.
+[[nodiscard]] inline std::unique_ptr<ModelInterface> make_model(std::shared_ptr<const ModelWeights> weights,
+                                                                const ModelOptions& options = {})
+{
+    const ModelConfig& c = weights->config;
+    c.validate();
+    if (c.architecture == Architecture::olmoe) return std::make_unique<Model<HostMoeLayer<>>>(std::move(weights), options);
+    if (c.scoring_func == ScoreFunction::sigmoid)
+        return std::make_unique<Model<HostFoeLayer<routing::Sigmoid>>>(std::move(weights), options);
+    return std::make_unique<Model<HostFoeLayer<routing::Softmax>>>(std::move(weights), options);
+}
+
+}  // namespace foe

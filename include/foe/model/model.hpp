@@ -1,0 +1,180 @@
+#pragma once
+// Model<Layer>: embedding, L layers, the average of the H streams, final RMSNorm and LM head,
+// with one KV cache slot per sequence.
+//
+//   prefill(tokens)  -> logits for every prompt position      [S, vocab]
+//   decode(token)    -> logits of the next position            [vocab]
+//   forward(batch, tokens) -> logits of a ragged batch         [T, vocab]
+//   generate(prompt, n)    -> n greedy tokens
+//
+// The first layer takes the embedding as one stream (broadcast to the groups); every later layer
+// takes the previous layer's streams. ModelInterface is the type-erased face the runner and
+// make_model() use; Model<Layer> is the composed, fully inlined implementation.
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "foe/core/error.hpp"
+#include "foe/core/tensor.hpp"
+#include "foe/layer/batch.hpp"
+#include "foe/layer/layer_options.hpp"
+#include "foe/model/weights.hpp"
+#include "foe/ops/gemm.hpp"
+#include "foe/ops/rmsnorm.hpp"
+
+namespace foe {
+
+struct ModelOptions {
+    index_t cache_slots = 1;     ///< sequences held at once
+    index_t cache_capacity = 0;  ///< positions per sequence; 0 means max_position_embeddings
+};
+
+class ModelInterface {
+public:
+    virtual ~ModelInterface() = default;
+
+    /// Logits [batch.tokens(), vocab] for a ragged batch. tokens holds batch.tokens() ids, laid
+    /// out sequence after sequence. A chunk must start at or before its slot's current length
+    /// (starting earlier discards the positions after start).
+    [[nodiscard]] virtual Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) = 0;
+    [[nodiscard]] virtual const ModelConfig& config() const noexcept = 0;
+    /// Positions held in the KV cache of a slot.
+    [[nodiscard]] virtual index_t sequence_length(index_t slot) const = 0;
+    [[nodiscard]] virtual index_t cache_capacity() const noexcept = 0;
+
+    /// Starts the sequence of `slot` anew with `tokens`; logits [tokens.size(), vocab].
+    [[nodiscard]] Tensor<float> prefill(std::span<const std::int32_t> tokens, index_t slot = 0)
+    {
+        return forward(Batch::single(0, static_cast<index_t>(tokens.size()), slot), tokens);
+    }
+
+    /// Appends one token to the sequence of `slot`; the logits of the next position [vocab].
+    [[nodiscard]] std::vector<float> decode(std::int32_t token, index_t slot = 0)
+    {
+        const std::int32_t ids[1] = {token};
+        return std::move(forward(Batch::single(sequence_length(slot), 1, slot), ids).values());
+    }
+
+    /// Greedy generation: prefill the prompt, then max_new_tokens times take the most likely
+    /// token (ties toward the lower id) and decode it. Returns the generated tokens.
+    [[nodiscard]] std::vector<std::int32_t> generate(std::span<const std::int32_t> prompt, index_t max_new_tokens,
+                                                     index_t slot = 0)
+    {
+        require(!prompt.empty(), "generate needs a prompt of at least one token");
+        require(max_new_tokens >= 0, "max_new_tokens (", max_new_tokens, ") must not be negative");
+        std::vector<std::int32_t> out;
+        if (max_new_tokens == 0) return out;
+        const Tensor<float> logits = prefill(prompt, slot);
+        const index_t vocab = config().vocab_size;
+        std::vector<float> last(logits.values().end() - vocab, logits.values().end());
+        for (index_t n = 0; n < max_new_tokens; ++n) {
+            out.push_back(static_cast<std::int32_t>(std::max_element(last.begin(), last.end()) - last.begin()));
+            if (n + 1 < max_new_tokens) last = decode(out.back(), slot);
+        }
+        return out;
+    }
+};
+
+template <class Layer, gemm::GemmPolicy Gemm = gemm::Default>
+class Model final : public ModelInterface {
+public:
+    using layer_type = Layer;
+
+    /// Builds every layer over views of *weights, which the model keeps alive.
+    explicit Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options = {});
+
+    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) override;
+    [[nodiscard]] const ModelConfig& config() const noexcept override { return weights_->config; }
+    [[nodiscard]] index_t sequence_length(index_t slot) const override
+    {
+        require(slot >= 0 && slot < static_cast<index_t>(lengths_.size()), "slot ", slot, " is outside [0, ",
+                lengths_.size(), ")");
+        return lengths_[static_cast<std::size_t>(slot)];
+    }
+    [[nodiscard]] index_t cache_capacity() const noexcept override { return capacity_; }
+    [[nodiscard]] const Layer& layer(index_t l) const { return *layers_.at(static_cast<std::size_t>(l)); }
+
+private:
+    std::shared_ptr<const ModelWeights> weights_;
+    index_t capacity_;
+    std::vector<index_t> lengths_;
+    std::vector<std::unique_ptr<Layer>> layers_;
+    std::vector<float> a_, b_, hidden_;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+template <class Layer, gemm::GemmPolicy Gemm>
+Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options)
+    : weights_(std::move(weights)),
+      capacity_(options.cache_capacity > 0 ? options.cache_capacity : weights_->config.max_position_embeddings)
+{
+    const ModelConfig& c = weights_->config;
+    check_weights(*weights_);
+    require<InvalidArgument>(options.cache_slots > 0, "cache_slots (", options.cache_slots, ") must be positive");
+    require<InvalidArgument>(capacity_ <= c.max_position_embeddings, "cache_capacity (", capacity_,
+                             ") exceeds max_position_embeddings (", c.max_position_embeddings, ")");
+    lengths_.assign(static_cast<std::size_t>(options.cache_slots), 0);
+    LayerOptions lo;
+    lo.cache_slots = options.cache_slots;
+    lo.cache_capacity = capacity_;
+    for (index_t l = 0; l < c.num_hidden_layers; ++l)
+        layers_.push_back(std::make_unique<Layer>(c, layer_weights(*weights_, l), lo));
+}
+
+template <class Layer, gemm::GemmPolicy Gemm>
+Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens)
+{
+    const ModelConfig& c = weights_->config;
+    const index_t t = batch.tokens(), d = c.hidden_size, vocab = c.vocab_size;
+    require(static_cast<index_t>(tokens.size()) == t, "the batch has ", t, " tokens but ", tokens.size(),
+            " token ids were given");
+    batch.check_fits(static_cast<index_t>(lengths_.size()), capacity_);
+    for (const auto& chunk : batch.chunks())
+        require(chunk.start <= lengths_[static_cast<std::size_t>(chunk.slot)], "slot ", chunk.slot, " holds ",
+                lengths_[static_cast<std::size_t>(chunk.slot)], " positions; a chunk cannot start at position ",
+                chunk.start, " (positions in between would be missing)");
+    for (index_t i = 0; i < t; ++i) {
+        const std::int32_t id = tokens[static_cast<std::size_t>(i)];
+        require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
+                vocab, ")");
+    }
+
+    // Embedding: one stream.
+    const auto embed = weights_->at("model.embed_tokens.weight").view<2>();
+    a_.resize(static_cast<std::size_t>(t * d));
+    for (index_t i = 0; i < t; ++i) std::copy_n(&embed(tokens[static_cast<std::size_t>(i)], 0), d, &a_[static_cast<std::size_t>(i * d)]);
+
+    index_t streams = 1;
+    for (auto& layer : layers_) {
+        const index_t out_streams = layer->streams();
+        b_.resize(static_cast<std::size_t>(out_streams * t * d));
+        layer->forward(batch, TensorView<const float, 3>(a_.data(), {streams, t, d}),
+                       TensorView<float, 3>(b_.data(), {out_streams, t, d}));
+        std::swap(a_, b_);
+        streams = out_streams;
+    }
+
+    // Average the streams (in stream order), final norm, LM head.
+    hidden_.assign(static_cast<std::size_t>(t * d), 0.0f);
+    std::copy_n(a_.begin(), t * d, hidden_.begin());
+    for (index_t s = 1; s < streams; ++s)
+        for (index_t i = 0; i < t * d; ++i) hidden_[static_cast<std::size_t>(i)] += a_[static_cast<std::size_t>(s * t * d + i)];
+    if (streams > 1) {
+        const float scale = 1.0f / static_cast<float>(streams);
+        for (float& v : hidden_) v *= scale;
+    }
+    const MatrixView<float> h(hidden_.data(), {t, d});
+    ops::rms_norm(h, weights_->at("model.norm.weight").view<1>(), static_cast<float>(c.rms_norm_eps), h);
+    Tensor<float> logits({t, vocab});
+    const auto head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").view<2>();
+    Gemm::nt(h, head, logits.view<2>(), false);
+
+    for (const auto& chunk : batch.chunks()) lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
+    return logits;
+}
+
+}  // namespace foe

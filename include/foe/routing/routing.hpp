@@ -1,0 +1,73 @@
+#pragma once
+// The routing policy kind: router logits -> scores -> the experts each token uses, with weights.
+//
+// A routing policy is Router<Score, Selection>: the score function (softmax or sigmoid with a
+// selection bias) and the selection (top-(k/H) inside every expert group for FoE, top-k over all
+// experts for a standard MoE) are each a small policy, so sigmoid routing is one template
+// argument away. The result lists, for every token, its selected experts in slots: slot s of a
+// token belongs to group group_begin + s / slots_per_group, ordered by descending score inside
+// the group (ties toward the lower expert index).
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "foe/core/tensor.hpp"
+
+namespace foe::routing {
+
+/// Which experts every token uses and with what weight.
+struct RoutingResult {
+    index_t tokens = 0;
+    index_t slots_per_token = 0;  ///< selected experts per token, over the held groups
+    index_t slots_per_group = 0;  ///< k / H for FoE, k for a standard MoE
+    index_t group_begin = 0;      ///< first group the slots belong to
+    std::vector<std::int32_t> experts;  ///< [tokens * slots_per_token], global expert ids
+    std::vector<float> weights;         ///< [tokens * slots_per_token]
+
+    [[nodiscard]] std::int32_t expert(index_t token, index_t slot) const
+    {
+        return experts[static_cast<std::size_t>(token * slots_per_token + slot)];
+    }
+    [[nodiscard]] float weight(index_t token, index_t slot) const
+    {
+        return weights[static_cast<std::size_t>(token * slots_per_token + slot)];
+    }
+};
+
+/// What the router needs to know about the layer and the rank.
+struct RoutingSpec {
+    index_t num_experts = 0;    ///< E, all experts (the score vector spans all of them)
+    index_t top_k = 0;          ///< k over all groups
+    index_t groups = 1;         ///< H
+    index_t group_begin = 0;    ///< the groups this rank routes for: [group_begin, group_end)
+    index_t group_end = 1;
+    bool renormalize = false;   ///< scale each group's selected weights to sum to 1 (norm_topk_prob)
+};
+
+/// A score function turns logits into scores (the weights) and selection keys (what top-k ranks).
+template <class S>
+concept ScoreFunctionPolicy = requires(std::span<const float> logits, std::span<const float> bias,
+                                       std::span<float> scores, std::span<float> keys) {
+    { S::apply(logits, bias, scores, keys) } -> std::same_as<void>;
+    { S::uses_bias } -> std::convertible_to<bool>;
+};
+
+/// A selection says whether top-k runs inside every expert group or over all experts.
+template <class S>
+concept SelectionPolicy = requires {
+    { S::per_group } -> std::convertible_to<bool>;
+};
+
+/// A routing policy is built from a spec, the gate weight [E, d] and a bias [E] (empty when the
+/// score function takes none), and routes a batch of normalised hidden states u [T, d].
+template <class R>
+concept RoutingPolicy =
+    std::constructible_from<R, const RoutingSpec&, MatrixView<const float>, VectorView<const float>> &&
+    requires(R& r, MatrixView<const float> u, RoutingResult& out) {
+        { r.route(u, out) } -> std::same_as<void>;
+        { R::per_group } -> std::convertible_to<bool>;
+    };
+
+}  // namespace foe::routing

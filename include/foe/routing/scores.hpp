@@ -1,0 +1,48 @@
+#pragma once
+// Score functions of the router.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <span>
+
+#include "foe/routing/routing.hpp"
+
+namespace foe::routing {
+
+/// Softmax over all experts (OLMoE, Mixtral); the selection ranks the probabilities themselves.
+struct Softmax {
+    static constexpr bool uses_bias = false;
+    static void apply(std::span<const float> logits, std::span<const float> /*bias*/, std::span<float> scores,
+                      std::span<float> keys)
+    {
+        float max_logit = -std::numeric_limits<float>::infinity();
+        for (float l : logits) max_logit = std::max(max_logit, l);
+        double sum = 0.0;
+        for (std::size_t e = 0; e < logits.size(); ++e) {
+            scores[e] = std::exp(logits[e] - max_logit);
+            sum += scores[e];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (std::size_t e = 0; e < logits.size(); ++e) keys[e] = scores[e] = scores[e] * inv;
+    }
+};
+static_assert(ScoreFunctionPolicy<Softmax>);
+
+/// Independent sigmoid per expert (DeepSeek-V3): the weights are the sigmoids, the selection
+/// ranks sigmoid + bias, where the bias (model.layers.{l}.mlp.gate.e_score_correction_bias)
+/// steers load balance without changing the weights.
+struct Sigmoid {
+    static constexpr bool uses_bias = true;
+    static void apply(std::span<const float> logits, std::span<const float> bias, std::span<float> scores,
+                      std::span<float> keys)
+    {
+        for (std::size_t e = 0; e < logits.size(); ++e) {
+            scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+            keys[e] = bias.empty() ? scores[e] : scores[e] + bias[e];
+        }
+    }
+};
+static_assert(ScoreFunctionPolicy<Sigmoid>);
+
+}  // namespace foe::routing
