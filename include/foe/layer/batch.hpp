@@ -26,7 +26,6 @@ public:
     explicit Batch(std::vector<SequenceChunk> chunks) : chunks_(std::move(chunks))
     {
         offsets_.reserve(chunks_.size() + 1);
-        offsets_.push_back(0);
         for (const auto& c : chunks_) {
             require(c.slot >= 0 && c.start >= 0 && c.length >= 0, "sequence chunk has a negative slot (", c.slot,
                     "), start (", c.start, ") or length (", c.length, ")");

@@ -1,0 +1,185 @@
+// The whole model: against the float64 oracle, decode against prefill, causality, batching,
+// greedy generation and bad input.
+
+#include <doctest/doctest.h>
+
+#include "oracle.hpp"
+#include "test_util.hpp"
+
+using foe::Architecture;
+using foe::QkNorm;
+using foe::ScoreFunction;
+
+namespace {
+
+void check_against_oracle(const foe::ModelConfig& c, std::size_t prompt)
+{
+    const auto w = test::weights(c, 11);
+    auto model = foe::make_model(w);
+    const auto tokens = test::random_tokens(prompt, c.vocab_size, 3);
+    const auto logits = model->prefill(tokens);
+    const auto expected = oracle::model_logits(*w, tokens);
+    REQUIRE(logits.size() == static_cast<foe::index_t>(expected.size()));
+    CHECK(oracle::relative_error(logits.values(), expected) < 2e-5);
+}
+
+}  // namespace
+
+TEST_CASE("model prefill matches the float64 oracle: FoE, every score function and QK-norm, several H")
+{
+    for (foe::index_t h : {1, 2, 4})
+        for (auto score : {ScoreFunction::softmax, ScoreFunction::sigmoid})
+            for (auto qk : {QkNorm::none, QkNorm::per_head})
+                for (bool renorm : {false, true}) {
+                    CAPTURE(h);
+                    CAPTURE(static_cast<int>(score));
+                    CAPTURE(static_cast<int>(qk));
+                    CAPTURE(renorm);
+                    check_against_oracle(test::tiny(Architecture::foe, h, score, qk, renorm), 9);
+                }
+}
+
+TEST_CASE("model prefill matches the float64 oracle: standard MoE (OLMoE, full-width QK-norm)")
+{
+    check_against_oracle(test::tiny(Architecture::olmoe), 1);
+    check_against_oracle(test::tiny(Architecture::olmoe), 13);
+    auto c = test::tiny(Architecture::olmoe, 1, ScoreFunction::softmax, QkNorm::full_width, true);
+    c.tie_word_embeddings = true;
+    check_against_oracle(c, 7);
+}
+
+TEST_CASE("decoding token t after a prefill of t tokens equals a prefill of t+1 tokens at its last position")
+{
+    for (auto arch : {Architecture::foe, Architecture::olmoe}) {
+        const auto c = test::tiny(arch);
+        const auto w = test::weights(c);
+        const auto tokens = test::random_tokens(12, c.vocab_size, 5);
+        auto full = foe::make_model(w);
+        const auto reference = full->prefill(tokens);
+        auto incremental = foe::make_model(w);
+        (void)incremental->prefill(std::span(tokens).first(6));
+        for (std::size_t t = 6; t < tokens.size(); ++t) {
+            const auto next = incremental->decode(tokens[t]);
+            const std::vector<float> row(reference.values().begin() + static_cast<std::ptrdiff_t>(t * c.vocab_size),
+                                         reference.values().begin() + static_cast<std::ptrdiff_t>((t + 1) * c.vocab_size));
+            double worst = 0.0, scale = 0.0;
+            for (std::size_t i = 0; i < row.size(); ++i) {
+                worst = std::max(worst, std::abs(static_cast<double>(next[i]) - row[i]));
+                scale = std::max(scale, std::abs(static_cast<double>(row[i])));
+            }
+            CAPTURE(t);
+            CHECK(worst / scale < 1e-5);
+        }
+        CHECK(incremental->sequence_length(0) == static_cast<foe::index_t>(tokens.size()));
+    }
+}
+
+TEST_CASE("causality: changing a later token never changes earlier logits")
+{
+    for (auto arch : {Architecture::foe, Architecture::olmoe}) {
+        const auto c = test::tiny(arch);
+        const auto w = test::weights(c);
+        auto tokens = test::random_tokens(10, c.vocab_size, 9);
+        auto model = foe::make_model(w);
+        const auto before = model->prefill(tokens);
+        tokens[7] = (tokens[7] + 1) % static_cast<std::int32_t>(c.vocab_size);
+        const auto after = model->prefill(tokens);
+        const auto prefix = static_cast<std::ptrdiff_t>(7 * c.vocab_size);
+        CHECK(std::equal(before.values().begin(), before.values().begin() + prefix, after.values().begin()));
+        CHECK(!std::equal(before.values().begin() + prefix, before.values().end(), after.values().begin() + prefix));
+    }
+}
+
+TEST_CASE("a ragged batch of a prefill and a decode gives each sequence's own logits")
+{
+    const auto c = test::tiny();
+    const auto w = test::weights(c);
+    const auto a = test::random_tokens(5, c.vocab_size, 1), b = test::random_tokens(4, c.vocab_size, 2);
+
+    foe::ModelOptions two_slots;
+    two_slots.cache_slots = 2;
+    auto batched = foe::make_model(w, two_slots);
+    (void)batched->prefill(std::span(b).first(3), 1);  // sequence b already holds 3 tokens
+    std::vector<std::int32_t> ids(a.begin(), a.end());
+    ids.push_back(b[3]);
+    const foe::Batch batch({{0, 0, 5}, {1, 3, 1}});  // prefill of a in slot 0, decode of b in slot 1
+    const auto logits = batched->forward(batch, ids);
+
+    auto alone = foe::make_model(w);
+    const auto la = alone->prefill(a);
+    const auto lb = alone->prefill(b);
+    const auto v = c.vocab_size;
+    for (foe::index_t i = 0; i < 5 * v; ++i) CHECK_MESSAGE(std::abs(logits.values()[i] - la.values()[i]) < 1e-5f, i);
+    for (foe::index_t i = 0; i < v; ++i)
+        CHECK_MESSAGE(std::abs(logits.values()[5 * v + i] - lb.values()[3 * v + i]) < 1e-5f, i);
+}
+
+TEST_CASE("greedy generation is deterministic and follows the argmax of the logits")
+{
+    const auto c = test::tiny();
+    const auto w = test::weights(c);
+    const auto prompt = test::random_tokens(4, c.vocab_size, 4);
+    auto m1 = foe::make_model(w);
+    auto m2 = foe::make_model(w);
+    const auto g1 = m1->generate(prompt, 6);
+    const auto g2 = m2->generate(prompt, 6);
+    CHECK(g1 == g2);
+    REQUIRE(g1.size() == 6);
+    // The first generated token is the argmax of the prompt's last logits.
+    const auto logits = m2->prefill(prompt);
+    const auto last = std::span(logits.values()).last(static_cast<std::size_t>(c.vocab_size));
+    CHECK(g1[0] == std::max_element(last.begin(), last.end()) - last.begin());
+}
+
+TEST_CASE("bad input: a token id outside the vocabulary is an InvalidArgument naming the id and the limit")
+{
+    const auto c = test::tiny();
+    auto model = foe::make_model(test::weights(c));
+    const std::vector<std::int32_t> tokens{1, 2, static_cast<std::int32_t>(c.vocab_size)};
+    CHECK_THROWS_WITH_AS((void)model->prefill(tokens), doctest::Contains("token id 97"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS((void)model->decode(-1), doctest::Contains("outside the vocabulary [0, 97)"),
+                         foe::InvalidArgument);
+}
+
+TEST_CASE("bad input: decoding past the KV cache's capacity is a CapacityError naming both positions")
+{
+    const auto c = test::tiny();
+    foe::ModelOptions options;
+    options.cache_capacity = 4;
+    auto model = foe::make_model(test::weights(c), options);
+    (void)model->prefill(test::random_tokens(4, c.vocab_size, 1));
+    CHECK_THROWS_WITH_AS((void)model->decode(3), doctest::Contains("KV cache full"), foe::CapacityError);
+    CHECK_THROWS_WITH_AS((void)model->decode(3), doctest::Contains("holds 4 positions"), foe::CapacityError);
+    // The failed step changed nothing: the sequence still holds 4 positions.
+    CHECK(model->sequence_length(0) == 4);
+    CHECK_THROWS_AS((void)model->prefill(test::random_tokens(5, c.vocab_size, 1)), foe::CapacityError);
+}
+
+TEST_CASE("bad input: a cache larger than max_position_embeddings is refused")
+{
+    const auto c = test::tiny();
+    foe::ModelOptions options;
+    options.cache_capacity = c.max_position_embeddings + 1;
+    CHECK_THROWS_WITH_AS((void)foe::make_model(test::weights(c), options), doctest::Contains("max_position_embeddings"),
+                         foe::InvalidArgument);
+}
+
+TEST_CASE("bad input: weights missing a tensor name it")
+{
+    const auto c = test::tiny();
+    auto w = foe::random_weights(c, 1);
+    w.tensors.erase("model.layers.1.mlp.experts.3.up_proj.weight");
+    CHECK_THROWS_WITH_AS((void)foe::make_model(std::make_shared<const foe::ModelWeights>(std::move(w))),
+                         doctest::Contains("model.layers.1.mlp.experts.3.up_proj.weight"), foe::FormatError);
+}
+
+TEST_CASE("weights: random init is a pure function of (seed, tensor name)")
+{
+    const auto c = test::tiny();
+    const auto a = foe::random_weights(c, 5), b = foe::random_weights(c, 5), other = foe::random_weights(c, 6);
+    CHECK(a.at("lm_head.weight").values() == b.at("lm_head.weight").values());
+    CHECK(a.at("lm_head.weight").values() != other.at("lm_head.weight").values());
+    // No zeros, so a kernel that skips an element cannot hide.
+    for (const auto& [name, t] : a.tensors)
+        CHECK_MESSAGE(std::none_of(t.values().begin(), t.values().end(), [](float v) { return v == 0.0f; }), name);
+}
