@@ -1,0 +1,118 @@
+#pragma once
+// Whole-file reads and atomic whole-file writes, shared by the safetensors and config.json code.
+//
+// Reads check that the path is a regular file before sizing a buffer from it (a FIFO or a
+// device has no meaningful size), and refuse files above a caller-given limit before allocating.
+// Writes go to a temporary file next to the target and are renamed over it, so that a crash or
+// a full disk never leaves a half-written model file under the final name.
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "foe/core/error.hpp"
+
+namespace foe::detail::io {
+
+/// The whole content of the regular file at path. IoError when it cannot be opened or read;
+/// FormatError when it is larger than max_bytes (`what` names the kind of file for the message).
+[[nodiscard]] std::vector<std::byte> read_whole_file(
+    const std::filesystem::path& path, std::uintmax_t max_bytes = std::numeric_limits<std::uintmax_t>::max(),
+    std::string_view what = "file");
+
+/// Writes bytes to path through a temporary file in the same directory and a rename, so that
+/// readers see either the old file or the complete new one. IoError on failure, after removing
+/// the temporary file.
+void write_file_atomically(const std::filesystem::path& path, std::span<const std::byte> bytes);
+
+// ---------------------------------------------------------------------------------------------
+
+/// The message of the last OS error, for IoError messages.
+[[nodiscard]] inline std::string last_os_error(int saved_errno)
+{
+    if (saved_errno == 0) return "unknown error";
+    return std::error_code(saved_errno, std::generic_category()).message();
+}
+
+inline std::vector<std::byte> read_whole_file(const std::filesystem::path& path, std::uintmax_t max_bytes,
+                                              std::string_view what)
+{
+    const std::string name = path.string();
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (ec) raise<IoError>(name, ": cannot open: ", ec.message());
+    if (!std::filesystem::is_regular_file(status)) raise<IoError>(name, ": cannot read: not a regular file");
+    const std::uintmax_t size = std::filesystem::file_size(path, ec);
+    if (ec) raise<IoError>(name, ": cannot read its size: ", ec.message());
+    require<FormatError>(size <= max_bytes, name, ": ", what, " is ", size, " bytes, above the limit of ",
+                         max_bytes, " bytes");
+    require<IoError>(size <= static_cast<std::uintmax_t>(std::numeric_limits<std::streamsize>::max()), name,
+                     ": file of ", size, " bytes is too large to read");
+
+    errno = 0;
+    std::ifstream in(path, std::ios::binary);
+    if (!in) raise<IoError>(name, ": cannot open for reading: ", last_os_error(errno));
+    std::vector<std::byte> bytes(static_cast<std::size_t>(size));
+    // Reading std::byte storage through char* is allowed aliasing.
+    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
+    const auto got = in.gcount();
+    if (static_cast<std::uintmax_t>(got) != size)
+        raise<IoError>(name, ": read only ", got, " of ", size, " bytes (was the file truncated while reading?)");
+    return bytes;
+}
+
+/// A name for the temporary file that no other writer in this or another thread or process is
+/// likely to pick at the same time.
+[[nodiscard]] inline std::filesystem::path temporary_sibling(const std::filesystem::path& path)
+{
+    static std::atomic<std::uint64_t> counter{0};
+    const auto ticks = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    const auto thread = static_cast<std::uint64_t>(std::hash<std::thread::id>{}(std::this_thread::get_id()));
+    const std::uint64_t tag = ticks ^ (thread * 0x9e3779b97f4a7c15ull) ^ (counter.fetch_add(1) << 48);
+    std::filesystem::path tmp = path;
+    tmp += ".tmp-" + std::to_string(tag);
+    return tmp;
+}
+
+inline void write_file_atomically(const std::filesystem::path& path, std::span<const std::byte> bytes)
+{
+    const std::filesystem::path tmp = temporary_sibling(path);
+    const auto discard_tmp = [&] {
+        std::error_code ignored;
+        std::filesystem::remove(tmp, ignored);
+    };
+    {
+        errno = 0;
+        std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+        if (!out) raise<IoError>(path.string(), ": cannot create the temporary file ", tmp.string(), ": ",
+                                 last_os_error(errno));
+        out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+        out.close();
+        if (!out) {
+            const int saved = errno;
+            discard_tmp();
+            raise<IoError>(path.string(), ": writing ", bytes.size(), " bytes to ", tmp.string(),
+                           " failed: ", last_os_error(saved));
+        }
+    }
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) {
+        discard_tmp();
+        raise<IoError>(path.string(), ": cannot rename ", tmp.string(), " to it: ", ec.message());
+    }
+}
+
+}  // namespace foe::detail::io
