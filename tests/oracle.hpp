@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <span>
 #include <vector>
@@ -236,6 +237,8 @@ double relative_error(const A& a, const Vec& b)
 {
     double num = 0.0, den = 0.0;
     for (std::size_t i = 0; i < b.size(); ++i) {
+        // std::max ignores a NaN argument: a NaN or Inf result must fail, not vanish.
+        if (!std::isfinite(static_cast<double>(a[i]))) return std::numeric_limits<double>::infinity();
         num = std::max(num, std::abs(static_cast<double>(a[i]) - b[i]));
         den = std::max(den, std::abs(b[i]));
     }

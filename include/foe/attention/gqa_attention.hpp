@@ -52,14 +52,14 @@ static_assert(AttentionPolicy<GqaAttention<>>);
 
 template <gemm::GemmPolicy Gemm>
 GqaAttention<Gemm>::GqaAttention(const AttentionSpec& spec, const AttentionWeights& w)
-    : spec_(spec), w_(w), rope_(spec.head_dim, spec.rope_theta),
-      cache_(spec.cache_slots, spec.cache_capacity, spec.kv_heads, spec.head_dim)
+    : spec_(spec), w_(w), rope_(spec.head_dim, spec.rope_theta)
 {
     const index_t d = spec.hidden_size, qw = spec.q_heads * spec.head_dim, kw = spec.kv_heads * spec.head_dim;
     require<ConfigError>(spec.kv_heads > 0 && spec.q_heads % spec.kv_heads == 0, "attention owns ", spec.q_heads,
                          " query heads, not a multiple of its ", spec.kv_heads, " KV heads");
     require<ConfigError>(spec.cache_slots > 0 && spec.cache_capacity > 0, "KV cache needs at least one slot (got ",
                          spec.cache_slots, ") and one position (got ", spec.cache_capacity, ")");
+    cache_ = KvCache(spec.cache_slots, spec.cache_capacity, spec.kv_heads, spec.head_dim);
     auto check = [](const auto& view, const auto& expected, const char* name) {
         require<InvalidArgument>(std::ranges::equal(view.shape(), expected), "attention weight ", name, " has shape ",
                                  format_shape(view.shape()), ", expected ", format_shape(expected));

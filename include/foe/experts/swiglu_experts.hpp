@@ -119,8 +119,11 @@ void SwiGluExperts<Gemm>::combine(const routing::RoutingResult& r, MatrixView<co
     const index_t t = r.tokens, d = residual.extent(1), slots = r.slots_per_token;
     require(first_slot >= 0 && slot_count >= 0 && first_slot + slot_count <= slots, "combine slots [", first_slot,
             ", ", first_slot + slot_count, ") are outside the ", slots, " slots per token");
-    require(residual.extent(0) == t && out.extent(0) == t && out.extent(1) == d && y.extent(0) == t * slots,
-            "combine shapes disagree with the routing of ", t, " tokens");
+    require(residual.extent(0) == t && out.extent(0) == t && out.extent(1) == d && y.extent(0) == t * slots &&
+                y.extent(1) == d,
+            "combine shapes disagree with the routing of ", t, " tokens of width ", d, ": y is ",
+            format_shape(y.shape()), ", residual ", format_shape(residual.shape()), ", out ", format_shape(out.shape()));
+    require(y.stride(1) == 1 && residual.stride(1) == 1 && out.stride(1) == 1, "combine needs unit-stride rows");
     FOE_OMP_PARALLEL_FOR
     for (index_t i = 0; i < t; ++i) {
         float* o = &out(i, 0);

@@ -65,10 +65,11 @@ struct Portable {
             const index_t j1 = std::min(n, j0 + block_n);
             FOE_OMP_PARALLEL_FOR
             for (index_t i = 0; i < m; ++i) {
-                const float* ai = &a(i, 0);
-                float* ci = &c(i, 0);
+                // Pointer arithmetic, not a(i, 0): with K = 0 there is no element 0 to index.
+                const float* ai = a.data() + i * a.stride(0);
+                float* ci = c.data() + i * c.stride(0);
                 for (index_t j = j0; j < j1; ++j) {
-                    const float v = detail::dot(ai, &b(j, 0), k);
+                    const float v = detail::dot(ai, b.data() + j * b.stride(0), k);
                     ci[j] = accumulate ? ci[j] + v : v;
                 }
             }

@@ -19,9 +19,10 @@ namespace foe::ops {
 class Rope {
 public:
     Rope() = default;
-    Rope(index_t head_dim, double theta) : head_dim_(head_dim), inv_freq_(static_cast<std::size_t>(head_dim / 2))
+    Rope(index_t head_dim, double theta) : head_dim_(head_dim)
     {
         require(head_dim > 0 && head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
+        inv_freq_.resize(static_cast<std::size_t>(head_dim / 2));
         for (index_t j = 0; j < head_dim / 2; ++j) {
             const float exponent = static_cast<float>(2 * j) / static_cast<float>(head_dim);
             inv_freq_[static_cast<std::size_t>(j)] = static_cast<float>(1.0 / std::pow(theta, static_cast<double>(exponent)));

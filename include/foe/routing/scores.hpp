@@ -16,15 +16,21 @@ struct Softmax {
     static void apply(std::span<const float> logits, std::span<const float> /*bias*/, std::span<float> scores,
                       std::span<float> keys)
     {
+        // A NaN logit (a broken input) gets score 0 and a NaN key, which top_k ranks last: one bad
+        // expert must not turn every other expert's score into NaN.
         float max_logit = -std::numeric_limits<float>::infinity();
-        for (float l : logits) max_logit = std::max(max_logit, l);
+        for (float l : logits)
+            if (!std::isnan(l)) max_logit = std::max(max_logit, l);
         double sum = 0.0;
         for (std::size_t e = 0; e < logits.size(); ++e) {
-            scores[e] = std::exp(logits[e] - max_logit);
+            scores[e] = std::isnan(logits[e]) ? 0.0f : std::exp(logits[e] - max_logit);
             sum += scores[e];
         }
-        const float inv = static_cast<float>(1.0 / sum);
-        for (std::size_t e = 0; e < logits.size(); ++e) keys[e] = scores[e] = scores[e] * inv;
+        const float inv = sum > 0.0 ? static_cast<float>(1.0 / sum) : 0.0f;
+        for (std::size_t e = 0; e < logits.size(); ++e) {
+            scores[e] *= inv;
+            keys[e] = std::isnan(logits[e]) ? logits[e] : scores[e];
+        }
     }
 };
 static_assert(ScoreFunctionPolicy<Softmax>);
