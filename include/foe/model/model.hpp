@@ -59,15 +59,17 @@ public:
     }
 
     /// Greedy generation: prefill the prompt, then max_new_tokens times take the most likely
-    /// token (ties toward the lower id) and decode it. Returns the generated tokens.
+    /// token (ties toward the lower id) and decode it. Returns the generated tokens; the prompt's
+    /// logits [prompt, vocab] go to *prefill_logits when it is given.
     [[nodiscard]] std::vector<std::int32_t> generate(std::span<const std::int32_t> prompt, index_t max_new_tokens,
-                                                     index_t slot = 0)
+                                                     index_t slot = 0, Tensor<float>* prefill_logits = nullptr)
     {
         require(!prompt.empty(), "generate needs a prompt of at least one token");
         require(max_new_tokens >= 0, "max_new_tokens (", max_new_tokens, ") must not be negative");
         std::vector<std::int32_t> out;
+        Tensor<float> logits = prefill(prompt, slot);
+        if (prefill_logits != nullptr) *prefill_logits = logits;
         if (max_new_tokens == 0) return out;
-        const Tensor<float> logits = prefill(prompt, slot);
         const index_t vocab = config().vocab_size;
         std::vector<float> last(logits.values().end() - vocab, logits.values().end());
         for (index_t n = 0; n < max_new_tokens; ++n) {

@@ -1,0 +1,198 @@
+// Model directories (config.json + model.safetensors) and the foe_run command-line runner.
+
+#include <doctest/doctest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <string>
+
+#include "foe/io/model_dir.hpp"
+#include "test_util.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+/// A fresh directory under the system temp dir, removed at scope exit.
+struct TempDir {
+    fs::path path;
+    explicit TempDir(const std::string& tag)
+    {
+        path = fs::temp_directory_path() / ("foe-test-" + tag + "-" + std::to_string(::getpid()));
+        fs::remove_all(path);
+        fs::create_directories(path);
+    }
+    ~TempDir() { fs::remove_all(path); }
+};
+
+struct Result {
+    int status = -1;
+    std::string output;  // stdout and stderr
+};
+
+Result run(const std::string& args)
+{
+    const std::string command = std::string(FOE_RUN_PATH) + " " + args + " 2>&1";
+    Result r;
+    FILE* pipe = popen(command.c_str(), "r");
+    REQUIRE(pipe != nullptr);
+    std::array<char, 4096> buf{};
+    while (const std::size_t n = std::fread(buf.data(), 1, buf.size(), pipe)) r.output.append(buf.data(), n);
+    const int status = pclose(pipe);
+    r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return r;
+}
+
+std::string json_list(const std::vector<std::int32_t>& v)
+{
+    std::string s = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + "]";
+}
+
+}  // namespace
+
+TEST_CASE("model directory round trip: config and every tensor, f32 exactly, bf16 and f16 as rounded")
+{
+    TempDir dir("roundtrip");
+    for (const char* name : {"foe-tiny", "moe-tiny"}) {
+        CAPTURE(name);
+        const auto w = foe::random_weights(foe::named_config(name), 4);
+        foe::save_model_dir(dir.path / name, w);
+        const auto back = foe::load_model_dir(dir.path / name);
+        CHECK(back.config.architecture == w.config.architecture);
+        CHECK(back.config.num_expert_groups == w.config.num_expert_groups);
+        CHECK(back.config.qk_norm == w.config.qk_norm);
+        REQUIRE(back.tensors.size() == w.tensors.size());
+        for (const auto& [tensor_name, t] : w.tensors) {
+            CAPTURE(tensor_name);
+            CHECK(back.at(tensor_name).shape() == t.shape());
+            CHECK(back.at(tensor_name).values() == t.values());
+        }
+    }
+    const auto w = foe::random_weights(test::tiny(foe::Architecture::foe, 4, foe::ScoreFunction::sigmoid), 4);
+    for (auto dtype : {foe::DType::bf16, foe::DType::f16}) {
+        foe::save_model_dir(dir.path / "half", w, dtype);
+        const auto back = foe::load_model_dir(dir.path / "half");
+        CHECK(back.config.scoring_func == foe::ScoreFunction::sigmoid);
+        for (const auto& [tensor_name, t] : w.tensors)
+            for (std::size_t i = 0; i < t.values().size(); i += 97) {
+                const float v = t.values()[i];
+                const float rounded = dtype == foe::DType::bf16 ? static_cast<float>(foe::bfloat16(v))
+                                                                : static_cast<float>(foe::float16(v));
+                CHECK(back.at(tensor_name).values()[i] == rounded);
+            }
+    }
+}
+
+TEST_CASE("model directory: a missing file or tensor, and a tensor of the wrong shape, are named")
+{
+    TempDir dir("broken");
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path / "nope"), doctest::Contains("does not exist"), foe::IoError);
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains("has no config.json"), foe::IoError);
+
+    auto w = foe::random_weights(foe::named_config("foe-tiny"), 1);
+    foe::save_model_dir(dir.path, w);
+    fs::remove(dir.path / "model.safetensors");
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains("has neither model.safetensors"),
+                         foe::IoError);
+
+    // A file without one tensor the config needs.
+    const std::string dropped = "model.layers.1.self_attn.k_norm.weight";
+    std::vector<foe::TensorToWrite> tensors;
+    for (const auto& spec : foe::expected_tensors(w.config))
+        if (spec.name != dropped) tensors.push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).span()});
+    foe::save_safetensors(dir.path / "model.safetensors", tensors);
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains(dropped.c_str()), foe::FormatError);
+
+    // The same name with a wrong shape.
+    const foe::Tensor<float> wrong({3});
+    tensors.push_back({dropped, foe::DType::f32, wrong.shape(), wrong.span()});
+    foe::save_safetensors(dir.path / "model.safetensors", tensors);
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains("[16]"), foe::FormatError);
+}
+
+TEST_CASE("model directory: sharded weights through model.safetensors.index.json")
+{
+    TempDir dir("sharded");
+    const auto w = foe::random_weights(foe::named_config("moe-tiny"), 2);
+    foe::save_config_json(dir.path / "config.json", w.config);
+    std::vector<foe::TensorToWrite> a, b;
+    std::string map;
+    int i = 0;
+    for (const auto& spec : foe::expected_tensors(w.config)) {
+        const bool first = i++ % 2 == 0;
+        (first ? a : b).push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).span()});
+        map += (map.empty() ? "" : ", ") + ("\"" + spec.name + "\": \"" + (first ? "a.safetensors" : "b.safetensors") + "\"");
+    }
+    foe::save_safetensors(dir.path / "a.safetensors", a);
+    foe::save_safetensors(dir.path / "b.safetensors", b);
+    std::ofstream(dir.path / "model.safetensors.index.json") << "{\"metadata\": {}, \"weight_map\": {" << map << "}}";
+    const auto back = foe::load_model_dir(dir.path);
+    CHECK(back.at("lm_head.weight").values() == w.at("lm_head.weight").values());
+
+    // A shard name may not leave the model directory.
+    std::ofstream(dir.path / "model.safetensors.index.json") << "{\"weight_map\": {\"x\": \"../a.safetensors\"}}";
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains("not a plain file name"), foe::FormatError);
+}
+
+TEST_CASE("foe_run on a saved random model reproduces the in-process logits and generation")
+{
+    TempDir dir("runner");
+    const auto model_dir = dir.path / "model";
+    const auto init = run("--init foe-tiny --out " + model_dir.string() + " --seed 3");
+    REQUIRE_MESSAGE(init.status == 0, init.output);
+
+    const std::vector<std::int32_t> prompt{1, 2, 3, 50, 96};
+    const foe::index_t new_tokens = 4;
+    const auto weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(model_dir));
+    CHECK(weights->at("lm_head.weight").values() == foe::random_weights(foe::named_config("foe-tiny"), 3).at("lm_head.weight").values());
+    foe::ModelOptions options;
+    options.cache_capacity = static_cast<foe::index_t>(prompt.size()) + new_tokens;
+    foe::Tensor<float> logits;
+    const auto generated = foe::make_model(weights, options)->generate(prompt, new_tokens, 0, &logits);
+
+    const auto logits_file = dir.path / "logits.safetensors";
+    const auto r = run("--model " + model_dir.string() + " --tokens 1,2,3,50,96 --max-new-tokens 4 --logits-out " +
+                       logits_file.string());
+    REQUIRE_MESSAGE(r.status == 0, r.output);
+    CHECK(r.output == "{\"prompt\": " + json_list(prompt) + ", \"generated\": " + json_list(generated) + "}\n");
+
+    const auto file = foe::SafetensorsFile::open(logits_file);
+    CHECK(file.at("logits").dtype == foe::DType::f32);
+    const auto from_runner = file.read_float("logits", {static_cast<foe::index_t>(prompt.size()), 97});
+    CHECK(from_runner.values() == logits.values());
+}
+
+TEST_CASE("foe_run: errors go to stderr with a non-zero exit status")
+{
+    TempDir dir("runner-errors");
+    auto r = run("--model " + (dir.path / "missing").string());
+    CHECK(r.status == 1);
+    CHECK(r.output.find("foe_run: error:") != std::string::npos);
+    CHECK(r.output.find("does not exist") != std::string::npos);
+
+    r = run("--init foe-3b --out " + dir.path.string());
+    CHECK(r.status == 1);
+    CHECK(r.output.find("unknown configuration name") != std::string::npos);
+
+    REQUIRE(run("--init foe-tiny --out " + (dir.path / "m").string()).status == 0);
+    r = run("--model " + (dir.path / "m").string() + " --tokens 1,97");
+    CHECK(r.status == 1);
+    CHECK(r.output.find("token id 97") != std::string::npos);
+    r = run("--model " + (dir.path / "m").string() + " --tokens 1 --max-new-tokens 64");
+    CHECK(r.status == 1);
+    CHECK(r.output.find("max_position_embeddings (64)") != std::string::npos);
+
+    for (const char* usage : {"", "--tokens 1", "--model a --init b --out c", "--model m --tokens 1,x", "--bogus 1",
+                              "--init foe-tiny", "--model m --dtype f64"}) {
+        CAPTURE(usage);
+        r = run(usage);
+        CHECK(r.status == 2);
+        CHECK(r.output.find("usage:") != std::string::npos);
+    }
+}
