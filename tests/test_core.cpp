@@ -206,3 +206,11 @@ TEST_CASE("CounterRng: values depend only on (seed, stream, index)")
     }
     CHECK(mean == doctest::Approx(0.5).epsilon(0.02));
 }
+
+TEST_CASE("bad config: OLMoE heads that do not tile hidden_size (its q_norm is hidden_size wide)")
+{
+    auto c = foe::named_config("moe-tiny");
+    c.head_dim = 16;
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("num_attention_heads (8) * head_dim (16) == hidden_size (64)"),
+                         ConfigError);
+}

@@ -130,6 +130,11 @@ inline void ModelConfig::validate() const
                          ") must be a positive finite number");
 
     if (architecture == Architecture::olmoe) {
+        // Hugging Face's OlmoeAttention sizes q_norm by hidden_size: its weights only fit when the
+        // heads tile the hidden state exactly.
+        require<ConfigError>(num_attention_heads * head_dim == hidden_size, "OlmoeForCausalLM needs num_attention_heads (",
+                             num_attention_heads, ") * head_dim (", head_dim, ") == hidden_size (", hidden_size,
+                             "): its full-width q_norm has hidden_size elements");
         require<ConfigError>(qk_norm == QkNorm::full_width,
                              "OlmoeForCausalLM applies a full-width q/k norm; qk_norm (", to_string(qk_norm),
                              ") is only configurable for FoeForCausalLM");
@@ -223,7 +228,7 @@ inline ModelConfig named_config(std::string_view name)
         c = reference_shape(256, 8, 8, 32, 32, 8, 128, 4, 4096);  // demo: runs in seconds on 2 cores
         c.max_position_embeddings = 4096;
     } else if (size == "tiny") {
-        c = reference_shape(64, 8, 4, 16, 16, 4, 32, 2, 97);  // tests: GQA (2 q heads per KV head), H = 4
+        c = reference_shape(64, 8, 4, 8, 16, 4, 32, 2, 97);  // tests: GQA (2 q heads per KV head), H = 4
         c.max_position_embeddings = 64;
     }
     if (c.hidden_size == 0) {
