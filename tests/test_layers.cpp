@@ -217,7 +217,7 @@ TEST_CASE("the residual sync all-reduces once per layer through the communicator
     const auto& counts = layer.sync_policy().comm().counts(foe::comm::Op::all_reduce_sum);
     CHECK(counts.calls == 1);
     CHECK(counts.payload_bytes == t * c.hidden_size * 4);
-    CHECK(counts.wire_bytes == 0);  // one rank sends nothing
+    CHECK(counts.wire_bytes() == 0);  // one rank sends nothing
     CHECK(layer.sync_policy().comm().counts(foe::comm::Op::all_to_all_v).calls == 0);
 
     // Same bits as the plain SelfComm layer.

@@ -25,8 +25,9 @@ inline constexpr std::string_view config_file_name = "config.json";
 inline constexpr std::string_view weights_file_name = "model.safetensors";
 inline constexpr std::string_view weights_index_file_name = "model.safetensors.index.json";
 
-/// Reads config.json and the weights of a model directory.
-[[nodiscard]] ModelWeights load_model_dir(const std::filesystem::path& dir);
+/// Reads config.json and the weights of a model directory: every tensor the config needs, or
+/// those `holds` accepts (a rank's share).
+[[nodiscard]] ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds = {});
 
 /// Writes config.json and model.safetensors (tensors in expected_tensors order, stored as dtype).
 /// The directory is created if needed; existing files are replaced.
@@ -60,7 +61,7 @@ inline std::map<std::string, std::string, std::less<>> read_weight_map(const std
 
 }  // namespace detail
 
-inline ModelWeights load_model_dir(const std::filesystem::path& dir)
+inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds)
 {
     std::error_code ec;
     require<IoError>(std::filesystem::is_directory(dir, ec), "model directory \"", dir.string(),
@@ -68,7 +69,7 @@ inline ModelWeights load_model_dir(const std::filesystem::path& dir)
     const auto config_path = dir / config_file_name;
     require<IoError>(std::filesystem::exists(config_path, ec), "model directory \"", dir.string(), "\" has no ",
                      config_file_name);
-    ModelWeights w{load_config_json(config_path), {}};
+    ModelWeights w{load_config_json(config_path), {}, std::move(holds)};
 
     const auto single = dir / weights_file_name;
     const auto index = dir / weights_index_file_name;
@@ -93,12 +94,13 @@ inline ModelWeights load_model_dir(const std::filesystem::path& dir)
         return it->second;
     };
     for (const auto& spec : expected_tensors(w.config))
-        w.tensors.emplace(spec.name, file_for(spec.name).read_float(spec.name, spec.shape));
+        if (w.held(spec.name)) w.tensors.emplace(spec.name, file_for(spec.name).read_float(spec.name, spec.shape));
     return w;
 }
 
 inline void save_model_dir(const std::filesystem::path& dir, const ModelWeights& weights, DType dtype)
 {
+    require<InvalidArgument>(!weights.holds, "save_model_dir needs every tensor; these weights hold a rank's share");
     check_weights(weights);
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);

@@ -109,6 +109,23 @@ inline std::vector<index_t> compute_order(const LayerOptions& o, index_t held)
     return order;
 }
 
+/// The experts a layer holds: the options' range, or every expert of the held groups.
+inline experts::ExpertsSpec held_experts(const ModelConfig& c, const LayerOptions& o, index_t group_begin,
+                                         index_t group_end)
+{
+    experts::ExpertsSpec s{c.hidden_size, c.intermediate_size, group_begin * c.experts_per_group(),
+                           group_end * c.experts_per_group()};
+    if (o.expert_begin >= 0 || o.expert_end >= 0) {
+        require<ConfigError>(s.expert_begin <= o.expert_begin && o.expert_begin <= o.expert_end &&
+                                 o.expert_end <= s.expert_end,
+                             "held experts [", o.expert_begin, ", ", o.expert_end, ") are not inside the held groups' [",
+                             s.expert_begin, ", ", s.expert_end, ")");
+        s.expert_begin = o.expert_begin;
+        s.expert_end = o.expert_end;
+    }
+    return s;
+}
+
 inline index_t cache_capacity(const ModelConfig& c, const LayerOptions& o)
 {
     return o.cache_capacity > 0 ? o.cache_capacity : c.max_position_embeddings;
@@ -131,9 +148,8 @@ FoeLayer<Attention, Routing, Experts, ExpertParallel, Sync>::FoeLayer(const Mode
       router_(routing::RoutingSpec{config.num_experts, config.num_experts_per_tok, config.groups(), group_begin_,
                                    group_end_, config.norm_topk_prob},
               weights.gate, weights.gate_bias),
-      experts_(experts::ExpertsSpec{config.hidden_size, config.intermediate_size,
-                                    group_begin_ * config.experts_per_group(), group_end_ * config.experts_per_group()},
-               expert_range(weights, group_begin_ * config.experts_per_group(), group_end_ * config.experts_per_group())),
+      experts_(detail::held_experts(config, options, group_begin_, group_end_),
+               expert_range(weights, detail::held_experts(config, options, group_begin_, group_end_))),
       sync_(std::move(sync)),
       ep_(std::move(ep))
 {

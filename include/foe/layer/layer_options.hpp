@@ -12,6 +12,10 @@ struct LayerOptions {
     index_t cache_capacity = 0;  ///< positions per sequence; 0 means max_position_embeddings
     index_t group_begin = 0;     ///< the expert groups this rank holds: [group_begin, group_end)
     index_t group_end = -1;      ///< -1 means every group
+    /// The experts this rank holds: [expert_begin, expert_end); -1 means every expert of the
+    /// held groups (a rank that shares its groups' experts with others holds fewer).
+    index_t expert_begin = -1;
+    index_t expert_end = -1;
     /// The order in which the held groups' attention runs (a permutation of [0, held)); empty
     /// means ascending. Results never depend on it: a test runs groups in reverse to prove it.
     std::vector<index_t> compute_order;

@@ -25,30 +25,46 @@ struct LayerWeights {
     std::vector<experts::ExpertWeights> experts;  ///< all E experts, or empty where not held
 };
 
-/// Attention weights of group `group` of the config's H groups.
-[[nodiscard]] inline attention::AttentionWeights group_attention_weights(const ModelConfig& c, const LayerWeights& w,
-                                                                         index_t group)
+/// Attention weights of part `part` of `parts` equal shares of the KV heads (with their query
+/// heads and o_proj columns): an FoE group (parts = H), or a rank of head-parallel attention.
+[[nodiscard]] inline attention::AttentionWeights head_share_weights(const ModelConfig& c, const LayerWeights& w,
+                                                                    index_t part, index_t parts)
 {
-    require<InvalidArgument>(group >= 0 && group < c.groups(), "group ", group, " is outside [0, ", c.groups(), ")");
-    const index_t qw = c.q_heads_per_group() * c.head_dim, kw = c.kv_heads_per_group() * c.head_dim;
+    require<InvalidArgument>(parts > 0 && c.num_key_value_heads % parts == 0 && part >= 0 && part < parts,
+                             "share ", part, " of ", parts, " does not divide the ", c.num_key_value_heads, " KV heads");
+    const index_t qw = c.num_attention_heads / parts * c.head_dim, kw = c.num_key_value_heads / parts * c.head_dim;
     attention::AttentionWeights a;
     a.input_norm = w.input_norm;
-    a.q_proj = w.q_proj.slice(0, group * qw, qw);
-    a.k_proj = w.k_proj.slice(0, group * kw, kw);
-    a.v_proj = w.v_proj.slice(0, group * kw, kw);
-    a.o_proj = w.o_proj.slice(1, group * qw, qw);
-    // Per-head norms are shared by all heads; a full-width norm exists only for H = 1 (validated).
+    a.q_proj = w.q_proj.slice(0, part * qw, qw);
+    a.k_proj = w.k_proj.slice(0, part * kw, kw);
+    a.v_proj = w.v_proj.slice(0, part * kw, kw);
+    a.o_proj = w.o_proj.slice(1, part * qw, qw);
+    // Per-head norms are shared by all heads; a full-width norm only exists with one share
+    // (validated by the config and the placement).
     a.q_norm = w.q_norm;
     a.k_norm = w.k_norm;
     return a;
 }
 
-/// Weights of the experts [begin, end).
-[[nodiscard]] inline std::vector<experts::ExpertWeights> expert_range(const LayerWeights& w, index_t begin, index_t end)
+/// Attention weights of group `group` of the config's H groups.
+[[nodiscard]] inline attention::AttentionWeights group_attention_weights(const ModelConfig& c, const LayerWeights& w,
+                                                                         index_t group)
 {
-    require<InvalidArgument>(0 <= begin && begin <= end && end <= static_cast<index_t>(w.experts.size()),
-                             "experts [", begin, ", ", end, ") are not all present (layer holds ", w.experts.size(), ")");
-    return {w.experts.begin() + begin, w.experts.begin() + end};
+    require<InvalidArgument>(group >= 0 && group < c.groups(), "group ", group, " is outside [0, ", c.groups(), ")");
+    return head_share_weights(c, w, group, c.groups());
+}
+
+/// Weights of the experts a spec holds; each must be present (a rank loads only its experts).
+[[nodiscard]] inline std::vector<experts::ExpertWeights> expert_range(const LayerWeights& w, const experts::ExpertsSpec& s)
+{
+    require<InvalidArgument>(0 <= s.expert_begin && s.expert_begin <= s.expert_end &&
+                                 s.expert_end <= static_cast<index_t>(w.experts.size()),
+                             "experts [", s.expert_begin, ", ", s.expert_end, ") are outside the layer's ",
+                             w.experts.size());
+    for (index_t e = s.expert_begin; e < s.expert_end; ++e)
+        require<InvalidArgument>(!w.experts[static_cast<std::size_t>(e)].gate_proj.empty(), "expert ", e,
+                                 " is held by this layer but its weights were not loaded");
+    return {w.experts.begin() + s.expert_begin, w.experts.begin() + s.expert_end};
 }
 
 }  // namespace foe

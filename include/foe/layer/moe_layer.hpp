@@ -74,8 +74,7 @@ MoeLayer<Attention, Routing, Experts, ExpertParallel>::MoeLayer(const ModelConfi
                  group_attention_weights(config, weights, 0)),
       router_(routing::RoutingSpec{config.num_experts, config.num_experts_per_tok, 1, 0, 1, config.norm_topk_prob},
               weights.gate, weights.gate_bias),
-      experts_(experts::ExpertsSpec{config.hidden_size, config.intermediate_size, 0, config.num_experts},
-               expert_range(weights, 0, config.num_experts)),
+      experts_(detail::held_experts(config, options, 0, 1), expert_range(weights, detail::held_experts(config, options, 0, 1))),
       ep_(std::move(ep))
 {
     require<InvalidArgument>(post_norm_.extent(0) == config.hidden_size, "post_attention_layernorm has ",

@@ -13,8 +13,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "foe/core/error.hpp"
@@ -24,6 +26,7 @@
 #include "foe/model/weights.hpp"
 #include "foe/ops/gemm.hpp"
 #include "foe/ops/rmsnorm.hpp"
+#include "foe/routing/routing.hpp"
 
 namespace foe {
 
@@ -44,6 +47,8 @@ public:
     /// Positions held in the KV cache of a slot.
     [[nodiscard]] virtual index_t sequence_length(index_t slot) const = 0;
     [[nodiscard]] virtual index_t cache_capacity() const noexcept = 0;
+    /// The routing decisions of layer l in the last forward (for load statistics and tests).
+    [[nodiscard]] virtual const routing::RoutingResult& last_routing(index_t layer) const = 0;
 
     /// Starts the sequence of `slot` anew with `tokens`; logits [tokens.size(), vocab].
     [[nodiscard]] Tensor<float> prefill(std::span<const std::int32_t> tokens, index_t slot = 0)
@@ -84,9 +89,16 @@ template <class Layer, gemm::GemmPolicy Gemm = gemm::Default>
 class Model final : public ModelInterface {
 public:
     using layer_type = Layer;
+    /// Builds layer l from views of its weights (a multi-rank model passes its communicators).
+    using LayerFactory = std::function<std::unique_ptr<Layer>(index_t layer, const LayerWeights&, const LayerOptions&)>;
+    /// Sums, in place, the per-rank sums of the last layer's streams over the ranks that hold the
+    /// other groups (a multi-rank FoE model); empty on one rank.
+    using StreamReduce = std::function<void(std::span<float>)>;
 
-    /// Builds every layer over views of *weights, which the model keeps alive.
-    explicit Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options = {});
+    /// Builds every layer over views of *weights, which the model keeps alive. The default
+    /// factory is Layer(config, layer weights, options).
+    explicit Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options = {},
+                   LayerFactory make_layer = {}, StreamReduce reduce_streams = {});
 
     [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) override;
     [[nodiscard]] const ModelConfig& config() const noexcept override { return weights_->config; }
@@ -98,9 +110,11 @@ public:
     }
     [[nodiscard]] index_t cache_capacity() const noexcept override { return capacity_; }
     [[nodiscard]] const Layer& layer(index_t l) const { return *layers_.at(static_cast<std::size_t>(l)); }
+    [[nodiscard]] const routing::RoutingResult& last_routing(index_t l) const override { return layer(l).last_routing(); }
 
 private:
     std::shared_ptr<const ModelWeights> weights_;
+    StreamReduce reduce_streams_;
     index_t capacity_;
     std::vector<index_t> lengths_;
     std::vector<std::unique_ptr<Layer>> layers_;
@@ -110,8 +124,10 @@ private:
 // ---------------------------------------------------------------------------------------------
 
 template <class Layer, gemm::GemmPolicy Gemm>
-Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options)
+Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options,
+                          LayerFactory make_layer, StreamReduce reduce_streams)
     : weights_(std::move(weights)),
+      reduce_streams_(std::move(reduce_streams)),
       capacity_(options.cache_capacity > 0 ? options.cache_capacity : weights_->config.max_position_embeddings)
 {
     const ModelConfig& c = weights_->config;
@@ -123,8 +139,15 @@ Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const Mod
     LayerOptions lo;
     lo.cache_slots = options.cache_slots;
     lo.cache_capacity = capacity_;
-    for (index_t l = 0; l < c.num_hidden_layers; ++l)
-        layers_.push_back(std::make_unique<Layer>(c, layer_weights(*weights_, l), lo));
+    for (index_t l = 0; l < c.num_hidden_layers; ++l) {
+        if (make_layer) {
+            layers_.push_back(make_layer(l, layer_weights(*weights_, l), lo));
+        } else if constexpr (std::is_constructible_v<Layer, const ModelConfig&, const LayerWeights&, const LayerOptions&>) {
+            layers_.push_back(std::make_unique<Layer>(c, layer_weights(*weights_, l), lo));
+        } else {
+            raise<InvalidArgument>("this layer type needs its communicators: build the model with a layer factory");
+        }
+    }
 }
 
 template <class Layer, gemm::GemmPolicy Gemm>
@@ -160,13 +183,15 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
         streams = out_streams;
     }
 
-    // Average the streams (in stream order), final norm, LM head.
+    // Average the H streams (in stream order, then over the ranks holding the others), final
+    // norm, LM head.
     hidden_.assign(static_cast<std::size_t>(t * d), 0.0f);
     std::copy_n(a_.begin(), t * d, hidden_.begin());
     for (index_t s = 1; s < streams; ++s)
         for (index_t i = 0; i < t * d; ++i) hidden_[static_cast<std::size_t>(i)] += a_[static_cast<std::size_t>(s * t * d + i)];
-    if (streams > 1) {
-        const float scale = 1.0f / static_cast<float>(streams);
+    if (reduce_streams_) reduce_streams_(hidden_);
+    if (c.groups() > 1) {
+        const float scale = 1.0f / static_cast<float>(c.groups());
         for (float& v : hidden_) v *= scale;
     }
     const MatrixView<float> h(hidden_.data(), {t, d});

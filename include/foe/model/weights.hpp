@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -22,9 +23,16 @@ struct TensorSpec {
     std::vector<index_t> shape;
 };
 
+/// Which tensors a rank holds (all when empty): a rank of a multi-rank model loads only the
+/// experts it runs.
+using TensorFilter = std::function<bool(std::string_view name)>;
+
 struct ModelWeights {
     ModelConfig config;
     std::map<std::string, Tensor<float>, std::less<>> tensors;
+    TensorFilter holds;  ///< the tensors present; empty means every tensor of the config
+
+    [[nodiscard]] bool held(std::string_view name) const { return !holds || holds(name); }
 
     /// The tensor `name`; throws FormatError naming it when absent.
     [[nodiscard]] const Tensor<float>& at(std::string_view name) const
@@ -82,6 +90,7 @@ inline std::string expert(index_t l, index_t e, std::string_view proj)
 inline void check_weights(const ModelWeights& w, std::string_view source = "model weights")
 {
     for (const auto& spec : expected_tensors(w.config)) {
+        if (!w.held(spec.name)) continue;
         const auto it = w.tensors.find(spec.name);
         if (it == w.tensors.end()) raise<FormatError>(source, ": missing tensor \"", spec.name, "\"");
         require<FormatError>(it->second.shape() == spec.shape, source, ": tensor \"", spec.name, "\" has shape ",
@@ -93,10 +102,11 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
 /// name, so any subset of tensors (a rank's groups) gets the values a full init would give.
 /// Projections are uniform in +-1/sqrt(fan_in), norm weights in [0.8, 1.2] (never all ones, so
 /// a test notices a norm weight applied wrongly), embeddings in [-1, 1].
-[[nodiscard]] inline ModelWeights random_weights(const ModelConfig& c, std::uint64_t seed)
+[[nodiscard]] inline ModelWeights random_weights(const ModelConfig& c, std::uint64_t seed, TensorFilter holds = {})
 {
-    ModelWeights w{c, {}};
+    ModelWeights w{c, {}, std::move(holds)};
     for (const auto& spec : expected_tensors(c)) {
+        if (!w.held(spec.name)) continue;
         Tensor<float> t(spec.shape);
         const CounterRng rng(seed, stream_id(spec.name));
         const bool is_vector = spec.shape.size() == 1;
@@ -115,7 +125,8 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
     return w;
 }
 
-/// Views of layer l's weights (all groups, all experts). The views point into w.
+/// Views of layer l's weights (all groups; the experts w holds, empty views for the others).
+/// The views point into w.
 [[nodiscard]] inline LayerWeights layer_weights(const ModelWeights& w, index_t l)
 {
     const ModelConfig& c = w.config;
@@ -136,9 +147,14 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
     lw.gate = mat(names::layer(l, "mlp.gate.weight"));
     if (c.scoring_func == ScoreFunction::sigmoid) lw.gate_bias = vec(names::layer(l, "mlp.gate.e_score_correction_bias"));
     lw.experts.reserve(static_cast<std::size_t>(c.num_experts));
-    for (index_t e = 0; e < c.num_experts; ++e)
-        lw.experts.push_back({mat(names::expert(l, e, "gate_proj")), mat(names::expert(l, e, "up_proj")),
-                              mat(names::expert(l, e, "down_proj"))});
+    for (index_t e = 0; e < c.num_experts; ++e) {
+        const std::string gate = names::expert(l, e, "gate_proj");
+        if (!w.held(gate)) {
+            lw.experts.emplace_back();  // held by another rank: empty views
+            continue;
+        }
+        lw.experts.push_back({mat(gate), mat(names::expert(l, e, "up_proj")), mat(names::expert(l, e, "down_proj"))});
+    }
     return lw;
 }
 

@@ -1,0 +1,277 @@
+// Multi-rank tests, run by ctest under mpirun with 1, 2, 4 and 8 ranks. Every rank runs every
+// test case and every collective in the same order: assertions are CHECKs, never REQUIREs, so a
+// failure on one rank cannot leave the others waiting in a collective.
+
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "foe/comm/mpi_comm.hpp"
+#include "foe/model/distributed.hpp"
+#include "foe/model/host_model.hpp"
+#include "../test_util.hpp"
+
+using foe::index_t;
+using foe::parallel::Placement;
+using foe::parallel::Strategy;
+
+namespace {
+
+foe::comm::MpiComm world() { return foe::comm::MpiComm::world(); }
+
+/// The multi-rank test shape: 16 query heads, 8 KV heads, 16 experts, k = 8, so H can be 1, 2,
+/// 4 or 8 and G up to 8 divides both the KV heads and the experts.
+foe::ModelConfig mpi_config(foe::Architecture arch, index_t groups, foe::QkNorm qk = foe::QkNorm::per_head)
+{
+    foe::ModelConfig c = foe::named_config(arch == foe::Architecture::foe ? "foe-tiny" : "moe-tiny");
+    c.hidden_size = 64;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 8;
+    c.head_dim = 8;
+    c.num_experts = 16;
+    c.num_experts_per_tok = 8;
+    c.intermediate_size = 16;
+    c.num_hidden_layers = 2;
+    if (arch == foe::Architecture::foe) {
+        c.num_expert_groups = groups;
+        c.qk_norm = qk;
+    }
+    c.validate();
+    return c;
+}
+
+/// Four prompts of different lengths, the same on every rank.
+std::vector<std::vector<std::int32_t>> prompts(index_t vocab)
+{
+    std::vector<std::vector<std::int32_t>> p;
+    for (std::size_t i = 0; i < 4; ++i) p.push_back(test::random_tokens(3 + 2 * i, vocab, 100 + i));
+    return p;
+}
+
+/// Runs this rank's share of the prompts through a distributed model as one ragged prefill,
+/// then one decode step for each, and compares every logit with the one-process model.
+/// Returns the worst relative error on this rank.
+double run_against_reference(const foe::ModelConfig& config, Strategy strategy, int ranks_per_node)
+{
+    auto w = world();
+    const auto placement = Placement::make(strategy, config, w.size(), ranks_per_node, w.rank());
+    const auto held = std::make_shared<const foe::ModelWeights>(foe::random_weights(config, 5, foe::held_tensors(placement)));
+    foe::ModelOptions options;
+    options.cache_slots = 4;
+    options.cache_capacity = 16;
+    auto dm = foe::make_distributed_model(w, placement, held, options);
+
+    const auto all = prompts(config.vocab_size);
+    const bool split = strategy == Strategy::moe_data_parallel || (strategy == Strategy::foe && placement.shards > 1);
+    const auto mine = split ? foe::shard_of(static_cast<index_t>(all.size()), placement.shard, placement.shards)
+                            : foe::SequenceRange{0, static_cast<index_t>(all.size())};
+
+    std::vector<foe::SequenceChunk> chunks;
+    std::vector<std::int32_t> tokens;
+    for (index_t s = 0; s < mine.count; ++s) {
+        const auto& p = all[static_cast<std::size_t>(mine.first + s)];
+        chunks.push_back({s, 0, static_cast<index_t>(p.size())});
+        tokens.insert(tokens.end(), p.begin(), p.end());
+    }
+    const auto prefill = dm.model->forward(foe::Batch(chunks), tokens);
+    std::vector<foe::SequenceChunk> steps;
+    std::vector<std::int32_t> next;
+    for (index_t s = 0; s < mine.count; ++s) {
+        steps.push_back({s, static_cast<index_t>(all[static_cast<std::size_t>(mine.first + s)].size()), 1});
+        next.push_back(static_cast<std::int32_t>(7 * s + 1));
+    }
+    const auto decoded = dm.model->forward(foe::Batch(steps), next);
+
+    // The one-process model of the same weights, sequence by sequence.
+    const auto full = test::weights(config, 5);
+    double worst = 0.0;
+    index_t row = 0;
+    const index_t v = config.vocab_size;
+    for (index_t s = 0; s < mine.count; ++s) {
+        auto reference = foe::make_model(full);
+        auto prompt = all[static_cast<std::size_t>(mine.first + s)];
+        const auto expected = reference->prefill(prompt);
+        const auto expected_next = reference->decode(next[static_cast<std::size_t>(s)]);
+        double scale = 0.0, diff = 0.0;
+        for (index_t i = 0; i < expected.size(); ++i) {
+            scale = std::max(scale, std::abs(static_cast<double>(expected.values()[i])));
+            diff = std::max(diff, std::abs(static_cast<double>(prefill.values()[row * v + i]) - expected.values()[i]));
+        }
+        for (index_t i = 0; i < v; ++i)
+            diff = std::max(diff, std::abs(static_cast<double>(decoded.values()[s * v + i]) - expected_next[i]));
+        worst = std::max(worst, diff / scale);
+        row += static_cast<index_t>(prompt.size());
+    }
+    return worst;
+}
+
+}  // namespace
+
+TEST_CASE("FoE logits equal the one-process model in every valid layout (G <= H and G > H)")
+{
+    const int g = world().size();
+    int layouts = 0;
+    for (index_t h : {1, 2, 4, 8})
+        for (int r : {g, 4}) {
+            const auto config = mpi_config(foe::Architecture::foe, h);
+            try {
+                (void)Placement::make(Strategy::foe, config, g, r, 0);
+            } catch (const foe::ConfigError&) {
+                continue;  // not a valid layout for this G: the same on every rank
+            }
+            CAPTURE(h);
+            CAPTURE(r);
+            CHECK(run_against_reference(config, Strategy::foe, r) < 2e-5);
+            ++layouts;
+        }
+    CHECK(layouts >= 2);
+}
+
+TEST_CASE("FoE with sigmoid routing is placement-independent too")
+{
+    auto config = mpi_config(foe::Architecture::foe, 8);
+    config.scoring_func = foe::ScoreFunction::sigmoid;
+    CHECK(run_against_reference(config, Strategy::foe, world().size()) < 2e-5);
+}
+
+TEST_CASE("both standard-MoE baselines equal the one-process MoE")
+{
+    const int g = world().size();
+    // OLMoE itself (full-width QK-norm) with data-parallel attention.
+    CHECK(run_against_reference(mpi_config(foe::Architecture::olmoe, 1), Strategy::moe_data_parallel, g) < 2e-5);
+    // A standard MoE with per-head QK-norm (FoE with H = 1), both ways.
+    const auto moe = mpi_config(foe::Architecture::foe, 1);
+    CHECK(run_against_reference(moe, Strategy::moe_data_parallel, g) < 2e-5);
+    CHECK(run_against_reference(moe, Strategy::moe_head_parallel, g) < 2e-5);
+}
+
+TEST_CASE("communication: FoE with G <= H all-reduces once per layer and sends no all-to-all bytes")
+{
+    auto w = world();
+    const int g = w.size();
+    const auto config = mpi_config(foe::Architecture::foe, 8);
+    const auto placement = Placement::make(Strategy::foe, config, g, g, w.rank());
+    auto dm = foe::make_distributed_model(w, placement, test::weights(config, 1));
+    const index_t t = 16;  // T * d * 4 bytes is a multiple of every G here
+    (void)dm.model->prefill(test::random_tokens(t, config.vocab_size, 3));
+    const auto& ar = dm.sync.counts(foe::comm::Op::all_reduce_sum);
+    const std::int64_t bytes = t * config.hidden_size * 4, layers = config.num_hidden_layers;
+    CHECK(ar.calls == layers);
+    CHECK(ar.payload_bytes == layers * bytes);
+    CHECK(ar.intra_node_bytes == layers * 2 * (g - 1) * bytes / g);
+    CHECK(ar.inter_node_bytes == 0);
+    CHECK(dm.experts.total_wire_bytes() == 0);
+    CHECK(dm.experts.counts(foe::comm::Op::all_to_all_v).calls == 0);
+    CHECK(dm.output.counts(foe::comm::Op::all_reduce_sum).calls == 1);  // once per forward, not per layer
+}
+
+TEST_CASE("communication: the MoE baseline's all-to-all bytes are those its routing decisions imply")
+{
+    auto w = world();
+    const int g = w.size();
+    const auto config = mpi_config(foe::Architecture::olmoe, 1);
+    const auto placement = Placement::make(Strategy::moe_data_parallel, config, g, g, w.rank());
+    auto dm = foe::make_distributed_model(w, placement, std::make_shared<const foe::ModelWeights>(
+                                                            foe::random_weights(config, 1, foe::held_tensors(placement))));
+    const auto tokens = test::random_tokens(static_cast<std::size_t>(5 + w.rank()), config.vocab_size, 9 + w.rank());
+    (void)dm.model->prefill(tokens);
+
+    // Rows every rank sent to every rank, per layer, from the routing each rank actually made.
+    const index_t per_rank = config.num_experts / g, d = config.hidden_size;
+    std::int64_t expected = 0;
+    for (index_t l = 0; l < config.num_hidden_layers; ++l) {
+        const auto& r = dm.model->last_routing(l);
+        std::vector<float> rows_to(static_cast<std::size_t>(g), 0.0f), all(static_cast<std::size_t>(g * g));
+        for (std::int32_t e : r.experts) rows_to[static_cast<std::size_t>(e / per_rank)] += 1.0f;
+        w.all_gather(rows_to, all);
+        const auto me = static_cast<std::size_t>(w.rank());
+        expected += (g - 1) * 4;  // the row counts themselves, one float per other rank
+        for (std::size_t j = 0; j < static_cast<std::size_t>(g); ++j) {
+            if (j == me) continue;
+            expected += static_cast<std::int64_t>(all[me * g + j]) * (d + 1) * 4;  // dispatch: [expert, u]
+            expected += static_cast<std::int64_t>(all[j * g + me]) * d * 4;        // combine: outputs back
+        }
+    }
+    const auto& a2a = dm.experts.counts(foe::comm::Op::all_to_all_v);
+    CHECK(a2a.calls == 3 * config.num_hidden_layers);
+    CHECK(a2a.wire_bytes() == expected);
+    CHECK(dm.sync.total_wire_bytes() == 0);
+}
+
+TEST_CASE("a bad placement fails on every rank with the same message")
+{
+    auto w = world();
+    const auto config = mpi_config(foe::Architecture::foe, 4);
+    std::string message;
+    try {
+        (void)Placement::make(Strategy::foe, config, 8, 1, 0);  // groups of 2 ranks, nodes of 1 rank
+    } catch (const foe::ConfigError& e) {
+        message = e.what();
+    }
+    CHECK(message.find("must stay inside one node") != std::string::npos);
+    std::vector<float> mine{static_cast<float>(foe::stream_id(message) & 0xffff)}, all(static_cast<std::size_t>(w.size()));
+    w.all_gather(mine, all);
+    CHECK(std::all_of(all.begin(), all.end(), [&](float v) { return v == all[0]; }));
+
+    const auto expect = [&](int g, int r, const char* words) {
+        try {
+            (void)Placement::make(Strategy::foe, config, g, r, 0);
+            CHECK_MESSAGE(false, "placement G=", g, " R=", r, " was accepted");
+        } catch (const foe::ConfigError& e) {
+            const std::string what = e.what();
+            CHECK_MESSAGE(what.find(words) != std::string::npos, what);
+        }
+    };
+    expect(3, 3, "use G in {1, 2, 4}");                         // H % G != 0
+    expect(10, 10, "not a multiple of H (4)");                   // G % H != 0
+    expect(128, 8, "every rank needs at least one expert");      // 4 experts per group over 32 ranks
+    expect(6, 4, "G (6) ranks do not fill whole nodes");         // not a layout of whole nodes
+}
+
+TEST_CASE("ranks that disagree on the model fail fast, all of them, naming the rank")
+{
+    auto w = world();
+    if (w.size() == 1) return;  // nothing to disagree with
+    auto config = mpi_config(foe::Architecture::foe, 8);
+    if (w.rank() == 1) config.vocab_size += 1;  // rank 1 was launched with another model
+    const auto placement = Placement::make(Strategy::foe, config, w.size(), w.size(), w.rank());
+    std::string message;
+    try {
+        (void)foe::make_distributed_model(w, placement, test::weights(config, 1));
+    } catch (const foe::CommError& e) {
+        message = e.what();
+    }
+    CHECK_MESSAGE(message.find("rank(s) 1 have a different config") != std::string::npos, message);
+}
+
+TEST_CASE("an error on one rank becomes the same error on every rank")
+{
+    auto w = world();
+    std::string message;
+    try {
+        foe::agree(w, 42, w.rank() == w.size() - 1 ? "model.safetensors: missing tensor \"lm_head.weight\"" : "");
+    } catch (const foe::CommError& e) {
+        message = e.what();
+    }
+    const std::string expected = "rank " + std::to_string(w.size() - 1) + " failed: model.safetensors: missing tensor";
+    CHECK_MESSAGE(message.find(expected) != std::string::npos, message);
+}
+
+int main(int argc, char** argv)
+{
+    foe::comm::MpiSession session(&argc, &argv);
+    doctest::Context context(argc, argv);
+    // Rank 0 reports in full; the others print only their failures.
+    if (world().rank() != 0) context.setOption("minimal", true);
+    const int failed = context.run();
+    // A rank whose test failed must make the whole launch fail.
+    std::vector<float> mine{static_cast<float>(failed != 0)}, all(static_cast<std::size_t>(world().size()));
+    auto w = world();
+    w.all_gather(mine, all);
+    return std::any_of(all.begin(), all.end(), [](float f) { return f != 0.0f; }) ? 1 : 0;
+}
