@@ -15,6 +15,7 @@
 // The order of rows is fixed by the routing, so the result is deterministic. Rows are fp32 on
 // the host; a device backend sends bf16.
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
