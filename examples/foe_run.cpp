@@ -7,6 +7,10 @@
 //   foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]
 //       writes a random model directory of a named configuration (foe-1b, moe-tiny, ...)
 //
+// Under mpirun (when built with MPI) the model is spread over the ranks: an FoE model by its
+// groups (foe::parallel::Strategy::foe), a standard MoE by expert parallelism with data-parallel
+// attention; rank 0 prints. --ranks-per-node defaults to the launcher's local size.
+//
 // Errors go to stderr with exit status 1 (2 for a usage error).
 
 #include <charconv>
@@ -20,6 +24,11 @@
 
 #include "foe/foe.hpp"
 #include "foe/io/model_dir.hpp"
+
+#if defined(FOE_WITH_MPI)
+#include "foe/comm/mpi_comm.hpp"
+#include "foe/model/distributed.hpp"
+#endif
 
 namespace {
 
@@ -35,7 +44,8 @@ constexpr std::string_view usage_text =
     "  --init NAME           write a random model of a named configuration\n"
     "  --out DIR             where --init writes\n"
     "  --seed S              seed of the random weights (default: 0)\n"
-    "  --dtype T             storage type of the written weights (default: f32)\n";
+    "  --dtype T             storage type of the written weights (default: f32)\n"
+    "  --ranks-per-node R    under mpirun: ranks per node (default: the launcher's local size)\n";
 
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -47,6 +57,7 @@ struct Options {
     foe::index_t max_new_tokens = 8;
     std::uint64_t seed = 0;
     foe::DType dtype = foe::DType::f32;
+    int ranks_per_node = 0;  // 0: from the launcher
 };
 
 template <class T>
@@ -89,6 +100,9 @@ Options parse_args(int argc, char** argv)
             o.init = std::string(value);
         } else if (flag == "--out") {
             o.out = std::string(value);
+        } else if (flag == "--ranks-per-node") {
+            o.ranks_per_node = parse_number<int>(value, flag);
+            if (o.ranks_per_node <= 0) throw UsageError("--ranks-per-node must be positive");
         } else if (flag == "--seed") {
             o.seed = parse_number<std::uint64_t>(value, flag);
         } else if (flag == "--dtype") {
@@ -114,22 +128,26 @@ int init_model(const Options& o)
     return 0;
 }
 
-int run_model(const Options& o)
+/// The KV cache this request needs; throws when the config cannot hold it. Checked identically
+/// on every rank before any collective.
+foe::ModelOptions request_options(const Options& o, const foe::ModelConfig& c)
 {
-    auto weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model));
-    const auto& c = weights->config;
-    // Size the KV cache for this request only.
-    foe::ModelOptions options;
     const auto needed = static_cast<foe::index_t>(o.tokens.size()) + o.max_new_tokens;
     if (needed > c.max_position_embeddings)
         throw foe::CapacityError(foe::detail::concat("prompt (", o.tokens.size(), " tokens) plus --max-new-tokens (",
                                                      o.max_new_tokens, ") exceed max_position_embeddings (",
                                                      c.max_position_embeddings, ")"));
-    options.cache_capacity = needed;
-    const auto model = foe::make_model(weights, options);
+    for (std::size_t i = 0; i < o.tokens.size(); ++i)
+        if (o.tokens[i] < 0 || o.tokens[i] >= c.vocab_size)
+            throw foe::InvalidArgument(foe::detail::concat("token id ", o.tokens[i], " (at position ", i,
+                                                           " of --tokens) is outside the vocabulary [0, ", c.vocab_size, ")"));
+    foe::ModelOptions options;
+    options.cache_capacity = needed;  // sized for this request only
+    return options;
+}
 
-    foe::Tensor<float> logits;
-    const auto generated = model->generate(o.tokens, o.max_new_tokens, 0, &logits);
+void print_result(const Options& o, const std::vector<std::int32_t>& generated, const foe::Tensor<float>& logits)
+{
     if (o.logits_out) {
         const foe::TensorToWrite t{"logits", foe::DType::f32, logits.shape(), logits.span()};
         foe::save_safetensors(*o.logits_out, std::span(&t, 1));
@@ -140,13 +158,108 @@ int run_model(const Options& o)
         return s + "]";
     };
     std::cout << "{\"prompt\": " << list(o.tokens) << ", \"generated\": " << list(generated) << "}" << std::endl;
+}
+
+int run_model(const Options& o)
+{
+    auto weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model));
+    const auto model = foe::make_model(weights, request_options(o, weights->config));
+    foe::Tensor<float> logits;
+    const auto generated = model->generate(o.tokens, o.max_new_tokens, 0, &logits);
+    print_result(o, generated, logits);
     return 0;
+}
+
+#if defined(FOE_WITH_MPI)
+/// The same request on the ranks of an mpirun. Every step that can fail on one rank only (reading
+/// files) ends in foe::agree, so a failure is reported by every rank instead of leaving the others
+/// waiting in a collective.
+int run_model_distributed(const Options& o, foe::comm::MpiComm world)
+{
+    using foe::parallel::Strategy;
+    const std::filesystem::path dir(*o.model);
+    foe::ModelConfig config;
+    std::string error;
+    try {
+        config = foe::load_config_json(dir / foe::config_file_name);
+    } catch (const foe::Error& e) {
+        error = e.what();
+    }
+    int ranks_per_node = o.ranks_per_node;
+    if (ranks_per_node == 0) {
+        const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+        ranks_per_node = local != nullptr ? std::atoi(local) : world.size();
+    }
+    const Strategy strategy = config.architecture == foe::Architecture::foe ? Strategy::foe : Strategy::moe_data_parallel;
+    foe::agree(world, error.empty() ? foe::model_digest(config, strategy, ranks_per_node) : 0, error);
+
+    const auto options = request_options(o, config);  // the same verdict on every rank
+    const auto placement = foe::parallel::Placement::make(strategy, config, world.size(), ranks_per_node, world.rank());
+    std::shared_ptr<const foe::ModelWeights> weights;
+    try {
+        weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(dir, foe::held_tensors(placement)));
+    } catch (const foe::Error& e) {
+        error = e.what();
+    }
+    foe::agree(world, foe::model_digest(config, strategy, ranks_per_node), error);
+    auto dm = foe::make_distributed_model(world, placement, weights, options);
+
+    // The one sequence runs on every rank (FoE, G <= H) or on shard 0 (FoE G > H, the MoE
+    // baseline); the other ranks join every step with an empty batch.
+    const bool runs = strategy == Strategy::foe ? placement.shard == 0 : world.rank() == 0;
+    const auto n = static_cast<foe::index_t>(o.tokens.size());
+    foe::Tensor<float> logits = dm.model->forward(runs ? foe::Batch::single(0, n) : foe::Batch(),
+                                                  runs ? std::span<const std::int32_t>(o.tokens) : std::span<const std::int32_t>{});
+    std::vector<std::int32_t> generated;
+    std::vector<float> last;
+    if (runs && o.max_new_tokens > 0) last.assign(logits.values().end() - config.vocab_size, logits.values().end());
+    for (foe::index_t step = 0; step < o.max_new_tokens; ++step) {
+        if (runs) generated.push_back(static_cast<std::int32_t>(std::max_element(last.begin(), last.end()) - last.begin()));
+        if (step + 1 == o.max_new_tokens) break;
+        const std::int32_t token[1] = {runs ? generated.back() : 0};
+        const auto next = dm.model->forward(runs ? foe::Batch::single(n + step, 1) : foe::Batch(),
+                                            runs ? std::span<const std::int32_t>(token) : std::span<const std::int32_t>{});
+        if (runs) last = next.values();
+    }
+    if (world.rank() == 0) print_result(o, generated, logits);
+    return 0;
+}
+#endif
+
+/// True when an MPI launcher started this process.
+bool under_mpi_launcher()
+{
+    return std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr || std::getenv("PMI_SIZE") != nullptr ||
+           std::getenv("PMIX_RANK") != nullptr;
 }
 
 }  // namespace
 
 int main(int argc, char** argv)
 {
+#if defined(FOE_WITH_MPI)
+    if (under_mpi_launcher()) {
+        foe::comm::MpiSession session(&argc, &argv);
+        auto world = foe::comm::MpiComm::world();
+        try {
+            const Options o = parse_args(argc, argv);
+            if (world.size() == 1 || o.init) return world.rank() == 0 ? (o.init ? init_model(o) : run_model(o)) : 0;
+            return run_model_distributed(o, world);
+        } catch (const UsageError& e) {
+            if (world.rank() == 0) std::cerr << "foe_run: " << e.what() << "\n\n" << usage_text;
+            return 2;
+        } catch (const foe::CommError& e) {  // agreed failures are the same on every rank: rank 0 reports
+            if (world.rank() == 0) std::cerr << "foe_run: error: " << e.what() << "\n";
+            return 1;
+        } catch (const foe::ConfigError& e) {  // a layout every rank rejected alike
+            if (world.rank() == 0) std::cerr << "foe_run: error: " << e.what() << "\n";
+            return 1;
+        } catch (const std::exception& e) {
+            std::cerr << "foe_run: error on rank " << world.rank() << ": " << e.what() << "\n";
+            return 1;
+        }
+    }
+#endif
     try {
         const Options o = parse_args(argc, argv);
         return o.init ? init_model(o) : run_model(o);
