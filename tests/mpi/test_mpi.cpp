@@ -112,6 +112,43 @@ double run_against_reference(const foe::ModelConfig& config, Strategy strategy, 
 
 }  // namespace
 
+TEST_CASE("MpiComm: all-reduce, all-to-all-v with uneven counts, all-gather, split, typed errors")
+{
+    auto w = world();
+    const int g = w.size(), me = w.rank();
+    std::vector<float> sum{static_cast<float>(me), 1.0f};
+    w.all_reduce_sum(sum);
+    CHECK(sum[0] == static_cast<float>(g * (g - 1) / 2));
+    CHECK(sum[1] == static_cast<float>(g));
+
+    // Rank r sends j + 1 copies of (100 r + j) to rank j.
+    std::vector<index_t> send_counts, recv_counts;
+    std::vector<float> send;
+    for (int j = 0; j < g; ++j) {
+        send_counts.push_back(j + 1);
+        recv_counts.push_back(me + 1);
+        send.insert(send.end(), static_cast<std::size_t>(j + 1), static_cast<float>(100 * me + j));
+    }
+    std::vector<float> recv(static_cast<std::size_t>(g * (me + 1)));
+    w.all_to_all_v(send, send_counts, recv, recv_counts);
+    for (int src = 0; src < g; ++src)
+        for (int c = 0; c < me + 1; ++c) CHECK(recv[static_cast<std::size_t>(src * (me + 1) + c)] == static_cast<float>(100 * src + me));
+
+    std::vector<float> mine{static_cast<float>(me)}, all(static_cast<std::size_t>(g));
+    w.all_gather(mine, all);
+    for (int r = 0; r < g; ++r) CHECK(all[static_cast<std::size_t>(r)] == static_cast<float>(r));
+
+    auto halves = w.split(me % 2, -me);  // reverse order inside each half
+    CHECK(halves.size() == (g + 1 - me % 2) / 2);
+    std::vector<float> one{1.0f};
+    halves.all_reduce_sum(one);
+    CHECK(one[0] == static_cast<float>(halves.size()));
+
+    const std::vector<index_t> too_few(static_cast<std::size_t>(g + 1), 0);
+    CHECK_THROWS_AS(w.all_to_all_v(send, too_few, recv, too_few), foe::CommError);
+    CHECK_THROWS_AS(w.all_gather(mine, std::span<float>(all).first(0)), foe::CommError);
+}
+
 TEST_CASE("FoE logits equal the one-process model in every valid layout (G <= H and G > H)")
 {
     const int g = world().size();

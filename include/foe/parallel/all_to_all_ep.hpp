@@ -137,3 +137,15 @@ void AllToAllEP<C>::run(Experts& x, MatrixView<const float> u, const routing::Ro
 }
 
 }  // namespace foe::parallel
+
+namespace foe::parallel {
+
+/// FoE with G > H: dispatch inside the group's communicator (its m ranks, one node).
+template <comm::Comm C>
+using IntraGroupEP = AllToAllEP<C>;
+
+/// The standard MoE baseline: dispatch over all G ranks.
+template <comm::Comm C>
+using GlobalEP = AllToAllEP<C>;
+
+}  // namespace foe::parallel
