@@ -30,8 +30,10 @@
 #include "foe/experts/experts.hpp"
 #include "foe/experts/swiglu_experts.hpp"
 
+#include "foe/parallel/all_to_all_ep.hpp"
 #include "foe/parallel/expert_parallel.hpp"
 #include "foe/parallel/local_experts.hpp"
+#include "foe/parallel/placement.hpp"
 
 #include "foe/sync/all_reduce_mean.hpp"
 #include "foe/sync/no_sync.hpp"
@@ -41,8 +43,20 @@
 #include "foe/layer/foe_layer.hpp"
 #include "foe/layer/layer_options.hpp"
 #include "foe/layer/layer_weights.hpp"
+#include "foe/layer/moe_head_parallel_layer.hpp"
 #include "foe/layer/moe_layer.hpp"
 
+#include "foe/model/distributed.hpp"
 #include "foe/model/host_model.hpp"
 #include "foe/model/model.hpp"
 #include "foe/model/weights.hpp"
+
+#include "foe/io/config_json.hpp"
+#include "foe/io/json.hpp"
+#include "foe/io/model_dir.hpp"
+#include "foe/io/safetensors.hpp"
+
+#include "foe/perf/cost_model.hpp"
+#include "foe/perf/hardware.hpp"
+
+// Not included: foe/comm/mpi_comm.hpp (needs <mpi.h>; include it and link MPI to use MpiComm).
