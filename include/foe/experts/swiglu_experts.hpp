@@ -11,6 +11,7 @@
 
 #include "foe/core/error.hpp"
 #include "foe/experts/experts.hpp"
+#include "foe/experts/permute.hpp"
 #include "foe/ops/gemm.hpp"
 
 namespace foe::experts {
@@ -35,7 +36,8 @@ public:
 private:
     ExpertsSpec spec_;
     std::vector<ExpertWeights> w_;
-    std::vector<index_t> counts_, offsets_, rows_;  // rows_: (token * slots + slot) grouped by expert
+    Permutation by_expert_;        // (token * slots + slot) rows grouped by expert
+    std::vector<index_t> counts_;
     std::vector<float> x_, gate_, up_, out_;
 };
 static_assert(ExpertsPolicy<SwiGluExperts<>>);
@@ -74,26 +76,15 @@ void SwiGluExperts<Gemm>::compute(MatrixView<const float> u, const routing::Rout
     require(y.extent(0) == pairs && y.extent(1) == d, "experts output is ", format_shape(y.shape()), ", expected [",
             pairs, ", ", d, "]");
 
-    // Counting sort of (token, slot) pairs by held expert; pairs stay in row order per expert.
-    counts_.assign(static_cast<std::size_t>(held), 0);
-    for (index_t p = 0; p < pairs; ++p) {
-        const index_t e = r.experts[static_cast<std::size_t>(p)] - spec_.expert_begin;
-        if (e >= 0 && e < held) ++counts_[static_cast<std::size_t>(e)];
-    }
-    offsets_.assign(static_cast<std::size_t>(held + 1), 0);
-    for (index_t e = 0; e < held; ++e)
-        offsets_[static_cast<std::size_t>(e + 1)] = offsets_[static_cast<std::size_t>(e)] + counts_[static_cast<std::size_t>(e)];
-    rows_.resize(static_cast<std::size_t>(offsets_.back()));
-    std::vector<index_t> fill(offsets_.begin(), offsets_.end() - 1);
-    for (index_t p = 0; p < pairs; ++p) {
-        const index_t e = r.experts[static_cast<std::size_t>(p)] - spec_.expert_begin;
-        if (e >= 0 && e < held) rows_[static_cast<std::size_t>(fill[static_cast<std::size_t>(e)]++)] = p;
-    }
+    // (token, slot) pairs grouped by held expert, in row order within each expert.
+    group_rows(pairs, held, [&](index_t p) { return r.experts[static_cast<std::size_t>(p)] - spec_.expert_begin; }, by_expert_);
+    counts_.resize(static_cast<std::size_t>(held));
+    for (index_t e = 0; e < held; ++e) counts_[static_cast<std::size_t>(e)] = by_expert_.count(e);
 
     for (index_t e = 0; e < held; ++e) {
         const index_t n = counts_[static_cast<std::size_t>(e)];
         if (n == 0) continue;
-        const index_t* rows = rows_.data() + offsets_[static_cast<std::size_t>(e)];
+        const index_t* rows = by_expert_.begin(e);
         x_.resize(static_cast<std::size_t>(n * d));
         gate_.resize(static_cast<std::size_t>(n * f));
         up_.resize(gate_.size());

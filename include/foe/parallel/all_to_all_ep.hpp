@@ -22,6 +22,7 @@
 #include "foe/comm/comm.hpp"
 #include "foe/core/error.hpp"
 #include "foe/experts/experts.hpp"
+#include "foe/experts/permute.hpp"
 #include "foe/parallel/expert_parallel.hpp"
 #include "foe/routing/routing.hpp"
 
@@ -53,7 +54,7 @@ private:
 
     C comm_{};
     index_t first_ = 0, per_member_ = 1;
-    std::vector<index_t> order_;  // (token * slots + slot) in dispatch order
+    experts::Permutation by_owner_;  // (token * slots + slot) rows grouped by destination member
     std::vector<float> send_, recv_, out_, back_;
     routing::RoutingResult local_;
 };
@@ -67,16 +68,10 @@ void AllToAllEP<C>::run(Experts& x, MatrixView<const float> u, const routing::Ro
     const auto stream = typename C::stream_type{};
 
     // 1. Rows per destination, in (token, slot) order within each destination.
-    std::vector<index_t> rows_to(static_cast<std::size_t>(members), 0);
-    for (index_t p = 0; p < pairs; ++p) ++rows_to[static_cast<std::size_t>(owner(r.experts[static_cast<std::size_t>(p)]))];
-    std::vector<index_t> start(static_cast<std::size_t>(members) + 1, 0);
-    for (int j = 0; j < members; ++j) start[static_cast<std::size_t>(j) + 1] = start[static_cast<std::size_t>(j)] + rows_to[static_cast<std::size_t>(j)];
-    order_.resize(static_cast<std::size_t>(pairs));
-    {
-        std::vector<index_t> fill(start.begin(), start.end() - 1);
-        for (index_t p = 0; p < pairs; ++p)
-            order_[static_cast<std::size_t>(fill[static_cast<std::size_t>(owner(r.experts[static_cast<std::size_t>(p)]))]++)] = p;
-    }
+    experts::group_rows(pairs, members, [&](index_t p) { return owner(r.experts[static_cast<std::size_t>(p)]); }, by_owner_);
+    const std::vector<index_t>& order = by_owner_.rows;
+    std::vector<index_t> rows_to(static_cast<std::size_t>(members));
+    for (int j = 0; j < members; ++j) rows_to[static_cast<std::size_t>(j)] = by_owner_.count(j);
 
     // Counts travel as floats (exact below 2^24 rows per destination).
     constexpr index_t max_rows = index_t{1} << 24;
@@ -95,7 +90,7 @@ void AllToAllEP<C>::run(Experts& x, MatrixView<const float> u, const routing::Ro
     // 2. Dispatch [expert, u[token]] rows.
     send_.resize(static_cast<std::size_t>(pairs * row));
     for (index_t i = 0; i < pairs; ++i) {
-        const index_t p = order_[static_cast<std::size_t>(i)];
+        const index_t p = order[static_cast<std::size_t>(i)];
         float* dst = &send_[static_cast<std::size_t>(i * row)];
         dst[0] = static_cast<float>(r.experts[static_cast<std::size_t>(p)]);
         const float* src = &u(p / r.slots_per_token, 0);
@@ -133,7 +128,7 @@ void AllToAllEP<C>::run(Experts& x, MatrixView<const float> u, const routing::Ro
     back_.resize(static_cast<std::size_t>(pairs * d));
     comm_.all_to_all_v(out_, send_counts, back_, recv_counts, stream);
     for (index_t i = 0; i < pairs; ++i)
-        std::copy_n(&back_[static_cast<std::size_t>(i * d)], d, &y(order_[static_cast<std::size_t>(i)], 0));
+        std::copy_n(&back_[static_cast<std::size_t>(i * d)], d, &y(order[static_cast<std::size_t>(i)], 0));
 }
 
 }  // namespace foe::parallel
