@@ -53,25 +53,26 @@ inline float dot(const float* x, const float* y, index_t n) noexcept
 
 }  // namespace detail
 
-/// Plain C++ GEMM, OpenMP over rows of C; the fallback when no BLAS is available.
+/// Plain C++ GEMM; the fallback when no BLAS is available. The output is cut into tiles of one
+/// row by up to 64 columns (64 rows of B, which stay in cache while they are used) and OpenMP
+/// shares out the tiles, so a decode step (one row) is as parallel as a prefill.
 struct Portable {
     static void nt(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c, bool accumulate)
     {
         detail::check_nt_shapes(a, b, c);
         const index_t m = a.extent(0), n = b.extent(0), k = a.extent(1);
-        // Blocks of B rows stay in cache while every row of A streams past them.
-        constexpr index_t block_n = 64;
-        for (index_t j0 = 0; j0 < n; j0 += block_n) {
-            const index_t j1 = std::min(n, j0 + block_n);
-            FOE_OMP_PARALLEL_FOR
-            for (index_t i = 0; i < m; ++i) {
-                // Pointer arithmetic, not a(i, 0): with K = 0 there is no element 0 to index.
-                const float* ai = a.data() + i * a.stride(0);
-                float* ci = c.data() + i * c.stride(0);
-                for (index_t j = j0; j < j1; ++j) {
-                    const float v = detail::dot(ai, b.data() + j * b.stride(0), k);
-                    ci[j] = accumulate ? ci[j] + v : v;
-                }
+        constexpr index_t tile_n = 64;
+        const index_t tiles_n = (n + tile_n - 1) / tile_n;
+        // Tiles ordered column block first: consecutive tiles share their block of B.
+        FOE_OMP_PARALLEL_FOR
+        for (index_t tile = 0; tile < m * tiles_n; ++tile) {
+            const index_t i = tile % m, j0 = tile / m * tile_n, j1 = std::min(n, j0 + tile_n);
+            // Pointer arithmetic, not a(i, 0): with K = 0 there is no element 0 to index.
+            const float* ai = a.data() + i * a.stride(0);
+            float* ci = c.data() + i * c.stride(0);
+            for (index_t j = j0; j < j1; ++j) {
+                const float v = detail::dot(ai, b.data() + j * b.stride(0), k);
+                ci[j] = accumulate ? ci[j] + v : v;
             }
         }
     }
