@@ -14,6 +14,7 @@
 #include "foe/comm/mpi_comm.hpp"
 #include "foe/model/distributed.hpp"
 #include "foe/model/host_model.hpp"
+#include "foe/perf/cost_model.hpp"
 #include "../test_util.hpp"
 
 using foe::index_t;
@@ -238,6 +239,66 @@ TEST_CASE("communication: the MoE baseline's all-to-all bytes are those its rout
     CHECK(a2a.calls == 3 * config.num_hidden_layers);
     CHECK(a2a.wire_bytes() == expected);
     CHECK(dm.sync.total_wire_bytes() == 0);
+}
+
+TEST_CASE("communication: the cost model predicts the bytes CountingComm measures for the same placement")
+{
+    auto w = world();
+    const int g = w.size();
+    auto hw = foe::perf::h100_sxm_8x_ib();
+    hw.load_imbalance = 1.0;  // the measured side has no trained router
+    const double fp32_over_bf16 = 4.0 / foe::perf::activation_bytes;  // the host sends fp32
+
+    // FoE (G <= H and, with H = 2 < G, G > H): the all-reduce bytes are exact.
+    for (index_t h : {8, 2}) {
+        const auto config = mpi_config(foe::Architecture::foe, h);
+        const int r = g;
+        try {
+            (void)Placement::make(Strategy::foe, config, g, r, 0);
+        } catch (const foe::ConfigError&) {
+            continue;
+        }
+        CAPTURE(h);
+        const auto placement = Placement::make(Strategy::foe, config, g, r, w.rank());
+        // g sequences of 8 tokens: every shard gets whole sequences.
+        const index_t length = 8, sequences = g;
+        const auto mine = placement.shards > 1 ? foe::shard_of(sequences, placement.shard, placement.shards)
+                                               : foe::SequenceRange{0, sequences};
+        foe::ModelOptions options;
+        options.cache_slots = sequences;
+        options.cache_capacity = length;
+        auto dm = foe::make_distributed_model(w, placement, std::make_shared<const foe::ModelWeights>(
+                                                                foe::random_weights(config, 2, foe::held_tensors(placement))),
+                                              options);
+        std::vector<foe::SequenceChunk> chunks;
+        for (index_t s = 0; s < mine.count; ++s) chunks.push_back({s, 0, length});
+        const auto tokens = test::random_tokens(static_cast<std::size_t>(mine.count * length), config.vocab_size, 4);
+        (void)dm.model->forward(foe::Batch(chunks), tokens);
+
+        const auto predicted = foe::perf::layer_cost(config, Strategy::foe, {sequences * length, length}, {g, r}, hw);
+        const auto& measured = dm.sync.counts(foe::comm::Op::all_reduce_sum);
+        CHECK(static_cast<double>(measured.wire_bytes()) ==
+              doctest::Approx(predicted.all_reduce.bytes.total() * fp32_over_bf16 * static_cast<double>(config.num_hidden_layers)));
+    }
+
+    // The MoE baseline: balanced routing predicts the mean over ranks of the random routing's
+    // dispatch bytes (less our one-float expert id per row and the row counts).
+    const auto config = mpi_config(foe::Architecture::olmoe, 1);
+    const auto placement = Placement::make(Strategy::moe_data_parallel, config, g, g, w.rank());
+    auto dm = foe::make_distributed_model(w, placement, std::make_shared<const foe::ModelWeights>(
+                                                            foe::random_weights(config, 3, foe::held_tensors(placement))));
+    const index_t length = 64;
+    (void)dm.model->prefill(test::random_tokens(static_cast<std::size_t>(length), config.vocab_size, 50 + w.rank()));
+    const auto predicted = foe::perf::layer_cost(config, Strategy::moe_data_parallel, {g * length, length}, {g, g}, hw);
+    std::vector<float> mine{static_cast<float>(dm.experts.counts(foe::comm::Op::all_to_all_v).wire_bytes())},
+        all(static_cast<std::size_t>(g));
+    w.all_gather(mine, all);
+    double mean = 0.0;
+    for (float b : all) mean += static_cast<double>(b) / g;
+    const double per_row = static_cast<double>(config.hidden_size);
+    const double payload_share = (2.0 * per_row) / (2.0 * per_row + 1.0);  // dispatch rows carry d + 1 floats
+    const double predicted_fp32 = predicted.all_to_all.bytes.total() * fp32_over_bf16 * static_cast<double>(config.num_hidden_layers);
+    if (g > 1) CHECK(mean * payload_share == doctest::Approx(predicted_fp32).epsilon(0.15));
 }
 
 TEST_CASE("a bad placement fails on every rank with the same message")
