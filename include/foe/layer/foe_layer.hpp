@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <string_view>
 #include <vector>
 
 #include "foe/attention/attention.hpp"
@@ -107,6 +108,15 @@ inline std::vector<index_t> compute_order(const LayerOptions& o, index_t held)
     std::iota(expected.begin(), expected.end(), index_t{0});
     require<InvalidArgument>(sorted == expected, "compute_order must be a permutation of the ", held, " held groups");
     return order;
+}
+
+/// The config of a standard-MoE layer: valid, with one expert group.
+inline const ModelConfig& single_group(const ModelConfig& c, std::string_view layer)
+{
+    c.validate();
+    require<ConfigError>(c.groups() == 1, layer, " is a standard-MoE layer with one expert group; the config has ",
+                         c.groups(), " expert groups (use FoeLayer)");
+    return c;
 }
 
 /// The experts a layer holds: the options' range, or every expert of the held groups.

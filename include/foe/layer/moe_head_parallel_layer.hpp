@@ -55,13 +55,6 @@ private:
         spec.kv_heads = c.num_key_value_heads / parts;
         return spec;
     }
-    [[nodiscard]] static const ModelConfig& validated(const ModelConfig& c)
-    {
-        c.validate();
-        require<ConfigError>(c.groups() == 1, "MoeHeadParallelLayer is a standard-MoE layer; the config has ",
-                             c.groups(), " expert groups");
-        return c;
-    }
 
     ModelConfig config_;
     C comm_;
@@ -71,7 +64,7 @@ private:
     Experts experts_;
     ExpertParallel ep_;
     routing::RoutingResult routing_result_;
-    std::vector<float> attn_, residual_, normed_, expert_out_, slice_out_, gathered_;
+    std::vector<float> attn_, normed_, expert_out_, slice_out_, gathered_;
 };
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
@@ -79,7 +72,7 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
     requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::MoeHeadParallelLayer(
     const ModelConfig& config, const LayerWeights& weights, const LayerOptions& options, C comm, ExpertParallel ep)
-    : config_(validated(config)),
+    : config_(detail::single_group(config, "MoeHeadParallelLayer")),
       comm_(std::move(comm)),
       post_norm_(weights.post_norm),
       attention_(share_spec(config, options, comm_.size()),

@@ -45,14 +45,6 @@ public:
     [[nodiscard]] const routing::RoutingResult& last_routing() const noexcept { return routing_result_; }
 
 private:
-    static const ModelConfig& validated(const ModelConfig& c)
-    {
-        c.validate();
-        require<ConfigError>(c.groups() == 1, "MoeLayer is the single-group layer; the config has ", c.groups(),
-                             " expert groups (use FoeLayer)");
-        return c;
-    }
-
     ModelConfig config_;
     VectorView<const float> post_norm_;
     Attention attention_;
@@ -68,7 +60,7 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
     requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 MoeLayer<Attention, Routing, Experts, ExpertParallel>::MoeLayer(const ModelConfig& config, const LayerWeights& weights,
                                                                 const LayerOptions& options, ExpertParallel ep)
-    : config_(validated(config)),
+    : config_(detail::single_group(config, "MoeLayer")),
       post_norm_(weights.post_norm),
       attention_(attention::AttentionSpec::for_group(config, options.cache_slots, detail::cache_capacity(config, options)),
                  group_attention_weights(config, weights, 0)),
