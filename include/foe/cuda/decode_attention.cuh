@@ -1,0 +1,175 @@
+#pragma once
+// Decode attention on the device: one query token per sequence against its KV-cache slot,
+// GQA, split over the KV length (split-KV / flash-decoding) with a deterministic second pass.
+//
+//   pass 1, block (chunk c, query head, sequence b): scores of the chunk's positions, its max m_c,
+//           l_c = sum exp(s - m_c), o_c = sum exp(s - m_c) v   -> fp32 workspace
+//   pass 2, block (query head, sequence b): M = max m_c; out = sum_c exp(m_c - M) o_c /
+//           sum_c exp(m_c - M) l_c, chunks added in order: bit-identical run to run.
+//
+// Cache layout [slots, capacity, kv_heads, head_dim] bf16, as the host's KV cache; sequence b
+// attends to positions [0, lengths[b]) of slot slots[b]. Query head q uses KV head
+// q / (query_heads / kv_heads). The oracle is the host GqaAttention's decode (a float64 loop in the test).
+
+#include <cstdint>
+
+#include "foe/core/error.hpp"
+#include "foe/core/half.hpp"
+#include "foe/cuda/check.cuh"
+
+namespace foe::cuda {
+
+/// 128 threads = 4 warps per (chunk, head, sequence); a chunk of 256 positions is 64 per warp.
+/// At context 2048 that is 8 chunks x heads x sequences blocks: enough to fill 132 SMs with a
+/// handful of sequences, which is the point of splitting decode over the KV length.
+struct DecodeAttentionLaunch {
+    static constexpr int block_threads = 128;
+    static constexpr int warps = block_threads / 32;
+    static constexpr int chunk = 256;
+    static constexpr int max_head_dim = 256;
+};
+
+struct DecodeAttentionShape {
+    index_t batch = 0;        ///< sequences (one query token each)
+    index_t query_heads = 0;
+    index_t kv_heads = 0;
+    index_t head_dim = 0;
+    index_t capacity = 0;     ///< positions per cache slot
+};
+
+/// Workspace floats: per (sequence, head, chunk) a max, a sum and head_dim partial outputs.
+[[nodiscard]] inline std::size_t decode_attention_workspace_bytes(const DecodeAttentionShape& s)
+{
+    const index_t chunks = (s.capacity + DecodeAttentionLaunch::chunk - 1) / DecodeAttentionLaunch::chunk;
+    return static_cast<std::size_t>(s.batch * s.query_heads * chunks * (s.head_dim + 2)) * sizeof(float);
+}
+
+inline namespace kernels_v0_1 {
+
+template <class Launch = DecodeAttentionLaunch>
+FOE_KERNEL(Launch::block_threads)
+void decode_attention_partial_kernel(const bfloat16* __restrict__ q, const bfloat16* __restrict__ kcache,
+                                     const bfloat16* __restrict__ vcache, const std::int32_t* __restrict__ slots,
+                                     const std::int32_t* __restrict__ lengths, int query_heads, int kv_heads,
+                                     int head_dim, int capacity, int chunks, float scale, float* partial)
+{
+    constexpr int chunk = Launch::chunk;
+    __shared__ float qs[Launch::max_head_dim];
+    __shared__ float p[chunk];
+    __shared__ float red[Launch::warps];
+    const int c = static_cast<int>(blockIdx.x), h = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
+    const int len = lengths[b], begin = c * chunk;
+    if (begin >= len) return;  // past this sequence's length: pass 2 never reads this chunk
+    const int n = min(chunk, len - begin);
+    const int kvh = h / (query_heads / kv_heads);
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    const std::size_t pos_stride = static_cast<std::size_t>(kv_heads) * static_cast<std::size_t>(head_dim);
+    const std::size_t base = static_cast<std::size_t>(slots[b]) * static_cast<std::size_t>(capacity) * pos_stride +
+                             static_cast<std::size_t>(kvh) * static_cast<std::size_t>(head_dim);
+    const bfloat16* qh = q + (static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
+                                 static_cast<std::size_t>(head_dim);
+    for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads)
+        qs[j] = static_cast<float>(qh[j]);
+    __syncthreads();
+
+    // Scores: one warp per position, lanes over head_dim.
+    for (int i = warp; i < n; i += Launch::warps) {
+        const bfloat16* k = kcache + base + static_cast<std::size_t>(begin + i) * pos_stride;
+        float dot = 0.0f;
+        for (int j = lane; j < head_dim; j += 32) dot = fmaf(qs[j], static_cast<float>(k[j]), dot);
+        dot = detail::warp_sum(dot);
+        if (lane == 0) p[i] = dot * scale;
+    }
+    __syncthreads();
+    float m = -__int_as_float(0x7f800000);
+    for (int i = static_cast<int>(threadIdx.x); i < n; i += Launch::block_threads) m = fmaxf(m, p[i]);
+    m = detail::warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = red[0];
+    for (int w = 1; w < Launch::warps; ++w) m = fmaxf(m, red[w]);
+    __syncthreads();  // everyone has read red before it is reused
+    float l = 0.0f;
+    for (int i = static_cast<int>(threadIdx.x); i < n; i += Launch::block_threads) {
+        const float e = expf(p[i] - m);
+        p[i] = e;
+        l += e;
+    }
+    l = detail::warp_sum(l);
+    if (lane == 0) red[warp] = l;
+    __syncthreads();
+    l = 0.0f;
+    for (int w = 0; w < Launch::warps; ++w) l += red[w];
+
+    float* out = partial + ((static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
+                                static_cast<std::size_t>(chunks) + static_cast<std::size_t>(c)) *
+                               static_cast<std::size_t>(head_dim + 2);
+    if (threadIdx.x == 0) {
+        out[0] = m;
+        out[1] = l;
+    }
+    // Partial output: thread per dimension, positions in order (adjacent threads read adjacent
+    // elements of one V row: coalesced).
+    for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads) {
+        const bfloat16* v = vcache + base + static_cast<std::size_t>(begin) * pos_stride + j;
+        float acc = 0.0f;
+        for (int i = 0; i < n; ++i) acc = fmaf(p[i], static_cast<float>(v[static_cast<std::size_t>(i) * pos_stride]), acc);
+        out[2 + j] = acc;
+    }
+}
+
+template <class Launch = DecodeAttentionLaunch>
+FOE_KERNEL(Launch::block_threads)
+void decode_attention_reduce_kernel(const float* __restrict__ partial, const std::int32_t* __restrict__ lengths,
+                                    int query_heads, int head_dim, int chunks, bfloat16* out)
+{
+    const int h = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y);
+    const int used = (lengths[b] + Launch::chunk - 1) / Launch::chunk;
+    const float* part = partial + (static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
+                                      static_cast<std::size_t>(chunks) * static_cast<std::size_t>(head_dim + 2);
+    const std::size_t stride = static_cast<std::size_t>(head_dim + 2);
+    float m = -__int_as_float(0x7f800000);
+    for (int c = 0; c < used; ++c) m = fmaxf(m, part[c * stride]);
+    float l = 0.0f;
+    for (int c = 0; c < used; ++c) l += part[c * stride + 1] * expf(part[c * stride] - m);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // an empty sequence (length 0) gets zeros
+    bfloat16* o = out + (static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
+                            static_cast<std::size_t>(head_dim);
+    for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads) {
+        float acc = 0.0f;
+        for (int c = 0; c < used; ++c) acc = fmaf(part[c * stride + 2 + j], expf(part[c * stride] - m), acc);
+        o[j] = bfloat16(acc * inv);
+    }
+}
+
+}  // namespace kernels_v0_1
+
+/// out [batch, query_heads, head_dim] = decode attention of q [batch, query_heads, head_dim]
+/// against the caches; slots and lengths are device int32 [batch], 0 <= lengths[b] <= capacity.
+/// workspace: decode_attention_workspace_bytes(shape) bytes.
+inline void decode_attention(const DecodeAttentionShape& s, const bfloat16* q, const bfloat16* kcache,
+                             const bfloat16* vcache, const std::int32_t* slots, const std::int32_t* lengths,
+                             void* workspace, bfloat16* out, cudaStream_t stream)
+{
+    require(s.kv_heads > 0 && s.query_heads % s.kv_heads == 0, "decode_attention: ", s.query_heads,
+            " query heads are not a multiple of ", s.kv_heads, " KV heads");
+    require(s.head_dim > 0 && s.head_dim <= DecodeAttentionLaunch::max_head_dim, "decode_attention: head_dim ",
+            s.head_dim, " outside [1, ", DecodeAttentionLaunch::max_head_dim, "]");
+    require(s.batch >= 0 && s.batch <= 65535 && s.query_heads <= 65535 && s.capacity > 0 && s.capacity <= 0x7fffffff,
+            "decode_attention: bad shape");
+    if (s.batch == 0) return;
+    const auto chunks = static_cast<int>((s.capacity + DecodeAttentionLaunch::chunk - 1) / DecodeAttentionLaunch::chunk);
+    const float scale = 1.0f / sqrtf(static_cast<float>(s.head_dim));
+    auto* partial = static_cast<float*>(workspace);
+    const dim3 grid1(static_cast<unsigned>(chunks), static_cast<unsigned>(s.query_heads), static_cast<unsigned>(s.batch));
+    decode_attention_partial_kernel<<<grid1, DecodeAttentionLaunch::block_threads, 0, stream>>>(
+        q, kcache, vcache, slots, lengths, static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads),
+        static_cast<int>(s.head_dim), static_cast<int>(s.capacity), chunks, scale, partial);
+    check_launch("decode_attention_partial_kernel");
+    const dim3 grid2(static_cast<unsigned>(s.query_heads), static_cast<unsigned>(s.batch));
+    decode_attention_reduce_kernel<<<grid2, DecodeAttentionLaunch::block_threads, 0, stream>>>(
+        partial, lengths, static_cast<int>(s.query_heads), static_cast<int>(s.head_dim), chunks, out);
+    check_launch("decode_attention_reduce_kernel");
+}
+
+}  // namespace foe::cuda

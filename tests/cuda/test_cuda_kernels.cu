@@ -1,0 +1,544 @@
+// foe's CUDA kernels against the host kernels (the oracles) on fresh random inputs: RMSNorm,
+// QK-norm, RoPE, router scores + top-k, permutation by expert, weighted combine, stream mean,
+// decode attention, the cuBLASLt GEMM and the grouped SwiGLU experts. Outputs are poisoned
+// (0xff bytes: NaN in bf16/fp32, -1 in int32) before every run, so an unwritten element fails.
+// Without a CUDA device every test case says so and passes: the file builds and runs in CI.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "foe/cuda/check.cuh"
+#include "foe/cuda/combine.cuh"
+#include "foe/cuda/decode_attention.cuh"
+#include "foe/cuda/gemm_lt.cuh"
+#include "foe/cuda/permute.cuh"
+#include "foe/cuda/rmsnorm.cuh"
+#include "foe/cuda/rope.cuh"
+#include "foe/cuda/router.cuh"
+#include "foe/cuda/swiglu_experts.cuh"
+#include "foe/experts/permute.hpp"
+#include "foe/ops/rmsnorm.hpp"
+#include "foe/ops/rope.hpp"
+#include "foe/routing/scores.hpp"
+#include "foe/routing/topk.hpp"
+
+using foe::bfloat16;
+using foe::index_t;
+namespace fc = foe::cuda;
+
+namespace {
+
+constexpr double bf16_tolerance = 1e-2;
+
+/// True when a device is present; otherwise says so once per test case, which then passes.
+bool have_device()
+{
+    if (fc::cuda_device_count() > 0) return true;
+    MESSAGE("no CUDA device: skipped");
+    return false;
+}
+
+std::size_t sz(index_t n) { return static_cast<std::size_t>(n); }
+
+/// bf16 values drawn uniformly from [lo, hi), and their float values (what the oracle sees).
+struct Bf16Data {
+    std::vector<bfloat16> bits;
+    std::vector<float> values;
+};
+Bf16Data random_bf16(std::size_t n, std::mt19937_64& rng, float lo = -1.0f, float hi = 1.0f)
+{
+    std::uniform_real_distribution<float> dist(lo, hi);
+    Bf16Data d;
+    d.bits.resize(n);
+    d.values.resize(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        d.bits[i] = bfloat16(dist(rng));
+        d.values[i] = static_cast<float>(d.bits[i]);
+    }
+    return d;
+}
+
+std::vector<float> to_float(const std::vector<bfloat16>& v)
+{
+    std::vector<float> f(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) f[i] = static_cast<float>(v[i]);
+    return f;
+}
+
+/// max |got - want| / max |want|; +inf when got holds a NaN or an infinity (an unwritten, poisoned
+/// element or a broken kernel).
+template <class Got, class Want>
+double rel_error(const Got& got, const Want& want)
+{
+    REQUIRE(got.size() == want.size());
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < want.size(); ++i) {
+        const auto g = static_cast<double>(got[i]);
+        if (!std::isfinite(g)) return std::numeric_limits<double>::infinity();
+        num = std::max(num, std::abs(g - static_cast<double>(want[i])));
+        den = std::max(den, std::abs(static_cast<double>(want[i])));
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+/// "index i: got x, want y" for the first difference (doctest cannot print vectors).
+template <class A, class B>
+std::string first_mismatch(const A& got, const B& want)
+{
+    if (got.size() != want.size()) return "sizes differ: " + std::to_string(got.size()) + " vs " + std::to_string(want.size());
+    for (std::size_t i = 0; i < got.size(); ++i)
+        if (!(got[i] == want[i]))
+            return "index " + std::to_string(i) + ": got " + std::to_string(got[i]) + ", want " + std::to_string(want[i]);
+    return "equal";
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b)
+{
+    return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: rms_norm and per-head QK-norm match foe::ops::rms_norm")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(1);
+    for (auto [rows, n] : {std::pair<index_t, index_t>{1, 768}, {7, 96}, {33, 2048}, {130, 100}, {40, 128}}) {
+        CAPTURE(rows);
+        CAPTURE(n);
+        const auto x = random_bf16(sz(rows * n), rng, -3.0f, 3.0f);
+        const auto w = random_bf16(sz(n), rng, 0.8f, 1.2f);
+        std::vector<float> want(x.values.size());
+        foe::ops::rms_norm(foe::MatrixView<const float>(x.values.data(), {rows, n}),
+                           foe::VectorView<const float>(w.values.data(), {n}), 1e-5f,
+                           foe::MatrixView<float>(want.data(), {rows, n}));
+        auto dx = fc::upload(x.bits);
+        auto dw = fc::upload(w.bits);
+        fc::DeviceBuffer<bfloat16> dy(x.bits.size());
+        fc::fill_bytes(dy, 0xff);
+        fc::rms_norm(dx.data(), dw.data(), dy.data(), rows, n, 1e-5f, nullptr);
+        CHECK(rel_error(to_float(fc::download(dy)), want) < bf16_tolerance);
+        // QK-norm: the same rows seen as [tokens, heads, head_dim], in place.
+        fc::rms_norm_qk(dx.data(), dw.data(), rows, 1, n, 1e-5f, nullptr);
+        CHECK(rel_error(to_float(fc::download(dx)), want) < bf16_tolerance);
+    }
+}
+
+TEST_CASE("cuda: rope matches foe::ops::Rope")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(2);
+    struct Shape { index_t tokens, heads, head_dim; };
+    for (auto s : {Shape{1, 8, 96}, Shape{13, 2, 128}, Shape{64, 8, 96}, Shape{5, 3, 10}}) {
+        CAPTURE(s.tokens);
+        CAPTURE(s.head_dim);
+        auto x = random_bf16(sz(s.tokens * s.heads * s.head_dim), rng);
+        std::vector<index_t> pos(sz(s.tokens));
+        std::vector<std::int32_t> pos32(pos.size());
+        std::uniform_int_distribution<int> pd(0, 8191);
+        for (std::size_t t = 0; t < pos.size(); ++t) pos32[t] = static_cast<std::int32_t>(pos[t] = pd(rng));
+        std::vector<float> want = x.values;
+        foe::ops::Rope(s.head_dim, 500000.0).apply(foe::TensorView<float, 3>(want.data(), {s.tokens, s.heads, s.head_dim}), pos);
+        auto dx = fc::upload(x.bits);
+        auto dpos = fc::upload(pos32);
+        fc::rope(dx.data(), dpos.data(), s.tokens, s.heads, s.head_dim, 500000.0, nullptr);
+        CHECK(rel_error(to_float(fc::download(dx)), want) < bf16_tolerance);
+    }
+}
+
+namespace {
+/// The host router's selection on given logits (foe::routing::Router after its gate GEMM).
+void host_route(const fc::RouterArgs& a, const std::vector<float>& logits, const std::vector<float>& bias, index_t tokens,
+                std::vector<std::int32_t>& experts, std::vector<float>& weights)
+{
+    const index_t e = a.num_experts, kpg = a.top_k / a.groups, epg = e / a.groups, held = a.group_end - a.group_begin;
+    const index_t slots = held * kpg;
+    experts.assign(sz(tokens * slots), -1);
+    weights.assign(experts.size(), 0.0f);
+    std::vector<float> scores(sz(e)), keys(sz(e));
+    for (index_t t = 0; t < tokens; ++t) {
+        const std::span<const float> row(logits.data() + t * e, sz(e));
+        if (a.score == fc::RouterScore::softmax) foe::routing::Softmax::apply(row, {}, scores, keys);
+        else foe::routing::Sigmoid::apply(row, bias, scores, keys);
+        for (index_t g = 0; g < held; ++g) {
+            const auto first = sz(t * slots + g * kpg);
+            const std::span<std::int32_t> picked(experts.data() + first, sz(kpg));
+            foe::routing::top_k(keys, (a.group_begin + g) * epg, (a.group_begin + g + 1) * epg, picked);
+            float sum = 0.0f;
+            for (index_t s = 0; s < kpg; ++s) sum += weights[first + sz(s)] = scores[sz(picked[sz(s)])];
+            if (a.renormalize)
+                for (index_t s = 0; s < kpg; ++s) weights[first + sz(s)] /= sum;
+        }
+    }
+}
+}  // namespace
+
+TEST_CASE("cuda: router scores and top-k match the host router, deterministically")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(3);
+    struct Case { fc::RouterArgs args; const char* name; };
+    std::vector<Case> cases;
+    for (auto score : {fc::RouterScore::softmax, fc::RouterScore::sigmoid})
+        for (bool renorm : {false, true}) {
+            cases.push_back({{score, 64, 8, 8, 0, 8, renorm}, "foe-1b per-group top-1"});
+            cases.push_back({{score, 64, 1, 8, 0, 1, renorm}, "global top-8"});
+            cases.push_back({{score, 256, 8, 16, 2, 5, renorm}, "E 256, groups [2, 5) held"});
+            cases.push_back({{score, 40, 4, 12, 0, 4, renorm}, "E 40 (not a multiple of 32), top-3 per group"});
+        }
+    for (const auto& c : cases)
+        for (index_t tokens : {index_t{1}, index_t{37}, index_t{1000}})
+            for (int input = 0; input < 3; ++input) {  // 0 random, 1 many ties, 2 with NaN logits
+                CAPTURE(c.name);
+                CAPTURE(tokens);
+                CAPTURE(input);
+                CAPTURE(static_cast<int>(c.args.score));
+                CAPTURE(c.args.renormalize);
+                const index_t e = c.args.num_experts;
+                std::normal_distribution<float> nd(0.0f, 2.0f);
+                std::vector<float> logits(sz(tokens * e)), bias(sz(e));
+                for (auto& l : logits) l = input == 1 ? std::round(nd(rng)) : nd(rng);
+                if (input == 2)
+                    for (std::size_t i = 0; i < logits.size(); i += 7) logits[i] = std::numeric_limits<float>::quiet_NaN();
+                for (auto& b : bias) b = input == 1 ? 0.0f : 0.1f * nd(rng);
+                std::vector<std::int32_t> want_e;
+                std::vector<float> want_w;
+                host_route(c.args, logits, bias, tokens, want_e, want_w);
+
+                auto dl = fc::upload(logits);
+                auto db = fc::upload(bias);
+                fc::DeviceBuffer<std::int32_t> de(want_e.size());
+                fc::DeviceBuffer<float> dw(want_w.size());
+                std::vector<std::int32_t> got_e[2];
+                std::vector<float> got_w[2];
+                for (int run = 0; run < 2; ++run) {
+                    fc::fill_bytes(de, 0xff);
+                    fc::fill_bytes(dw, 0xff);
+                    fc::route(c.args, dl.data(), db.data(), tokens, de.data(), dw.data(), nullptr);
+                    got_e[run] = fc::download(de);
+                    got_w[run] = fc::download(dw);
+                }
+                CHECK_MESSAGE(got_e[0] == want_e, first_mismatch(got_e[0], want_e));
+                CHECK(same_bits(got_e[0], got_e[1]));
+                CHECK(same_bits(got_w[0], got_w[1]));
+                // Weights: fp32 scores; NaN where the host has NaN (sigmoid of a NaN logit).
+                std::string bad_weight;
+                for (std::size_t i = 0; i < want_w.size() && bad_weight.empty(); ++i) {
+                    const float g = got_w[0][i], w = want_w[i];
+                    if (std::isnan(w) ? !std::isnan(g) : !(std::abs(g - w) <= 1e-5f * std::max(1.0f, std::abs(w))))
+                        bad_weight = "index " + std::to_string(i) + ": got " + std::to_string(g) + ", want " + std::to_string(w);
+                }
+                CHECK_MESSAGE(bad_weight.empty(), bad_weight);
+            }
+}
+
+namespace {
+/// Runs the device permutation and checks it against foe::experts::group_rows.
+void check_permutation(const std::vector<std::int32_t>& experts, index_t expert_begin, index_t local)
+{
+    const auto rows = static_cast<index_t>(experts.size());
+    foe::experts::Permutation want;
+    foe::experts::group_rows(rows, local, [&](index_t r) { return index_t{experts[sz(r)]} - expert_begin; }, want);
+    std::vector<std::int32_t> want_inverse(sz(rows), -1);
+    for (std::size_t i = 0; i < want.rows.size(); ++i) want_inverse[sz(want.rows[i])] = static_cast<std::int32_t>(i);
+
+    const fc::PermutePlan plan(rows, local);
+    fc::DeviceBuffer<unsigned char> ws(plan.workspace_bytes());
+    auto dexperts = fc::upload(experts);
+    fc::DeviceBuffer<std::int32_t> sorted(sz(rows)), offsets(sz(local + 1)), inverse(sz(rows));
+    std::vector<std::int32_t> first_sorted;
+    for (int run = 0; run < 2; ++run) {
+        fc::fill_bytes(sorted, 0xff);
+        fc::fill_bytes(offsets, 0xff);
+        fc::fill_bytes(inverse, 0xff);
+        fc::permute(plan, dexperts.data(), expert_begin, ws.data(), {sorted.data(), offsets.data(), inverse.data()}, nullptr);
+        const auto got_sorted = fc::download(sorted);
+        const auto got_offsets = fc::download(offsets);
+        const auto got_inverse = fc::download(inverse);
+        REQUIRE(got_offsets.size() == want.offsets.size());
+        bool offsets_ok = true;
+        for (std::size_t g = 0; g < want.offsets.size(); ++g) offsets_ok = offsets_ok && got_offsets[g] == want.offsets[g];
+        CHECK_MESSAGE(offsets_ok, first_mismatch(got_offsets, want.offsets));
+        bool rows_ok = true;
+        for (std::size_t i = 0; i < want.rows.size(); ++i) rows_ok = rows_ok && got_sorted[i] == want.rows[i];
+        CHECK(rows_ok);
+        CHECK_MESSAGE(got_inverse == want_inverse, first_mismatch(got_inverse, want_inverse));
+        if (run == 0) first_sorted = got_sorted;
+        else CHECK(same_bits(first_sorted, got_sorted));
+    }
+}
+}  // namespace
+
+TEST_CASE("cuda: permute groups rows by expert as foe::experts::group_rows does")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(4);
+    for (index_t rows : {index_t{1}, index_t{100}, index_t{2049 * 8}}) {
+        CAPTURE(rows);
+        std::uniform_int_distribution<int> ed(0, 63);
+        std::vector<std::int32_t> experts(sz(rows));
+        for (auto& e : experts) e = ed(rng);
+        check_permutation(experts, 0, 64);   // every expert local
+        check_permutation(experts, 16, 8);   // experts [16, 24) local, the rest left out
+        std::fill(experts.begin(), experts.end(), 5);
+        check_permutation(experts, 0, 64);   // all rows to one expert
+        check_permutation(experts, 0, 1);    // nothing routed to the one local expert
+    }
+}
+
+TEST_CASE("cuda: combine into H streams and stream mean match the host order, bit-identically across runs")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(5);
+    struct Shape { index_t tokens, d, held, kpg; };
+    for (auto s : {Shape{1, 768, 8, 1}, Shape{37, 96, 8, 2}, Shape{300, 200, 1, 8}, Shape{65, 768, 3, 1}}) {
+        CAPTURE(s.tokens);
+        CAPTURE(s.held);
+        const index_t slots = s.held * s.kpg, rows = s.tokens * slots;
+        // A random permutation of the rows, with every 5th row not local (inverse -1).
+        std::vector<std::int32_t> inverse(sz(rows));
+        for (index_t r = 0; r < rows; ++r) inverse[sz(r)] = static_cast<std::int32_t>(r);
+        std::shuffle(inverse.begin(), inverse.end(), rng);
+        for (std::size_t r = 0; r < inverse.size(); r += 5) inverse[r] = -1;
+        const auto y = random_bf16(sz(rows * s.d), rng);
+        const auto base = random_bf16(sz(s.tokens * s.d), rng);
+        std::vector<float> w(sz(rows));
+        std::uniform_real_distribution<float> wd(0.0f, 1.0f);
+        for (auto& v : w) v = wd(rng);
+        std::vector<double> want(sz(s.held * s.tokens * s.d));
+        for (index_t g = 0; g < s.held; ++g)
+            for (index_t t = 0; t < s.tokens; ++t)
+                for (index_t j = 0; j < s.d; ++j) {
+                    double acc = base.values[sz(t * s.d + j)];
+                    for (index_t k = 0; k < s.kpg; ++k) {
+                        const auto slot = sz(t * slots + g * s.kpg + k);
+                        if (inverse[slot] >= 0) acc += double{w[slot]} * y.values[sz(inverse[slot] * s.d + j)];
+                    }
+                    want[sz((g * s.tokens + t) * s.d + j)] = acc;
+                }
+        auto dy = fc::upload(y.bits);
+        auto dbase = fc::upload(base.bits);
+        auto dinv = fc::upload(inverse);
+        auto dw = fc::upload(w);
+        fc::DeviceBuffer<bfloat16> out(want.size()), mean(sz(s.tokens * s.d));
+        std::vector<bfloat16> runs[2], means[2];
+        for (int run = 0; run < 2; ++run) {
+            fc::fill_bytes(out, 0xff);
+            fc::fill_bytes(mean, 0xff);
+            fc::combine(dy.data(), dinv.data(), dw.data(), dbase.data(), s.tokens, s.d, slots, s.kpg, out.data(), nullptr);
+            fc::stream_mean(out.data(), s.held, s.tokens, s.d, s.held, mean.data(), nullptr);
+            runs[run] = fc::download(out);
+            means[run] = fc::download(mean);
+        }
+        CHECK(rel_error(to_float(runs[0]), want) < bf16_tolerance);
+        CHECK(same_bits(runs[0], runs[1]));
+        CHECK(same_bits(means[0], means[1]));
+        // Stream mean of what the device combined: the host's sum in group order, times 1/H.
+        const auto streams = to_float(runs[0]);
+        std::vector<float> want_mean(sz(s.tokens * s.d));
+        for (std::size_t i = 0; i < want_mean.size(); ++i) {
+            float acc = streams[i];
+            for (index_t g = 1; g < s.held; ++g) acc += streams[sz(g) * want_mean.size() + i];
+            want_mean[i] = acc * (1.0f / static_cast<float>(s.held));
+        }
+        CHECK(rel_error(to_float(means[0]), want_mean) < bf16_tolerance);
+    }
+}
+
+TEST_CASE("cuda: split-KV decode attention matches a float64 GQA decode")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(6);
+    struct Shape { index_t batch, nq, nkv, hd, capacity; };
+    for (auto s : {Shape{3, 8, 2, 96, 600}, Shape{1, 8, 8, 128, 2048}, Shape{4, 16, 8, 128, 300}, Shape{2, 4, 1, 64, 1}}) {
+        CAPTURE(s.batch);
+        CAPTURE(s.nq);
+        CAPTURE(s.capacity);
+        const index_t slots = s.batch + 1;
+        const auto q = random_bf16(sz(s.batch * s.nq * s.hd), rng, -2.0f, 2.0f);
+        const auto k = random_bf16(sz(slots * s.capacity * s.nkv * s.hd), rng, -2.0f, 2.0f);
+        const auto v = random_bf16(k.bits.size(), rng);
+        std::vector<std::int32_t> slot(sz(s.batch)), len(sz(s.batch));
+        std::uniform_int_distribution<index_t> ld(1, s.capacity);
+        for (index_t b = 0; b < s.batch; ++b) {
+            slot[sz(b)] = static_cast<std::int32_t>(slots - 1 - b);  // not the identity
+            len[sz(b)] = static_cast<std::int32_t>(b == 0 ? s.capacity : b == 1 ? 1 : ld(rng));
+        }
+        const double scale = 1.0 / std::sqrt(static_cast<double>(s.hd));
+        std::vector<double> want(q.bits.size());
+        for (index_t b = 0; b < s.batch; ++b)
+            for (index_t h = 0; h < s.nq; ++h) {
+                const index_t kvh = h / (s.nq / s.nkv), n = len[sz(b)];
+                auto at = [&](index_t pos) { return sz(((slot[sz(b)] * s.capacity + pos) * s.nkv + kvh) * s.hd); };
+                std::vector<double> p(sz(n));
+                double m = -std::numeric_limits<double>::infinity(), sum = 0.0;
+                for (index_t i = 0; i < n; ++i) {
+                    double dot = 0.0;
+                    for (index_t j = 0; j < s.hd; ++j) dot += double{q.values[sz((b * s.nq + h) * s.hd + j)]} * k.values[at(i) + sz(j)];
+                    m = std::max(m, p[sz(i)] = dot * scale);
+                }
+                for (auto& x : p) sum += x = std::exp(x - m);
+                for (index_t j = 0; j < s.hd; ++j) {
+                    double acc = 0.0;
+                    for (index_t i = 0; i < n; ++i) acc += p[sz(i)] * v.values[at(i) + sz(j)];
+                    want[sz((b * s.nq + h) * s.hd + j)] = acc / sum;
+                }
+            }
+        const fc::DecodeAttentionShape shape{s.batch, s.nq, s.nkv, s.hd, s.capacity};
+        auto dq = fc::upload(q.bits);
+        auto dk = fc::upload(k.bits);
+        auto dv = fc::upload(v.bits);
+        auto dslot = fc::upload(slot);
+        auto dlen = fc::upload(len);
+        fc::DeviceBuffer<unsigned char> ws(fc::decode_attention_workspace_bytes(shape));
+        fc::DeviceBuffer<bfloat16> out(want.size());
+        std::vector<bfloat16> runs[2];
+        for (int run = 0; run < 2; ++run) {
+            fc::fill_bytes(out, 0xff);
+            fc::fill_bytes(ws, 0xff);
+            fc::decode_attention(shape, dq.data(), dk.data(), dv.data(), dslot.data(), dlen.data(), ws.data(), out.data(), nullptr);
+            runs[run] = fc::download(out);
+        }
+        CHECK(rel_error(to_float(runs[0]), want) < bf16_tolerance);
+        CHECK(same_bits(runs[0], runs[1]));
+    }
+}
+
+TEST_CASE("cuda: cuBLASLt GEMM C = A B^T matches a float64 GEMM, bf16 and fp32 output")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(7);
+    fc::LtGemm gemm;
+    struct Shape { index_t m, n, k; };
+    for (auto s : {Shape{1, 96, 64}, Shape{37, 768, 768}, Shape{256, 384, 768}, Shape{130, 768, 384}, Shape{5, 50, 24}}) {
+        CAPTURE(s.m);
+        CAPTURE(s.n);
+        CAPTURE(s.k);
+        const auto a = random_bf16(sz(s.m * s.k), rng);
+        const auto b = random_bf16(sz(s.n * s.k), rng);
+        std::vector<double> want(sz(s.m * s.n));
+        for (index_t i = 0; i < s.m; ++i)
+            for (index_t j = 0; j < s.n; ++j) {
+                double acc = 0.0;
+                for (index_t l = 0; l < s.k; ++l) acc += double{a.values[sz(i * s.k + l)]} * b.values[sz(j * s.k + l)];
+                want[sz(i * s.n + j)] = acc;
+            }
+        auto da = fc::upload(a.bits);
+        auto db = fc::upload(b.bits);
+        fc::DeviceBuffer<float> c32(want.size());
+        fc::DeviceBuffer<bfloat16> c16(want.size());
+        fc::fill_bytes(c32, 0xff);
+        fc::fill_bytes(c16, 0xff);
+        gemm.nt(da.data(), db.data(), c32.data(), fc::OutType::fp32, s.m, s.n, s.k, nullptr);
+        gemm.nt(da.data(), db.data(), c16.data(), fc::OutType::bf16, s.m, s.n, s.k, nullptr);
+        CHECK(rel_error(fc::download(c32), want) < 1e-4);
+        CHECK(rel_error(to_float(fc::download(c16)), want) < bf16_tolerance);
+    }
+}
+
+TEST_CASE("cuda: routed SwiGLU experts (permute, gather, per-expert GEMMs, combine) match a float64 MoE FFN")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(8);
+    struct Shape { index_t tokens, d, f, experts, k; bool one_expert; };
+    for (auto s : {Shape{50, 64, 48, 4, 2, false}, Shape{1, 96, 40, 8, 8, false}, Shape{129, 128, 96, 16, 4, false},
+                   Shape{33, 64, 48, 4, 2, true}}) {
+        CAPTURE(s.tokens);
+        CAPTURE(s.experts);
+        CAPTURE(s.one_expert);
+        const index_t rows = s.tokens * s.k;
+        const auto x = random_bf16(sz(s.tokens * s.d), rng);
+        std::vector<Bf16Data> gate_up, down;
+        for (index_t e = 0; e < s.experts; ++e) {
+            gate_up.push_back(random_bf16(sz(2 * s.f * s.d), rng, -0.2f, 0.2f));
+            down.push_back(random_bf16(sz(s.d * s.f), rng, -0.2f, 0.2f));
+        }
+        // Routing: k distinct experts per token (or all to expert 0 for the first slot and
+        // every expert's rows on expert 0 when one_expert), weights in [0, 1).
+        std::vector<std::int32_t> experts(sz(rows));
+        std::vector<float> w(sz(rows));
+        std::uniform_real_distribution<float> wd(0.0f, 1.0f);
+        std::vector<std::int32_t> ids(sz(s.experts));
+        for (index_t t = 0; t < s.tokens; ++t) {
+            for (index_t e = 0; e < s.experts; ++e) ids[sz(e)] = static_cast<std::int32_t>(e);
+            std::shuffle(ids.begin(), ids.end(), rng);
+            for (index_t j = 0; j < s.k; ++j) {
+                experts[sz(t * s.k + j)] = s.one_expert ? 0 : ids[sz(j)];
+                w[sz(t * s.k + j)] = wd(rng);
+            }
+        }
+        // float64 oracle: out[t] = sum_j w * down_e(silu(gate_e x) * up_e x), slot order.
+        std::vector<double> want(sz(s.tokens * s.d), 0.0);
+        std::vector<double> act(sz(s.f));
+        for (index_t t = 0; t < s.tokens; ++t)
+            for (index_t j = 0; j < s.k; ++j) {
+                const auto e = sz(experts[sz(t * s.k + j)]);
+                for (index_t i = 0; i < s.f; ++i) {
+                    double g = 0.0, u = 0.0;
+                    for (index_t l = 0; l < s.d; ++l) {
+                        g += double{gate_up[e].values[sz(i * s.d + l)]} * x.values[sz(t * s.d + l)];
+                        u += double{gate_up[e].values[sz((s.f + i) * s.d + l)]} * x.values[sz(t * s.d + l)];
+                    }
+                    act[sz(i)] = g / (1.0 + std::exp(-g)) * u;
+                }
+                for (index_t o = 0; o < s.d; ++o) {
+                    double acc = 0.0;
+                    for (index_t i = 0; i < s.f; ++i) acc += act[sz(i)] * down[e].values[sz(o * s.f + i)];
+                    want[sz(t * s.d + o)] += double{w[sz(t * s.k + j)]} * acc;
+                }
+            }
+
+        std::vector<fc::DeviceBuffer<bfloat16>> dgu, ddown;
+        std::vector<fc::DeviceExpertWeights> dweights;
+        for (index_t e = 0; e < s.experts; ++e) {
+            dgu.push_back(fc::upload(gate_up[sz(e)].bits));
+            ddown.push_back(fc::upload(down[sz(e)].bits));
+            dweights.push_back({dgu.back().data(), ddown.back().data()});
+        }
+        auto dx = fc::upload(x.bits);
+        auto dexperts = fc::upload(experts);
+        auto dw = fc::upload(w);
+        const fc::PermutePlan plan(rows, s.experts);
+        fc::DeviceBuffer<unsigned char> pws(plan.workspace_bytes()), sws(fc::swiglu_workspace_bytes(rows, s.f));
+        fc::DeviceBuffer<std::int32_t> sorted(sz(rows)), offsets(sz(s.experts + 1)), inverse(sz(rows));
+        fc::DeviceBuffer<bfloat16> xs(sz(rows * s.d)), y(sz(rows * s.d)), out(sz(s.tokens * s.d));
+        fc::LtGemm gemm;
+        std::vector<bfloat16> runs[2];
+        for (int run = 0; run < 2; ++run) {
+            fc::fill_bytes(y, 0xff);
+            fc::fill_bytes(out, 0xff);
+            fc::permute(plan, dexperts.data(), 0, pws.data(), {sorted.data(), offsets.data(), inverse.data()}, nullptr);
+            fc::gather_rows(dx.data(), sorted.data(), rows, s.k, s.d, xs.data(), nullptr);
+            const auto host_offsets = fc::download(offsets);
+            fc::swiglu_experts(gemm, dweights, host_offsets, xs.data(), s.d, s.f, sws.data(), y.data(), nullptr);
+            fc::combine(y.data(), inverse.data(), dw.data(), nullptr, s.tokens, s.d, s.k, s.k, out.data(), nullptr);
+            runs[run] = fc::download(out);
+        }
+        CHECK(rel_error(to_float(runs[0]), want) < bf16_tolerance);
+        CHECK(same_bits(runs[0], runs[1]));
+    }
+}
+
+TEST_CASE("cuda: errors are foe::CudaError with file:line, and cuda_device_count never throws")
+{
+    const int n = fc::cuda_device_count();
+    CHECK(n >= 0);
+    try {
+        fc::check(cudaErrorInvalidValue, "a deliberately failed call");
+        FAIL("check() did not throw");
+    } catch (const foe::CudaError& e) {
+        const std::string what = e.what();
+        CHECK(what.find("test_cuda_kernels.cu:") != std::string::npos);
+        CHECK(what.find("a deliberately failed call") != std::string::npos);
+    }
+    if (n > 0) CHECK(cudaGetLastError() == cudaSuccess);  // nothing left behind for the next call
+}
