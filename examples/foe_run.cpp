@@ -249,12 +249,18 @@ int main(int argc, char** argv)
             if (world.rank() == 0) std::cerr << "foe_run: " << e.what() << "\n\n" << usage_text;
             return 2;
         } catch (const foe::CommError& e) {  // agreed failures are the same on every rank: rank 0 reports
+            // A failure a peer reported (then this is a no-op), an agreed one (every rank knows;
+            // the messages go unread), or a timeout here, which the ranks still waiting must hear.
+            world.abort_peers(e.what());
             if (world.rank() == 0) std::cerr << "foe_run: error: " << e.what() << "\n";
             return 1;
         } catch (const foe::ConfigError& e) {  // a layout every rank rejected alike
             if (world.rank() == 0) std::cerr << "foe_run: error: " << e.what() << "\n";
             return 1;
         } catch (const std::exception& e) {
+            // Possibly this rank's alone (a file it alone reads, a NaN in its own groups): the
+            // others may wait for it in a collective, and must fail naming it, not hang.
+            world.abort_peers(e.what());
             std::cerr << "foe_run: error on rank " << world.rank() << ": " << e.what() << "\n";
             return 1;
         }

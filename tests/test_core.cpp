@@ -214,3 +214,39 @@ TEST_CASE("bad config: OLMoE heads that do not tile hidden_size (its q_norm is h
     CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("num_attention_heads (8) * head_dim (16) == hidden_size (64)"),
                          ConfigError);
 }
+
+TEST_CASE("bad config: extents each within the limit whose products overflow (found by fuzz_config)")
+{
+    // tests/fuzz/corpus/config/hostile_extents_at_limit.json: every extent 2^24 passed the
+    // per-extent check, and parameter_count() then overflowed int64 (undefined behaviour).
+    auto c = valid_foe();
+    c.num_experts = c.intermediate_size = c.hidden_size = foe::index_t{1} << 24;
+    c.num_experts_per_tok = 4;
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("the model's parameters"), ConfigError);
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("need more than 2^62 bytes"), ConfigError);
+    CHECK(c.parameter_count() == std::numeric_limits<foe::index_t>::max());  // saturates, no overflow
+
+    // The KV cache of one sequence: layers x positions x KV width, keys and values.
+    c = valid_foe();
+    c.num_hidden_layers = c.max_position_embeddings = foe::index_t{1} << 24;
+    c.num_key_value_heads = c.num_attention_heads = c.num_expert_groups = 1 << 10;
+    c.num_experts = c.num_experts_per_tok = 1 << 10;
+    c.head_dim = 1 << 10;
+    CHECK_THROWS_WITH_AS(c.validate(), doctest::Contains("the KV cache of one sequence"), ConfigError);
+
+    // The same through config.json, as the fuzzer found it.
+    CHECK_THROWS_WITH_AS((void)foe::parse_config_json(R"({"architectures": ["FoeForCausalLM"], "hidden_size": 16777216,
+        "intermediate_size": 16777216, "num_attention_heads": 16777216, "num_key_value_heads": 16777216,
+        "head_dim": 16777216, "num_hidden_layers": 16777216, "num_experts": 16777216,
+        "num_experts_per_tok": 16777216, "num_expert_groups": 16777216, "vocab_size": 16777216,
+        "max_position_embeddings": 16777216})", "fuzz/config.json"),
+                         doctest::Contains("fuzz/config.json: the model's parameters"), ConfigError);
+}
+
+TEST_CASE("bad config: a KV cache of too many slots is refused before anything is allocated")
+{
+    foe::ModelOptions options;
+    options.cache_slots = foe::index_t{1} << 50;
+    CHECK_THROWS_WITH_AS((void)foe::make_model(std::make_shared<const foe::ModelWeights>(foe::random_weights(valid_foe(), 1)), options),
+                         doctest::Contains("make a KV cache of more than 2^62 bytes"), foe::InvalidArgument);
+}

@@ -141,6 +141,26 @@ TEST_CASE("model directory: sharded weights through model.safetensors.index.json
     CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains("not a plain file name"), foe::FormatError);
 }
 
+TEST_CASE("model directory: a shard the index names but the directory lacks is named, with a tensor that needs it")
+{
+    TempDir dir("missing-shard");
+    const auto w = foe::random_weights(foe::named_config("moe-tiny"), 2);
+    foe::save_config_json(dir.path / "config.json", w.config);
+    std::vector<foe::TensorToWrite> tensors;
+    std::string map;
+    for (const auto& spec : foe::expected_tensors(w.config)) {
+        const bool head = spec.name == "lm_head.weight";
+        if (!head) tensors.push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).span()});
+        map += (map.empty() ? "" : ", ") + ("\"" + spec.name + "\": \"" + (head ? "b.safetensors" : "a.safetensors") + "\"");
+    }
+    foe::save_safetensors(dir.path / "a.safetensors", tensors);
+    std::ofstream(dir.path / "model.safetensors.index.json") << "{\"weight_map\": {" << map << "}}";
+    const std::string expected = "b.safetensors: cannot open: No such file or directory (" +
+                                 (dir.path / "model.safetensors.index.json").string() +
+                                 " maps tensor \"lm_head.weight\" to it)";
+    CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains(expected.c_str()), foe::IoError);
+}
+
 TEST_CASE("foe_run on a saved random model reproduces the in-process logits and generation")
 {
     TempDir dir("runner");

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -83,8 +84,13 @@ struct ModelConfig {
     /// Throws ConfigError naming the first value that cannot work, and the limit it breaks.
     void validate() const;
 
-    /// Total parameter count (embeddings, attention, norms, router, experts, LM head).
+    /// Total parameter count (embeddings, attention, norms, router, experts, LM head). Exact for
+    /// every config validate() accepts; saturates at the largest index_t for one it would refuse.
     [[nodiscard]] index_t parameter_count() const noexcept;
+
+    /// Floats in the KV cache of one sequence at full context (keys and values of every layer),
+    /// saturating like parameter_count().
+    [[nodiscard]] index_t kv_cache_elements_per_sequence() const noexcept;
 };
 
 /// The reference configurations by name: "foe-1b", "foe-7b" (the paper's), "moe-1b", "moe-7b"
@@ -95,6 +101,71 @@ struct ModelConfig {
 [[nodiscard]] std::vector<std::string> named_config_names();
 
 // ---------------------------------------------------------------------------------------------
+
+namespace detail {
+
+/// Non-negative index arithmetic that records overflow instead of committing it (signed overflow
+/// is undefined behaviour): how validate() proves that the sizes derived from a config fit.
+class CheckedIndex {
+public:
+    // Implicit, so that checked expressions read like the plain ones they replace.
+    constexpr CheckedIndex(index_t v) noexcept : value_(v), ok_(v >= 0) {}
+
+    [[nodiscard]] constexpr bool ok() const noexcept { return ok_; }
+    /// The value, or the largest index_t after an overflow.
+    [[nodiscard]] constexpr index_t value_or_max() const noexcept
+    {
+        return ok_ ? value_ : std::numeric_limits<index_t>::max();
+    }
+
+    friend constexpr CheckedIndex operator*(CheckedIndex a, CheckedIndex b) noexcept
+    {
+        if (!a.ok_ || !b.ok_ || (a.value_ != 0 && b.value_ > std::numeric_limits<index_t>::max() / a.value_))
+            return overflow();
+        return CheckedIndex(a.value_ * b.value_);
+    }
+    friend constexpr CheckedIndex operator+(CheckedIndex a, CheckedIndex b) noexcept
+    {
+        if (!a.ok_ || !b.ok_ || b.value_ > std::numeric_limits<index_t>::max() - a.value_) return overflow();
+        return CheckedIndex(a.value_ + b.value_);
+    }
+
+private:
+    [[nodiscard]] static constexpr CheckedIndex overflow() noexcept
+    {
+        CheckedIndex c(0);
+        c.ok_ = false;
+        return c;
+    }
+
+    index_t value_;
+    bool ok_;
+};
+
+/// ModelConfig::parameter_count() with overflow recorded.
+[[nodiscard]] constexpr CheckedIndex checked_parameter_count(const ModelConfig& c) noexcept
+{
+    using I = CheckedIndex;
+    const I d = c.hidden_size, q_width = I(c.num_attention_heads) * c.head_dim,
+            kv_width = I(c.num_key_value_heads) * c.head_dim;
+    I qk_norm_params = 0;
+    if (c.qk_norm == QkNorm::per_head) qk_norm_params = I(2) * c.head_dim;
+    if (c.qk_norm == QkNorm::full_width) qk_norm_params = q_width + kv_width;
+    const I attention = d * q_width + I(2) * d * kv_width + q_width * d + qk_norm_params;
+    const I router = I(c.num_experts) * d + (c.scoring_func == ScoreFunction::sigmoid ? c.num_experts : 0);
+    const I experts = I(c.num_experts) * 3 * d * c.intermediate_size;
+    const I layer = attention + router + experts + I(2) * d;
+    const I embeddings = I(c.vocab_size) * d * (c.tie_word_embeddings ? 1 : 2);
+    return embeddings + I(c.num_hidden_layers) * layer + d;
+}
+
+/// ModelConfig::kv_cache_elements_per_sequence() with overflow recorded.
+[[nodiscard]] constexpr CheckedIndex checked_kv_cache_elements(const ModelConfig& c) noexcept
+{
+    return CheckedIndex(2) * c.num_hidden_layers * c.max_position_embeddings * c.num_key_value_heads * c.head_dim;
+}
+
+}  // namespace detail
 
 inline void ModelConfig::validate() const
 {
@@ -116,6 +187,23 @@ inline void ModelConfig::validate() const
     positive("vocab_size", vocab_size);
     positive("max_position_embeddings", max_position_embeddings);
     positive("num_expert_groups", num_expert_groups);
+
+    // Each extent fits, but their products might not: 2^24 experts of three 2^24 x 2^24 weights
+    // are 3 x 2^72 parameters. Bound the two totals the library forms, in bytes, so that every
+    // product of some of these extents fits too (a weight, a cache, a byte count).
+    constexpr index_t max_bytes = index_t{1} << 62;
+    const auto fits = [&](detail::CheckedIndex elements) {
+        const detail::CheckedIndex bytes = elements * index_t{4};
+        return bytes.ok() && bytes.value_or_max() <= max_bytes;
+    };
+    require<ConfigError>(fits(detail::checked_parameter_count(*this)), "the model's parameters (",
+                         "hidden_size ", hidden_size, ", intermediate_size ", intermediate_size, ", num_experts ",
+                         num_experts, ", num_hidden_layers ", num_hidden_layers, ", vocab_size ", vocab_size,
+                         ") need more than 2^62 bytes");
+    require<ConfigError>(fits(detail::checked_kv_cache_elements(*this)), "the KV cache of one sequence (",
+                         "num_hidden_layers ", num_hidden_layers, " x max_position_embeddings ",
+                         max_position_embeddings, " x num_key_value_heads ", num_key_value_heads, " x head_dim ",
+                         head_dim, " x 2) needs more than 2^62 bytes");
 
     require<ConfigError>(num_attention_heads % num_key_value_heads == 0, "num_attention_heads (",
                          num_attention_heads, ") must be a multiple of num_key_value_heads (",
@@ -157,16 +245,12 @@ inline void ModelConfig::validate() const
 
 inline index_t ModelConfig::parameter_count() const noexcept
 {
-    const index_t d = hidden_size;
-    index_t qk_norm_params = 0;
-    if (qk_norm == QkNorm::per_head) qk_norm_params = 2 * head_dim;
-    if (qk_norm == QkNorm::full_width) qk_norm_params = q_width() + kv_width();
-    const index_t attention = d * q_width() + 2 * d * kv_width() + q_width() * d + qk_norm_params;
-    const index_t router = num_experts * d + (scoring_func == ScoreFunction::sigmoid ? num_experts : 0);
-    const index_t experts = num_experts * 3 * d * intermediate_size;
-    const index_t layer = attention + router + experts + 2 * d;
-    const index_t embeddings = vocab_size * d * (tie_word_embeddings ? 1 : 2);
-    return embeddings + num_hidden_layers * layer + d;
+    return detail::checked_parameter_count(*this).value_or_max();
+}
+
+inline index_t ModelConfig::kv_cache_elements_per_sequence() const noexcept
+{
+    return detail::checked_kv_cache_elements(*this).value_or_max();
 }
 
 namespace detail {

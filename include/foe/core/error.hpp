@@ -2,8 +2,8 @@
 // Typed exceptions of the foe library.
 //
 // One error strategy for the host API: every failure a user can cause (bad configuration, bad
-// input, a broken file, a full cache) throws a subclass of foe::Error whose message names the
-// offending value and the limit it broke, e.g.
+// input, a broken file, a full cache, a failed peer rank) throws a subclass of foe::Error whose
+// message names the offending value and the limit it broke, e.g.
 //   "num_experts_per_tok (6) must be a multiple of num_expert_groups (8)".
 // Catch foe::Error to handle them all, or a subclass to handle one kind.
 
@@ -52,8 +52,16 @@ public:
     using Error::Error;
 };
 
-/// A collective failed or ranks disagree.
+/// A collective failed, ranks disagree, another rank failed, or a collective timed out; the
+/// message names the collective and the rank(s) concerned.
 class CommError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A NaN or an infinity appeared where ModelOptions::check_finite looks (the hidden state after a
+/// layer, the logits); the message names the layer and the first bad position.
+class NumericalError : public Error {
 public:
     using Error::Error;
 };

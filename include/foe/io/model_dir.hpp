@@ -90,7 +90,15 @@ inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilte
             file = it->second;
         }
         auto it = open_files.find(file);
-        if (it == open_files.end()) it = open_files.emplace(file, SafetensorsFile::open(dir / file)).first;
+        if (it == open_files.end()) {
+            try {
+                it = open_files.emplace(file, SafetensorsFile::open(dir / file)).first;
+            } catch (const IoError& e) {
+                if (weight_map.empty()) throw;
+                // A shard the index names but the directory lacks: say which tensor needed it.
+                raise<IoError>(e.what(), " (", index.string(), " maps tensor \"", tensor, "\" to it)");
+            }
+        }
         return it->second;
     };
     for (const auto& spec : expected_tensors(w.config))

@@ -13,6 +13,8 @@
 // head-parallel MoE; shard `placement.shard` of `placement.shards` for FoE with G > H and for the
 // data-parallel MoE (shard_of() splits a list of sequences). Every collective here is called by
 // every rank of `world` in the same order, so a rank never waits for a call that will not come.
+// A rank that fails on its own later (an exception the others do not see) must say so with
+// MpiComm::abort_peers, which makes the others' collectives throw instead of wait (foe_run does).
 
 #include <cstdint>
 #include <memory>

@@ -12,13 +12,18 @@
 // make_model() use; Model<Layer> is the composed, fully inlined implementation.
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
+#include "foe/core/config.hpp"
 #include "foe/core/error.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/layer/batch.hpp"
@@ -33,6 +38,14 @@ namespace foe {
 struct ModelOptions {
     index_t cache_slots = 1;     ///< sequences held at once
     index_t cache_capacity = 0;  ///< positions per sequence; 0 means max_position_embeddings
+    /// Check the hidden state after every layer, and the logits, for NaN and infinity: the first
+    /// one found throws NumericalError naming the layer, the stream, the token row, its sequence
+    /// and position (one extra read of each activation). The forward then changes no sequence's
+    /// length, as for every error. When off (the default), a non-finite value propagates: through
+    /// the residual stream, through causal attention to every later position of its sequence
+    /// (never to other sequences of the batch), and into the logits; routing stays well defined
+    /// (routing::top_k ranks a NaN key below every number, and Softmax gives a NaN logit score 0).
+    bool check_finite = false;
 };
 
 class ModelInterface {
@@ -115,6 +128,7 @@ public:
 private:
     std::shared_ptr<const ModelWeights> weights_;
     StreamReduce reduce_streams_;
+    bool check_finite_;
     index_t capacity_;
     std::vector<index_t> lengths_;
     std::vector<std::unique_ptr<Layer>> layers_;
@@ -123,11 +137,44 @@ private:
 
 // ---------------------------------------------------------------------------------------------
 
+namespace detail {
+
+/// ModelOptions::check_finite: throws NumericalError for the first non-finite value of
+/// `values`, [streams, rows, width] row-major, in token-row order (the earliest position of the
+/// batch first); `where` says what the values are ("the hidden state after layer 3").
+inline void check_finite(std::span<const float> values, index_t streams, index_t rows, index_t width,
+                         const Batch& batch, std::string_view where, std::string_view column)
+{
+    // Fast path: is any value's exponent all ones (NaN, +-inf)? An integer OR-reduction
+    // vectorises; an early-exit search, or a float reduction without -ffast-math, does not.
+    constexpr std::uint32_t exponent = 0x7f800000u;
+    std::uint32_t non_finite = 0;
+    for (float v : values) non_finite |= (std::bit_cast<std::uint32_t>(v) & exponent) == exponent ? 1u : 0u;
+    if (non_finite == 0) return;
+    for (index_t i = 0; i < rows; ++i)
+        for (index_t s = 0; s < streams; ++s)
+            for (index_t j = 0; j < width; ++j) {
+                const float v = values[static_cast<std::size_t>((s * rows + i) * width + j)];
+                if (std::isfinite(v)) continue;
+                index_t b = 0;
+                while (batch.offset(b + 1) <= i) ++b;
+                const SequenceChunk& chunk = batch.chunks()[static_cast<std::size_t>(b)];
+                raise<NumericalError>("non-finite value ", v, " in ", where,
+                                      streams > 1 ? concat(" (stream ", s, " of ", streams, ")") : std::string(),
+                                      " at token row ", i, " of the batch: sequence ", b, " (KV-cache slot ",
+                                      chunk.slot, "), position ", batch.positions()[static_cast<std::size_t>(i)],
+                                      ", ", column, " ", j);
+            }
+}
+
+}  // namespace detail
+
 template <class Layer, gemm::GemmPolicy Gemm>
 Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options,
                           LayerFactory make_layer, StreamReduce reduce_streams)
     : weights_(std::move(weights)),
       reduce_streams_(std::move(reduce_streams)),
+      check_finite_(options.check_finite),
       capacity_(options.cache_capacity > 0 ? options.cache_capacity : weights_->config.max_position_embeddings)
 {
     const ModelConfig& c = weights_->config;
@@ -135,6 +182,12 @@ Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const Mod
     require<InvalidArgument>(options.cache_slots > 0, "cache_slots (", options.cache_slots, ") must be positive");
     require<InvalidArgument>(capacity_ <= c.max_position_embeddings, "cache_capacity (", capacity_,
                              ") exceeds max_position_embeddings (", c.max_position_embeddings, ")");
+    // validate() bounds one sequence's cache; the slot count multiplies it.
+    const auto cache_bytes = detail::CheckedIndex(options.cache_slots) * capacity_ * 2 * c.num_hidden_layers *
+                             c.num_key_value_heads * c.head_dim * index_t{sizeof(float)};
+    require<InvalidArgument>(cache_bytes.ok() && cache_bytes.value_or_max() <= (index_t{1} << 62), "cache_slots (",
+                             options.cache_slots, ") x cache_capacity (", capacity_,
+                             ") make a KV cache of more than 2^62 bytes");
     lengths_.assign(static_cast<std::size_t>(options.cache_slots), 0);
     LayerOptions lo;
     lo.cache_slots = options.cache_slots;
@@ -174,11 +227,14 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
     for (index_t i = 0; i < t; ++i) std::copy_n(&embed(tokens[static_cast<std::size_t>(i)], 0), d, &a_[static_cast<std::size_t>(i * d)]);
 
     index_t streams = 1;
-    for (auto& layer : layers_) {
-        const index_t out_streams = layer->streams();
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+        const index_t out_streams = layers_[l]->streams();
         b_.resize(static_cast<std::size_t>(out_streams * t * d));
-        layer->forward(batch, TensorView<const float, 3>(a_.data(), {streams, t, d}),
-                       TensorView<float, 3>(b_.data(), {out_streams, t, d}));
+        layers_[l]->forward(batch, TensorView<const float, 3>(a_.data(), {streams, t, d}),
+                            TensorView<float, 3>(b_.data(), {out_streams, t, d}));
+        if (check_finite_)
+            detail::check_finite(b_, out_streams, t, d, batch, detail::concat("the hidden state after layer ", l),
+                                 "hidden dimension");
         std::swap(a_, b_);
         streams = out_streams;
     }
@@ -199,6 +255,7 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
     Tensor<float> logits({t, vocab});
     const auto head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").view<2>();
     Gemm::nt(h, head, logits.view<2>(), false);
+    if (check_finite_) detail::check_finite(logits.span(), 1, t, vocab, batch, "the logits", "vocabulary entry");
 
     for (const auto& chunk : batch.chunks()) lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
     return logits;
