@@ -138,8 +138,11 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
         const auto& c = batch.chunks()[static_cast<std::size_t>(b)];
         const index_t row0 = batch.offset(b);
         for (index_t i = 0; i < c.length; ++i) {
-            std::copy_n(&k_[static_cast<std::size_t>((row0 + i) * kh * hd)], kh * hd, &keys(c.slot, c.start + i, 0, 0));
-            std::copy_n(&v_[static_cast<std::size_t>((row0 + i) * kh * hd)], kh * hd, &values(c.slot, c.start + i, 0, 0));
+            for (index_t h = 0; h < kh; ++h) {
+                const auto from = static_cast<std::size_t>(((row0 + i) * kh + h) * hd);
+                std::copy_n(&k_[from], hd, &keys(c.slot, h, c.start + i, 0));
+                std::copy_n(&v_[from], hd, &values(c.slot, h, c.start + i, 0));
+            }
         }
     }
 
@@ -155,8 +158,10 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
     const auto ckeys = cache_.keys();
     const auto cvalues = cache_.values();
     // Each (token, head) pair is independent: one thread computes it whole, so results do not
-    // depend on the thread count.
-    FOE_OMP_PARALLEL_FOR
+    // depend on the thread count. Pairs are dealt out one at a time in turn: under the causal
+    // mask a later token costs more, and equal contiguous halves would leave one thread with
+    // three quarters of the work.
+    FOE_OMP_PARALLEL_FOR_CYCLIC
     for (index_t work = 0; work < t * qh; ++work) {
         const index_t row = work / qh, head = work % qh, kv = head / group;
         const index_t slot = row_slot[static_cast<std::size_t>(row)];
@@ -166,7 +171,7 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
         scores.resize(static_cast<std::size_t>(len));
         float max_score = -std::numeric_limits<float>::infinity();
         for (index_t j = 0; j < len; ++j) {
-            const float s = gemm::detail::dot(qv, &ckeys(slot, j, kv, 0), hd) * scale;
+            const float s = gemm::detail::dot(qv, &ckeys(slot, kv, j, 0), hd) * scale;
             scores[static_cast<std::size_t>(j)] = s;
             max_score = std::max(max_score, s);
         }
@@ -181,7 +186,7 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
         std::fill_n(o, hd, 0.0f);
         for (index_t j = 0; j < len; ++j) {
             const float p = scores[static_cast<std::size_t>(j)] * inv;
-            const float* vv = &cvalues(slot, j, kv, 0);
+            const float* vv = &cvalues(slot, kv, j, 0);
             for (index_t e = 0; e < hd; ++e) o[e] += p * vv[e];
         }
     }

@@ -24,8 +24,8 @@ using index_t = std::int64_t;
 // whose results do not depend on the number of threads.
 #if defined(_OPENMP)
 #define FOE_OMP_PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
-#define FOE_OMP_PARALLEL_FOR_COLLAPSE2 _Pragma("omp parallel for collapse(2) schedule(static)")
+#define FOE_OMP_PARALLEL_FOR_CYCLIC _Pragma("omp parallel for schedule(static, 1)")
 #else
 #define FOE_OMP_PARALLEL_FOR
-#define FOE_OMP_PARALLEL_FOR_COLLAPSE2
+#define FOE_OMP_PARALLEL_FOR_CYCLIC
 #endif
