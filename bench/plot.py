@@ -29,11 +29,10 @@ def load(path):
 
 
 def machine(context):
-    if not context:
-        return platform.node()
-    cpus = context.get("num_cpus", "?")
-    mhz = context.get("mhz_per_cpu", "?")
-    return f"{context.get('host_name', platform.node())}, {cpus} CPUs at {mhz} MHz"
+    host = (context or {}).get("host_name", platform.node())
+    if not context or "num_cpus" not in context:
+        return host
+    return f"{host}, {context['num_cpus']} CPUs at {context.get('mhz_per_cpu', '?')} MHz"
 
 
 def stamp(ax, context, note=""):
