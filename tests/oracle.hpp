@@ -83,13 +83,14 @@ inline std::vector<std::pair<index_t, double>> top_k(const Vec& scores, const Ve
     return out;
 }
 
-/// Router scores and selection keys of one token's logits.
-inline void score(const foe::ModelConfig& c, const Vec& logits, std::span<const float> bias, Vec& scores, Vec& keys)
+/// Router scores and selection keys of one token's logits: softmax over all experts, or
+/// sigmoid with the selection bias added to the keys only.
+inline void score(foe::ScoreFunction f, const Vec& logits, std::span<const float> bias, Vec& scores, Vec& keys)
 {
     const auto e = logits.size();
     scores.assign(e, 0.0);
     keys.assign(e, 0.0);
-    if (c.scoring_func == foe::ScoreFunction::softmax) {
+    if (f == foe::ScoreFunction::softmax) {
         const double mx = *std::max_element(logits.begin(), logits.end());
         double sum = 0.0;
         for (std::size_t i = 0; i < e; ++i) sum += scores[i] = std::exp(logits[i] - mx);
@@ -202,7 +203,7 @@ inline std::vector<Vec> layer(const foe::ModelWeights& w, index_t l, const std::
     const index_t per_group = e_total / groups, k_per_group = c.num_experts_per_tok / groups;
     for (index_t i = 0; i < s; ++i) {
         Vec token_logits(logits.begin() + i * e_total, logits.begin() + (i + 1) * e_total), scores, keys;
-        score(c, token_logits, bias, scores, keys);
+        score(c.scoring_func, token_logits, bias, scores, keys);
         for (index_t h = 0; h < groups; ++h)
             for (auto [e, weight] : top_k(scores, keys, h * per_group, (h + 1) * per_group, k_per_group, c.norm_topk_prob)) {
                 const Vec y = expert_ffn(w, l, e, &u[static_cast<std::size_t>(i * d)]);

@@ -47,21 +47,6 @@ std::vector<float> random_scaled(std::size_t n, std::uint64_t seed, double scale
     return v;
 }
 
-/// max |got - want| / max |want|, and +inf when got holds a NaN or an infinity (oracle::relative_error
-/// would skip a NaN, since std::max ignores it).
-template <class R>
-double rel_error(const R& got, const Vec& want)
-{
-    double num = 0.0, den = 0.0;
-    for (std::size_t i = 0; i < want.size(); ++i) {
-        const double g = static_cast<double>(got[i]);
-        if (!std::isfinite(g)) return inf_d;
-        num = std::max(num, std::abs(g - want[i]));
-        den = std::max(den, std::abs(want[i]));
-    }
-    return den == 0.0 ? num : num / den;
-}
-
 /// A dense float64 copy of a (possibly strided) matrix view.
 Vec dense(MatrixView<const float> m)
 {
@@ -110,7 +95,7 @@ void check_gemm_dense(GemmShape s, bool accumulate, std::uint64_t seed)
         for (std::size_t i = 0; i < expected.size(); ++i) expected[i] += c[i];
     G::nt(MatrixView<const float>(a.data(), {m, k}), MatrixView<const float>(b.data(), {n, k}),
           MatrixView<float>(c.data(), {m, n}), accumulate);
-    CHECK_MESSAGE(rel_error(c, expected) < 1e-5, "dense ", m, "x", n, "x", k, " accumulate=", accumulate);
+    CHECK_MESSAGE(oracle::relative_error(c, expected) < 1e-5, "dense ", m, "x", n, "x", k, " accumulate=", accumulate);
 }
 
 /// A and B are column blocks of wider matrices; C is a sub-block of a NaN-poisoned buffer whose
@@ -136,7 +121,7 @@ void check_gemm_strided(GemmShape s, bool accumulate, std::uint64_t seed)
                 expected[sz(i * n + j)] += init[sz(i * n + j)];
             }
     G::nt(a, b, c, accumulate);
-    CHECK_MESSAGE(rel_error(dense_f(c), expected) < 1e-5, "strided ", m, "x", n, "x", k, " accumulate=", accumulate);
+    CHECK_MESSAGE(oracle::relative_error(dense_f(c), expected) < 1e-5, "strided ", m, "x", n, "x", k, " accumulate=", accumulate);
 
     index_t touched_outside = 0;
     for (index_t i = 0; i < c_rows; ++i)
@@ -222,7 +207,7 @@ TEST_CASE("rms_norm matches the float64 oracle for several row lengths: out of p
 
         std::vector<float> y(x.size(), nan_f);
         foe::ops::rms_norm(MatrixView<const float>(x.data(), {rows, n}), wv, eps, MatrixView<float>(y.data(), {rows, n}));
-        CHECK(rel_error(y, expected) < 1e-6);
+        CHECK(oracle::relative_error(y, expected) < 1e-6);
 
         // In place: the same operations, so the same bits.
         auto z = x;
@@ -451,7 +436,7 @@ TEST_CASE("GqaAttention prefill matches the float64 oracle: GQA ratios, head_dim
                     const auto f = make_attention(d, qh, kh, hd, qk, 1, 20, seed += 10);
                     const auto x = test::random_floats(sz(tokens * d), seed + 9);
                     const auto out = prefill(f, x, tokens);
-                    CHECK(rel_error(out, attention_oracle(f, oracle::to_double(x), tokens)) < 1e-5);
+                    CHECK(oracle::relative_error(out, attention_oracle(f, oracle::to_double(x), tokens)) < 1e-5);
                 }
 }
 
@@ -468,13 +453,13 @@ TEST_CASE("GqaAttention decode steps after a prefill equal the last row of a lon
         std::vector<float> out(sz(first * d), nan_f);
         attn.forward(foe::Batch::single(0, first), MatrixView<const float>(x.data(), {first, d}),
                      MatrixView<float>(out.data(), {first, d}));
-        CHECK(rel_error(out, rows_of(reference, d, 0, first)) < 1e-6);
+        CHECK(oracle::relative_error(out, rows_of(reference, d, 0, first)) < 1e-6);
         for (index_t t = first; t < total; ++t) {
             CAPTURE(t);
             std::vector<float> row(sz(d), nan_f);
             attn.forward(foe::Batch::single(t, 1), MatrixView<const float>(&x[sz(t * d)], {1, d}),
                          MatrixView<float>(row.data(), {1, d}));
-            CHECK(rel_error(row, rows_of(reference, d, t, 1)) < 1e-5);
+            CHECK(oracle::relative_error(row, rows_of(reference, d, t, 1)) < 1e-5);
         }
     }
 }
@@ -492,10 +477,10 @@ TEST_CASE("GqaAttention ragged batch of two sequences equals two separate runs, 
     seq0.forward(foe::Batch::single(0, 3), MatrixView<const float>(x.data(), {3, d}), MatrixView<float>(out0.data(), {3, d}));
     seq1.forward(foe::Batch::single(0, 4), MatrixView<const float>(&x[sz(3 * d)], {4, d}),
                  MatrixView<float>(out1.data(), {4, d}));
-    CHECK(rel_error(rows_of(out, d, 0, 3), oracle::to_double(out0)) < 1e-6);
-    CHECK(rel_error(rows_of(out, d, 3, 4), oracle::to_double(out1)) < 1e-6);
-    CHECK(rel_error(out0, attention_oracle(f, rows_of(x, d, 0, 3), 3)) < 1e-5);
-    CHECK(rel_error(out1, attention_oracle(f, rows_of(x, d, 3, 4), 4)) < 1e-5);
+    CHECK(oracle::relative_error(rows_of(out, d, 0, 3), oracle::to_double(out0)) < 1e-6);
+    CHECK(oracle::relative_error(rows_of(out, d, 3, 4), oracle::to_double(out1)) < 1e-6);
+    CHECK(oracle::relative_error(out0, attention_oracle(f, rows_of(x, d, 0, 3), 3)) < 1e-5);
+    CHECK(oracle::relative_error(out1, attention_oracle(f, rows_of(x, d, 3, 4), 4)) < 1e-5);
 
     // Continue: sequence 1 (slot 1) prefills 2 more tokens, sequence 0 (slot 0) decodes 1, listed
     // in that order so the batch order differs from the slot order.
@@ -506,8 +491,8 @@ TEST_CASE("GqaAttention ragged batch of two sequences equals two separate runs, 
     seq1.forward(foe::Batch::single(4, 2), MatrixView<const float>(y.data(), {2, d}), MatrixView<float>(next1.data(), {2, d}));
     seq0.forward(foe::Batch::single(3, 1), MatrixView<const float>(&y[sz(2 * d)], {1, d}),
                  MatrixView<float>(next0.data(), {1, d}));
-    CHECK(rel_error(rows_of(next, d, 0, 2), oracle::to_double(next1)) < 1e-6);
-    CHECK(rel_error(rows_of(next, d, 2, 1), oracle::to_double(next0)) < 1e-6);
+    CHECK(oracle::relative_error(rows_of(next, d, 0, 2), oracle::to_double(next1)) < 1e-6);
+    CHECK(oracle::relative_error(rows_of(next, d, 2, 1), oracle::to_double(next0)) < 1e-6);
 }
 
 TEST_CASE("GqaAttention rejects a chunk beyond the cache capacity and two chunks in one slot, leaving the cache intact")
@@ -530,7 +515,7 @@ TEST_CASE("GqaAttention rejects a chunk beyond the cache capacity and two chunks
     // The rejected calls changed nothing: decoding position 6 still equals a 7-token prefill.
     attn.forward(foe::Batch::single(6, 1), in(6, 1), to(1));
     const auto reference = prefill(f, x, 7);
-    CHECK(rel_error(std::vector<float>(out.begin(), out.begin() + d), rows_of(reference, d, 6, 1)) < 1e-5);
+    CHECK(oracle::relative_error(std::vector<float>(out.begin(), out.begin() + d), rows_of(reference, d, 6, 1)) < 1e-5);
 }
 
 TEST_CASE("GqaAttention rejects an inconsistent spec with ConfigError and misshapen weights with InvalidArgument")
@@ -567,24 +552,6 @@ using foe::routing::Sigmoid;
 using foe::routing::Softmax;
 
 /// Float64 scores (the weights) and keys (what the selection ranks) of one token's logits.
-void score_oracle(bool softmax, const Vec& logits, const std::vector<float>& bias, Vec& scores, Vec& keys)
-{
-    const std::size_t e = logits.size();
-    scores.assign(e, 0.0);
-    keys.assign(e, 0.0);
-    if (softmax) {  // over ALL experts, whatever the groups
-        const double mx = *std::max_element(logits.begin(), logits.end());
-        double sum = 0.0;
-        for (std::size_t i = 0; i < e; ++i) sum += scores[i] = std::exp(logits[i] - mx);
-        for (std::size_t i = 0; i < e; ++i) keys[i] = scores[i] /= sum;
-    } else {
-        for (std::size_t i = 0; i < e; ++i) {
-            scores[i] = 1.0 / (1.0 + std::exp(-logits[i]));
-            keys[i] = scores[i] + (bias.empty() ? 0.0 : static_cast<double>(bias[i]));
-        }
-    }
-}
-
 template <class Score, class Selection>
 RoutingResult route(const RoutingSpec& spec, const std::vector<float>& gate, const std::vector<float>& bias,
                     const std::vector<float>& u, index_t d)
@@ -617,7 +584,7 @@ void check_routing_result(const RoutingResult& r, const RoutingSpec& spec, bool 
     for (index_t i = 0; i < t; ++i) {
         CAPTURE(i);
         Vec scores, keys;
-        score_oracle(softmax, Vec(logits.begin() + i * e_total, logits.begin() + (i + 1) * e_total), bias, scores, keys);
+        oracle::score(softmax ? foe::ScoreFunction::softmax : foe::ScoreFunction::sigmoid, Vec(logits.begin() + i * e_total, logits.begin() + (i + 1) * e_total), bias, scores, keys);
         for (index_t g = 0; g < held; ++g) {
             const index_t group = spec.group_begin + g, lo = group * per_group, hi = lo + per_group;
             CAPTURE(group);
@@ -925,7 +892,7 @@ void check_experts(const ExpertsFixture& x, index_t begin, index_t end, const Ro
         const auto first = y.begin() + p * d, last = first + d;
         if (e >= begin && e < end) {
             ++counts[sz(e - begin)];
-            CHECK(rel_error(std::vector<float>(first, last), x.ffn(e, &u[sz(p / r.slots_per_token * d)])) < 1e-5);
+            CHECK(oracle::relative_error(std::vector<float>(first, last), x.ffn(e, &u[sz(p / r.slots_per_token * d)])) < 1e-5);
         } else {
             CHECK_MESSAGE(std::all_of(first, last, [](float v) { return std::isnan(v); }),
                           "row of an unheld expert was written");
@@ -1015,7 +982,7 @@ TEST_CASE("SwiGluExperts combine matches the float64 weighted sum over a slot ra
             }
         std::vector<float> out(sz(t * d), nan_f);
         foe::experts::SwiGluExperts<>::combine(r, yv, rv, first, count, MatrixView<float>(out.data(), {t, d}));
-        CHECK(rel_error(out, expected) < 1e-6);
+        CHECK(oracle::relative_error(out, expected) < 1e-6);
     }
     std::vector<float> out(sz(t * d));
     CHECK_THROWS_AS(foe::experts::SwiGluExperts<>::combine(r, yv, rv, 3, 2, MatrixView<float>(out.data(), {t, d})),
