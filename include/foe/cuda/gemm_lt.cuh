@@ -19,6 +19,7 @@
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/check.cuh"
+#include "foe/cuda/gemm.cuh"
 
 namespace foe::cuda {
 
@@ -30,8 +31,6 @@ inline void check(cublasStatus_t status, const char* what, std::source_location 
     throw CudaError(::foe::detail::concat(where.file_name(), ":", where.line(), ": ", what, " failed: cuBLAS status ",
                                    static_cast<int>(status), " (", cublasLtGetStatusString(status), ")"));
 }
-
-enum class OutType { bf16, fp32 };
 
 class LtGemm {
 public:
@@ -119,5 +118,6 @@ private:
     cublasLtHandle_t handle_ = nullptr;
     DeviceBuffer<unsigned char> workspace_;
 };
+static_assert(DeviceGemmPolicy<LtGemm>);
 
 }  // namespace foe::cuda

@@ -1,14 +1,15 @@
 #pragma once
-// Grouped SwiGLU experts on the device, first version: per expert, over the rows permute()
-// grouped to it,
+// Grouped SwiGLU experts on the device, the cuBLASLt per-expert reference: per expert, over the
+// rows permute() grouped to it,
 //   h = x_e [gate_e; up_e]^T      one cuBLASLt GEMM against the concatenated [2f, d] weight, fp32 out
 //   a = silu(h[:, :f]) * h[:, f:] a small kernel, one bf16 rounding
 //   y_e = a down_e^T              one cuBLASLt GEMM, bf16 out [rows_e, d]
 // That is two GEMM launches per expert with rows, driven from the host: the expert row counts
 // are read back (one device-to-host copy and stream synchronisation per call), so this version
-// is not CUDA-graph capturable and pays launch overhead at small batches. A single grouped GEMM
-// (CUTLASS grouped / cuBLASLt grouped, or foe's own tensor-core kernel) reading the device
-// offsets is the planned replacement.
+// is not CUDA-graph capturable and pays launch overhead at small batches.
+// grouped_swiglu.cuh is the device-offset version (foe's tensor-core kernels reading the offsets
+// on the device: no host synchronisation, graph-capturable); this one is kept as the cuBLASLt
+// reference it is tested and benchmarked against.
 
 #include <algorithm>
 #include <cstdint>
