@@ -307,7 +307,8 @@ TEST_CASE("cuda: split-KV decode attention matches a float64 GQA decode")
         for (index_t b = 0; b < s.batch; ++b)
             for (index_t h = 0; h < s.nq; ++h) {
                 const index_t kvh = h / (s.nq / s.nkv), n = len[sz(b)];
-                auto at = [&](index_t pos) { return sz(((slot[sz(b)] * s.capacity + pos) * s.nkv + kvh) * s.hd); };
+                // Head-major cache [slots, kv_heads, capacity, head_dim], as foe::attention::KvCache.
+                auto at = [&](index_t pos) { return sz(((slot[sz(b)] * s.nkv + kvh) * s.capacity + pos) * s.hd); };
                 std::vector<double> p(sz(n));
                 double m = -std::numeric_limits<double>::infinity(), sum = 0.0;
                 for (index_t i = 0; i < n; ++i) {

@@ -7,9 +7,11 @@
 //   pass 2, block (query head, sequence b): M = max m_c; out = sum_c exp(m_c - M) o_c /
 //           sum_c exp(m_c - M) l_c, chunks added in order: bit-identical run to run.
 //
-// Cache layout [slots, capacity, kv_heads, head_dim] bf16, as the host's KV cache; sequence b
-// attends to positions [0, lengths[b]) of slot slots[b]. Query head q uses KV head
-// q / (query_heads / kv_heads). The oracle is the host GqaAttention's decode (a float64 loop in the test).
+// Cache layout [slots, kv_heads, capacity, head_dim] bf16, head-major as the host's KV cache
+// (foe/attention/kv_cache.hpp): one head's positions are contiguous, so the warps of a block
+// stream consecutive positions of one head. Sequence b attends to positions [0, lengths[b]) of
+// slot slots[b]. Query head q uses KV head q / (query_heads / kv_heads). The oracle is the host
+// GqaAttention's decode (a float64 loop in the test).
 
 #include <cstdint>
 
@@ -48,10 +50,11 @@ inline namespace kernels_v0_1 {
 
 template <class Launch = DecodeAttentionLaunch>
 FOE_KERNEL(Launch::block_threads)
-void decode_attention_partial_kernel(const bfloat16* __restrict__ q, const bfloat16* __restrict__ kcache,
-                                     const bfloat16* __restrict__ vcache, const std::int32_t* __restrict__ slots,
-                                     const std::int32_t* __restrict__ lengths, int query_heads, int kv_heads,
-                                     int head_dim, int capacity, int chunks, float scale, float* partial)
+void decode_attention_partial_kernel(const bfloat16* __restrict__ q, long long q_row_stride,
+                                     const bfloat16* __restrict__ kcache, const bfloat16* __restrict__ vcache,
+                                     const std::int32_t* __restrict__ slots, const std::int32_t* __restrict__ lengths,
+                                     int query_heads, int kv_heads, int head_dim, int capacity, int chunks, float scale,
+                                     float* partial)
 {
     constexpr int chunk = Launch::chunk;
     __shared__ float qs[Launch::max_head_dim];
@@ -63,16 +66,19 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, const bfloa
     const int n = min(chunk, len - begin);
     const int kvh = h / (query_heads / kv_heads);
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-    const std::size_t pos_stride = static_cast<std::size_t>(kv_heads) * static_cast<std::size_t>(head_dim);
-    const std::size_t base = static_cast<std::size_t>(slots[b]) * static_cast<std::size_t>(capacity) * pos_stride +
-                             static_cast<std::size_t>(kvh) * static_cast<std::size_t>(head_dim);
-    const bfloat16* qh = q + (static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
-                                 static_cast<std::size_t>(head_dim);
+    // Head-major cache: position i of (slot, kvh) is row i of a contiguous [capacity, head_dim] block.
+    const auto pos_stride = static_cast<std::size_t>(head_dim);
+    const std::size_t base = (static_cast<std::size_t>(slots[b]) * static_cast<std::size_t>(kv_heads) +
+                              static_cast<std::size_t>(kvh)) *
+                             static_cast<std::size_t>(capacity) * pos_stride;
+    const bfloat16* qh = q + static_cast<std::size_t>(b) * static_cast<std::size_t>(q_row_stride) +
+                         static_cast<std::size_t>(h) * static_cast<std::size_t>(head_dim);
     for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads)
         qs[j] = static_cast<float>(qh[j]);
     __syncthreads();
 
-    // Scores: one warp per position, lanes over head_dim.
+    // Scores: one warp per position, lanes over head_dim; the block's warps take consecutive
+    // positions, so together they read one contiguous run of the head's keys.
     for (int i = warp; i < n; i += Launch::warps) {
         const bfloat16* k = kcache + base + static_cast<std::size_t>(begin + i) * pos_stride;
         float dot = 0.0f;
@@ -109,7 +115,7 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, const bfloa
         out[1] = l;
     }
     // Partial output: thread per dimension, positions in order (adjacent threads read adjacent
-    // elements of one V row: coalesced).
+    // elements of one V row, and consecutive rows are adjacent: coalesced).
     for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads) {
         const bfloat16* v = vcache + base + static_cast<std::size_t>(begin) * pos_stride + j;
         float acc = 0.0f;
@@ -144,12 +150,14 @@ void decode_attention_reduce_kernel(const float* __restrict__ partial, const std
 
 }  // namespace kernels_v0_1
 
-/// out [batch, query_heads, head_dim] = decode attention of q [batch, query_heads, head_dim]
-/// against the caches; slots and lengths are device int32 [batch], 0 <= lengths[b] <= capacity.
-/// workspace: decode_attention_workspace_bytes(shape) bytes.
-inline void decode_attention(const DecodeAttentionShape& s, const bfloat16* q, const bfloat16* kcache,
-                             const bfloat16* vcache, const std::int32_t* slots, const std::int32_t* lengths,
-                             void* workspace, bfloat16* out, cudaStream_t stream)
+/// out [batch, query_heads, head_dim] (contiguous) = decode attention of q against the caches
+/// [slots, kv_heads, capacity, head_dim]; q's row b (sequence b's query_heads x head_dim values)
+/// starts at q + b * q_row_stride, q_row_stride >= query_heads * head_dim (a larger stride reads
+/// q as the column slice of a fused qkv buffer). slots and lengths are device int32 [batch],
+/// 0 <= lengths[b] <= capacity. workspace: decode_attention_workspace_bytes(shape) bytes.
+inline void decode_attention(const DecodeAttentionShape& s, const bfloat16* q, index_t q_row_stride,
+                             const bfloat16* kcache, const bfloat16* vcache, const std::int32_t* slots,
+                             const std::int32_t* lengths, void* workspace, bfloat16* out, cudaStream_t stream)
 {
     require(s.kv_heads > 0 && s.query_heads % s.kv_heads == 0, "decode_attention: ", s.query_heads,
             " query heads are not a multiple of ", s.kv_heads, " KV heads");
@@ -157,19 +165,29 @@ inline void decode_attention(const DecodeAttentionShape& s, const bfloat16* q, c
             s.head_dim, " outside [1, ", DecodeAttentionLaunch::max_head_dim, "]");
     require(s.batch >= 0 && s.batch <= 65535 && s.query_heads <= 65535 && s.capacity > 0 && s.capacity <= 0x7fffffff,
             "decode_attention: bad shape");
+    require(q_row_stride >= s.query_heads * s.head_dim, "decode_attention: q_row_stride ", q_row_stride,
+            " is less than query_heads * head_dim = ", s.query_heads * s.head_dim);
     if (s.batch == 0) return;
     const auto chunks = static_cast<int>((s.capacity + DecodeAttentionLaunch::chunk - 1) / DecodeAttentionLaunch::chunk);
     const float scale = 1.0f / sqrtf(static_cast<float>(s.head_dim));
     auto* partial = static_cast<float*>(workspace);
     const dim3 grid1(static_cast<unsigned>(chunks), static_cast<unsigned>(s.query_heads), static_cast<unsigned>(s.batch));
     decode_attention_partial_kernel<<<grid1, DecodeAttentionLaunch::block_threads, 0, stream>>>(
-        q, kcache, vcache, slots, lengths, static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads),
-        static_cast<int>(s.head_dim), static_cast<int>(s.capacity), chunks, scale, partial);
+        q, static_cast<long long>(q_row_stride), kcache, vcache, slots, lengths, static_cast<int>(s.query_heads),
+        static_cast<int>(s.kv_heads), static_cast<int>(s.head_dim), static_cast<int>(s.capacity), chunks, scale, partial);
     check_launch("decode_attention_partial_kernel");
     const dim3 grid2(static_cast<unsigned>(s.query_heads), static_cast<unsigned>(s.batch));
     decode_attention_reduce_kernel<<<grid2, DecodeAttentionLaunch::block_threads, 0, stream>>>(
         partial, lengths, static_cast<int>(s.query_heads), static_cast<int>(s.head_dim), chunks, out);
     check_launch("decode_attention_reduce_kernel");
+}
+
+/// The same with q contiguous [batch, query_heads, head_dim].
+inline void decode_attention(const DecodeAttentionShape& s, const bfloat16* q, const bfloat16* kcache,
+                             const bfloat16* vcache, const std::int32_t* slots, const std::int32_t* lengths,
+                             void* workspace, bfloat16* out, cudaStream_t stream)
+{
+    decode_attention(s, q, s.query_heads * s.head_dim, kcache, vcache, slots, lengths, workspace, out, stream);
 }
 
 }  // namespace foe::cuda
