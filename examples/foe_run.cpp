@@ -1,13 +1,16 @@
 // foe_run: run a model directory (config.json + model.safetensors) on the host, or write a
 // seeded random one.
 //
-//   foe_run --model DIR [--tokens 1,2,3] [--max-new-tokens N] [--logits-out FILE]
+//   foe_run --model DIR [--backend host|cuda] [--gemm cublaslt|foe] [--tokens 1,2,3]
+//           [--max-new-tokens N] [--logits-out FILE]
 //       prints {"prompt": [...], "generated": [...]} as one JSON line on stdout; --logits-out
 //       writes a safetensors file with the float32 tensor "logits" [prompt_len, vocab_size]
 //   foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]
 //       writes a random model directory of a named configuration (foe-1b, moe-tiny, ...)
 //
-// Under mpirun (when built with MPI) the model is spread over the ranks: an FoE model by its
+// --backend cuda runs the model on the current GPU (foe::cuda::CudaModel, bf16; examples/
+// foe_run_cuda.cu, built when nvcc is found), with cuBLASLt or foe's own tensor-core GEMM for the
+// dense projections (--gemm). Under mpirun (when built with MPI) the model is spread over the ranks: an FoE model by its
 // groups (foe::parallel::Strategy::foe), a standard MoE by expert parallelism with data-parallel
 // attention; rank 0 prints. --ranks-per-node defaults to the launcher's local size.
 //
@@ -25,6 +28,9 @@
 #include "foe/foe.hpp"
 #include "foe/io/model_dir.hpp"
 
+#if defined(FOE_WITH_CUDA)
+#include "foe_run_cuda.hpp"
+#endif
 #if defined(FOE_WITH_MPI)
 #include "foe/comm/mpi_comm.hpp"
 #include "foe/model/distributed.hpp"
@@ -34,10 +40,13 @@ namespace {
 
 constexpr std::string_view usage_text =
     "usage:\n"
-    "  foe_run --model DIR [--tokens 1,2,3] [--max-new-tokens N] [--logits-out FILE]\n"
+    "  foe_run --model DIR [--backend host|cuda] [--gemm cublaslt|foe] [--tokens 1,2,3] [--max-new-tokens N]\n"
+    "          [--logits-out FILE]\n"
     "  foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]\n"
     "\n"
     "  --model DIR           model directory with config.json and model.safetensors\n"
+    "  --backend B           host (fp32, default) or cuda (bf16 on the current GPU; one process)\n"
+    "  --gemm G              with --backend cuda: dense GEMMs by cublaslt (default) or foe (own tensor-core kernel)\n"
     "  --tokens LIST         prompt token ids, comma separated (default: 0)\n"
     "  --max-new-tokens N    tokens to generate greedily (default: 8)\n"
     "  --logits-out FILE     write the prompt's logits as safetensors tensor \"logits\" [prompt, vocab]\n"
@@ -58,6 +67,8 @@ struct Options {
     std::uint64_t seed = 0;
     foe::DType dtype = foe::DType::f32;
     int ranks_per_node = 0;  // 0: from the launcher
+    bool cuda = false;
+    bool foe_gemm = false;   // --gemm foe
 };
 
 template <class T>
@@ -100,6 +111,14 @@ Options parse_args(int argc, char** argv)
             o.init = std::string(value);
         } else if (flag == "--out") {
             o.out = std::string(value);
+        } else if (flag == "--backend") {
+            if (value != "host" && value != "cuda")
+                throw UsageError(foe::detail::concat("--backend: \"", value, "\" is not one of host, cuda"));
+            o.cuda = value == "cuda";
+        } else if (flag == "--gemm") {
+            if (value != "cublaslt" && value != "foe")
+                throw UsageError(foe::detail::concat("--gemm: \"", value, "\" is not one of cublaslt, foe"));
+            o.foe_gemm = value == "foe";
         } else if (flag == "--ranks-per-node") {
             o.ranks_per_node = parse_number<int>(value, flag);
             if (o.ranks_per_node <= 0) throw UsageError("--ranks-per-node must be positive");
@@ -116,6 +135,7 @@ Options parse_args(int argc, char** argv)
     }
     if (o.model.has_value() == o.init.has_value()) throw UsageError("give exactly one of --model and --init");
     if (o.init && !o.out) throw UsageError("--init needs --out DIR");
+    if (o.foe_gemm && !o.cuda) throw UsageError("--gemm chooses the CUDA backend's GEMM: it needs --backend cuda");
     return o;
 }
 
@@ -163,7 +183,18 @@ void print_result(const Options& o, const std::vector<std::int32_t>& generated, 
 int run_model(const Options& o)
 {
     auto weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model));
-    const auto model = foe::make_model(weights, request_options(o, weights->config));
+    const auto options = request_options(o, weights->config);
+    std::unique_ptr<foe::ModelInterface> model;
+    if (o.cuda) {
+#if defined(FOE_WITH_CUDA)
+        model = make_cuda_model(weights, options.cache_capacity, o.foe_gemm);
+#else
+        throw foe::InvalidArgument("--backend cuda: this foe_run was built without CUDA (no nvcc was found when it "
+                                   "was configured)");
+#endif
+    } else {
+        model = foe::make_model(weights, options);
+    }
     foe::Tensor<float> logits;
     const auto generated = model->generate(o.tokens, o.max_new_tokens, 0, &logits);
     print_result(o, generated, logits);
@@ -243,6 +274,8 @@ int main(int argc, char** argv)
         auto world = foe::comm::MpiComm::world();
         try {
             const Options o = parse_args(argc, argv);
+            if (o.cuda && world.size() > 1)
+                throw UsageError("--backend cuda runs in one process; under mpirun use the host backend");
             if (world.size() == 1 || o.init) return world.rank() == 0 ? (o.init ? init_model(o) : run_model(o)) : 0;
             return run_model_distributed(o, world);
         } catch (const UsageError& e) {

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check of foe's CUDA kernels, run once on a device machine (H200, CUDA 13, CMake, Ninja;
-# no network). Builds only the CUDA targets for sm_90a, runs the kernel tests (every kernel against
-# the host kernels) and the CUDA benchmark, and prints a summary table last. Under 8 minutes.
+# The GPU check of foe's CUDA backend, run once on a device machine (H200, CUDA 13, CMake, Ninja;
+# no network). Builds the CUDA targets for sm_90a, runs every CUDA test case (kernels, attention,
+# GEMMs, layers and model against the host library, NCCL on one rank), foe_run --backend cuda,
+# and the CUDA benchmarks, and prints a summary table last. Under 8 minutes.
 #
 #   bash bench/gpu/prepare_carry.sh     # on the build machine: doctest and Google Benchmark into .carry/
 #   bash bench/gpu/check.sh             # on the device machine, with .carry/ carried along
 #
-# The log goes to $OUT/check.log when OUT is set (else build-gpu/check.log), the test's own output
-# to $OUT/test_cuda_kernels.log, benchmark JSON to $OUT/bench_cuda.json. Each test case runs in
+# The log goes to $OUT/check.log when OUT is set (else build-gpu/check.log), the tests' own output
+# to $OUT/cuda_tests.log, benchmark JSON to $OUT/bench_cuda*.json. Each test case runs in
 # its own process, so a kernel that faults (a sticky CUDA error) cannot take the others with it.
 # Without a GPU the tests report "no CUDA device: skipped" and pass.
 set -u -o pipefail
@@ -60,44 +61,51 @@ fi
 doctest_dir=/usr/include
 [[ -f $carry/include/doctest/doctest.h ]] && doctest_dir=$carry/include
 
-step configure 180 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+step configure 150 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DFOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DFOE_ENABLE_BLAS=OFF -DFOE_ENABLE_MPI=OFF \
-  -DFOE_BUILD_EXAMPLES=OFF -DFOE_BUILD_BENCHMARKS=$bench -DCMAKE_PREFIX_PATH="$carry" \
+  -DFOE_BUILD_EXAMPLES=ON -DFOE_BUILD_BENCHMARKS=$bench -DCMAKE_PREFIX_PATH="$carry" \
   -DFOE_DOCTEST_INCLUDE_DIR="$doctest_dir"
 configured=$?
 
 if ((configured == 0)); then
-  step "build test_cuda_kernels" 300 ninja -C "$build" -j16 test_cuda_kernels
-  built_test=$?
-  built_bench=1
-  if [[ $bench == ON ]]; then
-    step "build bench_cuda" 240 ninja -C "$build" -j16 bench_cuda
-    built_bench=$?
-  fi
-  if ((built_test == 0)); then
-    bin=$build/tests/test_cuda_kernels
-    : >"$out/test_cuda_kernels.log"
-    mapfile -t cases < <("$bin" --list-test-cases 2>/dev/null | grep '^cuda: ')
-    echo "test cases: ${#cases[@]}"
-    ((${#cases[@]} > 0)) || { summary+=("no test cases listed"); overall=1; }
+  # One ninja for everything: the CUDA translation units build in parallel on the 16 cores.
+  targets=(foe_cuda_tests foe_run)
+  [[ $bench == ON ]] && targets+=(bench_cuda bench_cuda_attention bench_cuda_model)
+  step "build ${targets[*]}" 300 ninja -C "$build" -j16 -k 0 "${targets[@]}"
+  : >"$out/cuda_tests.log"
+  for bin in "$build"/tests/test_cuda_* "$build"/tests/test_nccl_comm; do
+    [[ -x $bin ]] || continue
+    mapfile -t cases < <("$bin" --list-test-cases 2>/dev/null | grep -E '^(cuda|nccl)')
+    echo "$(basename "$bin"): ${#cases[@]} test cases"
+    ((${#cases[@]} > 0)) || { summary+=("$(basename "$bin"): no test cases listed"); overall=1; }
     for name in "${cases[@]}"; do
+      # Each case in its own process (a sticky CUDA error cannot take the others with it);
       # doctest's filter splits at commas: select the case by its name up to the first comma.
       step "${name:0:60}" 90 bash -c 'set -o pipefail; "$1" --test-case="$2" --duration=true 2>&1 | tee -a "$3"' _ \
-        "$bin" "${name%%,*}*" "$out/test_cuda_kernels.log"
+        "$bin" "${name%%,*}*" "$out/cuda_tests.log"
     done
-    # A test that skipped everything checked nothing: say so, and fail where a GPU is visible.
-    if grep -q "no CUDA device: skipped" "$out/test_cuda_kernels.log"; then
-      if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
-        summary+=("$(printf '%-62s %-16s' "CUDA device" "NOT SEEN by CUDA: tests skipped")"); overall=1
-      else
-        summary+=("$(printf '%-62s %-16s' "CUDA device" "none: tests skipped")")
-      fi
+  done
+  # A test that skipped everything checked nothing: say so, and fail where a GPU is visible.
+  if grep -q "no CUDA device: skipped" "$out/cuda_tests.log"; then
+    if nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
+      summary+=("$(printf '%-62s %-16s' "CUDA device" "NOT SEEN by CUDA: tests skipped")"); overall=1
+    else
+      summary+=("$(printf '%-62s %-16s' "CUDA device" "none: tests skipped")")
     fi
   fi
-  if ((built_bench == 0)); then
-    step "run bench_cuda" 150 "$build/bench/bench_cuda" --benchmark_min_time=0.1 \
-      --benchmark_out="$out/bench_cuda.json" --benchmark_out_format=json
+  # foe_run --backend cuda on a random tiny model, next to the host backend (bf16 vs fp32: the
+  # generated tokens may differ late in the sequence; both must run).
+  if [[ -x $build/examples/foe_run ]]; then
+    step "foe_run --init foe-small" 60 "$build/examples/foe_run" --init foe-small --out "$build/foe-small" --seed 1
+    step "foe_run --backend host" 60 "$build/examples/foe_run" --model "$build/foe-small" --tokens 1,2,3,4,5 --max-new-tokens 8
+    step "foe_run --backend cuda" 60 "$build/examples/foe_run" --model "$build/foe-small" --backend cuda --tokens 1,2,3,4,5 --max-new-tokens 8
+    step "foe_run --backend cuda --gemm foe" 60 "$build/examples/foe_run" --model "$build/foe-small" --backend cuda --gemm foe --tokens 1,2,3,4,5 --max-new-tokens 8
   fi
+  for b in bench_cuda bench_cuda_attention bench_cuda_model; do
+    [[ -x $build/bench/$b ]] || continue
+    step "run $b" 120 "$build/bench/$b" --benchmark_min_time=0.1 \
+      --benchmark_out="$out/$b.json" --benchmark_out_format=json
+  done
 fi
 
 echo

@@ -126,31 +126,41 @@ namespace detail {
 }
 }  // namespace detail
 
-/// Groups the plan's rows by expert: experts[r] is row r's global expert id (the router output,
-/// flattened), and the local experts are [expert_begin, expert_begin + E). workspace holds
-/// plan.workspace_bytes() bytes (256-byte aligned). Stream-ordered, no host synchronisation.
-inline void permute(const PermutePlan& plan, const std::int32_t* experts, index_t expert_begin, void* workspace,
-                    const PermuteOutputs& out, cudaStream_t stream)
+/// Groups the first `rows` (<= plan.rows()) rows by expert: experts[r] is row r's global expert
+/// id (the router output, flattened), and the local experts are [expert_begin, expert_begin + E).
+/// workspace holds plan.workspace_bytes() bytes (256-byte aligned). Stream-ordered, no host
+/// synchronisation: a plan sized for the largest batch serves every smaller one.
+inline void permute(const PermutePlan& plan, index_t rows, const std::int32_t* experts, index_t expert_begin,
+                    void* workspace, const PermuteOutputs& out, cudaStream_t stream)
 {
-    const int rows = static_cast<int>(plan.rows()), e = static_cast<int>(plan.local_experts());
+    require(rows >= 0 && rows <= plan.rows(), "permute: ", rows, " rows exceed the plan's ", plan.rows());
+    const int n = static_cast<int>(rows), e = static_cast<int>(plan.local_experts());
     auto* base = static_cast<unsigned char*>(workspace);
     const std::size_t a = plan.array_bytes();
     auto* keys_in = reinterpret_cast<std::uint32_t*>(base);
     auto* keys_out = reinterpret_cast<std::uint32_t*>(base + a);
     auto* rows_in = reinterpret_cast<std::int32_t*>(base + 2 * a);
     void* temp = base + 3 * a;
-    if (rows > 0) {
-        permute_keys_kernel<<<detail::elementwise_blocks(rows), PermuteLaunch::block_threads, 0, stream>>>(
-            experts, rows, static_cast<int>(expert_begin), e, keys_in, rows_in);
+    if (n > 0) {
+        permute_keys_kernel<<<detail::elementwise_blocks(n), PermuteLaunch::block_threads, 0, stream>>>(
+            experts, n, static_cast<int>(expert_begin), e, keys_in, rows_in);
         check_launch("permute_keys_kernel");
+        // CUB's temporary storage does not grow when there are fewer items than the plan's.
         std::size_t temp_bytes = plan.sort_bytes();
-        check(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, rows_in, out.sorted_rows, rows, 0,
+        check(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, rows_in, out.sorted_rows, n, 0,
                                               plan.end_bit(), stream),
               "cub::DeviceRadixSort::SortPairs");
     }
-    permute_offsets_kernel<<<detail::elementwise_blocks(std::max(rows, e + 1)), PermuteLaunch::block_threads, 0, stream>>>(
-        keys_out, out.sorted_rows, rows, e, out.offsets, out.inverse);
+    permute_offsets_kernel<<<detail::elementwise_blocks(std::max(n, e + 1)), PermuteLaunch::block_threads, 0, stream>>>(
+        keys_out, out.sorted_rows, n, e, out.offsets, out.inverse);
     check_launch("permute_offsets_kernel");
+}
+
+/// permute() over all of the plan's rows.
+inline void permute(const PermutePlan& plan, const std::int32_t* experts, index_t expert_begin, void* workspace,
+                    const PermuteOutputs& out, cudaStream_t stream)
+{
+    permute(plan, plan.rows(), experts, expert_begin, workspace, out, stream);
 }
 
 /// out[i, :] = x[sorted_rows[i] / slots_per_token, :] for the first `count` sorted rows: the

@@ -1,0 +1,403 @@
+#pragma once
+// The CUDA backend of an FoE or standard-MoE transformer layer: the host FoeLayer / MoeLayer math
+// (foe/layer/foe_layer.hpp) with bf16 storage and fp32 accumulation, every step a stream-ordered
+// kernel over buffers planned once.
+//
+// For the held groups h and the batch's T tokens (MoE is the case H = 1):
+//   r[h]  = x[h] + o_h(Attn_h(RMSNorm(x[h])))   q/k/v GEMMs, QK-norm, RoPE, KV append, attention, o GEMM (beta 1)
+//   rf    = (1/H) sum_h r[h]                      stream mean, or fp32 partial sum + the caller's cross-rank reduce
+//   u     = RMSNorm(rf)
+//   route u inside every held group (top-k/H) or globally (MoE): fp32 logits GEMM + one warp per token
+//   x'[h] = rf + sum_{e chosen in h} w_e FFN_e(u)  permute (CUB), gather, grouped SwiGLU, deterministic combine
+//
+// What makes a decode step capturable in a CUDA graph: the kernels read the batch (positions,
+// slots, lengths) from device memory; every buffer comes from an arena sized by the LayerSpec;
+// the grouped expert GEMM reads the expert offsets on the device; nothing here synchronises with
+// the host or allocates. The attention policy, routing and experts are chosen from the config at
+// construction (the host backend composes them at compile time; on the device they are kernels
+// either way); the dense GEMM policy (cuBLASLt or foe's tensor-core kernel) is a template
+// parameter.
+
+#include <cstdint>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+#include "foe/core/config.hpp"
+#include "foe/core/error.hpp"
+#include "foe/core/half.hpp"
+#include "foe/cuda/arena.cuh"
+#include "foe/cuda/batch.cuh"
+#include "foe/cuda/check.cuh"
+#include "foe/cuda/combine.cuh"
+#include "foe/cuda/elementwise.cuh"
+#include "foe/cuda/gemm.cuh"
+#include "foe/cuda/grouped_swiglu.cuh"
+#include "foe/cuda/kv_cache.cuh"
+#include "foe/cuda/permute.cuh"
+#include "foe/cuda/prefill_attention.cuh"
+#include "foe/cuda/rmsnorm.cuh"
+#include "foe/cuda/rope.cuh"
+#include "foe/cuda/router.cuh"
+#include "foe/layer/layer_weights.hpp"
+
+namespace foe::cuda {
+
+/// Sums n fp32 device values in place over the ranks that hold the other expert groups
+/// (NcclComm::all_reduce_sum on the given stream). Empty when one rank holds every group.
+using DeviceReduce = std::function<void(float* values, std::size_t n, cudaStream_t stream)>;
+
+/// What a layer is planned for: its buffers hold `max_tokens` rows of a batch of at most
+/// `max_sequences` sequences, and its KV caches `cache_slots` sequences of `cache_capacity`
+/// positions. The held groups are [group_begin, group_end) (group_end -1: all).
+struct LayerSpec {
+    index_t max_tokens = 0;
+    index_t max_sequences = 1;
+    index_t cache_slots = 1;
+    index_t cache_capacity = 0;
+    index_t group_begin = 0;
+    index_t group_end = -1;
+};
+
+/// The scratch buffers of one layer's forward. Layers run one after another, so a model shares
+/// one LayerScratch among all of them.
+struct LayerScratch {
+    bfloat16* residual = nullptr;       ///< [held, T, d] r[h]
+    bfloat16* normed = nullptr;         ///< [T, d] RMSNorm of a group's stream
+    bfloat16* q = nullptr;              ///< [T, q width of a group]
+    bfloat16* k = nullptr;              ///< [T, kv width of a group]
+    bfloat16* v = nullptr;              ///< [T, kv width of a group]
+    bfloat16* attn = nullptr;           ///< [T, q width of a group]
+    float* synced32 = nullptr;          ///< [T, d] fp32 partial stream sum (cross-rank sync only)
+    bfloat16* synced = nullptr;         ///< [T, d] rf
+    bfloat16* u = nullptr;              ///< [T, d] RMSNorm(rf)
+    float* router_logits = nullptr;     ///< [T, E]
+    std::int32_t* sorted_rows = nullptr;  ///< [T slots]
+    std::int32_t* offsets = nullptr;    ///< [held experts + 1]
+    std::int32_t* inverse = nullptr;    ///< [T slots]
+    bfloat16* gathered = nullptr;       ///< [T slots, d]
+    bfloat16* expert_out = nullptr;     ///< [T slots, d]
+    void* permute_ws = nullptr;
+    void* attention_ws = nullptr;
+    void* experts_ws = nullptr;
+
+    /// Visits every buffer with its element count, in one fixed order: the plan adds the sizes,
+    /// the arena carves them, so the two cannot disagree.
+    template <class Visit>
+    void for_each_buffer(const ModelConfig& c, const LayerSpec& s, std::size_t permute_bytes, Visit&& visit)
+    {
+        const index_t held = (s.group_end < 0 ? c.groups() : s.group_end) - s.group_begin;
+        const auto t = static_cast<std::size_t>(s.max_tokens), d = static_cast<std::size_t>(c.hidden_size);
+        const auto slots = static_cast<std::size_t>(held * c.top_k_per_group());
+        const auto qw = static_cast<std::size_t>(c.q_heads_per_group() * c.head_dim);
+        const auto kw = static_cast<std::size_t>(c.kv_heads_per_group() * c.head_dim);
+        const auto held_experts = static_cast<std::size_t>(held * c.experts_per_group());
+        const AttentionShape shape{c.q_heads_per_group(), c.kv_heads_per_group(), c.head_dim, s.cache_capacity};
+        visit(residual, static_cast<std::size_t>(held) * t * d);
+        visit(normed, t * d);
+        visit(q, t * qw);
+        visit(k, t * kw);
+        visit(v, t * kw);
+        visit(attn, t * qw);
+        visit(synced32, t * d);
+        visit(synced, t * d);
+        visit(u, t * d);
+        visit(router_logits, t * static_cast<std::size_t>(c.num_experts));
+        visit(sorted_rows, t * slots);
+        visit(offsets, held_experts + 1);
+        visit(inverse, t * slots);
+        visit(gathered, t * slots * d);
+        visit(expert_out, t * slots * d);
+        visit_bytes(visit, permute_ws, permute_bytes);
+        visit_bytes(visit, attention_ws, attention_workspace_bytes(shape, s.max_sequences));
+        visit_bytes(visit, experts_ws,
+                    grouped_swiglu_workspace_bytes(static_cast<index_t>(t * slots), static_cast<index_t>(held_experts),
+                                                   c.intermediate_size));
+    }
+
+private:
+    template <class Visit>
+    static void visit_bytes(Visit& visit, void*& p, std::size_t bytes)
+    {
+        auto* bytes_ptr = static_cast<unsigned char*>(p);
+        visit(bytes_ptr, bytes);
+        p = bytes_ptr;
+    }
+};
+
+/// The device memory a layer's forward works in: a LayerScratch carved from one allocation, and
+/// the permutation plan sized for it. One per model (layers run one after another).
+class LayerWorkspace {
+public:
+    LayerWorkspace(const ModelConfig& c, const LayerSpec& spec)
+    {
+        const index_t held = (spec.group_end < 0 ? c.groups() : spec.group_end) - spec.group_begin;
+        require<InvalidArgument>(held > 0 && spec.max_tokens > 0, "layer workspace: ", held, " held groups and ",
+                                 spec.max_tokens, " tokens; both must be positive");
+        permute_plan_ = PermutePlan(spec.max_tokens * held * c.top_k_per_group(), held * c.experts_per_group());
+        ArenaPlan plan;
+        scratch_.for_each_buffer(c, spec, permute_plan_.workspace_bytes(), [&](auto*& p, std::size_t n) {
+            plan.add<std::remove_reference_t<decltype(*p)>>(n);
+        });
+        arena_ = DeviceArena(plan.bytes());
+        scratch_.for_each_buffer(c, spec, permute_plan_.workspace_bytes(), [&](auto*& p, std::size_t n) {
+            p = arena_.take<std::remove_reference_t<decltype(*p)>>(n);
+        });
+    }
+    [[nodiscard]] LayerScratch& scratch() noexcept { return scratch_; }
+    [[nodiscard]] const PermutePlan& permute_plan() const noexcept { return permute_plan_; }
+    [[nodiscard]] std::size_t bytes() const noexcept { return arena_.bytes(); }
+
+private:
+    PermutePlan permute_plan_{0, 1};
+    LayerScratch scratch_;
+    DeviceArena arena_;
+};
+
+/// One FoE (H >= 1) or MoE (H = 1) layer on the device: its weights (bf16), its held groups'
+/// KV caches, and the forward over a LayerScratch.
+template <DeviceGemmPolicy Gemm>
+class Layer {
+public:
+    /// Uploads the held groups' attention weights, the router and the held experts from the host
+    /// views (converted to bf16), and allocates the KV caches. Throws ConfigError for a config
+    /// the CUDA kernels cannot run, InvalidArgument for a bad spec.
+    Layer(const ModelConfig& config, const LayerWeights& weights, const LayerSpec& spec);
+
+    /// in: [in_streams, T, d] (in_streams 1: the embedding, shared by every group; or streams());
+    /// out: [streams(), T, d], T = batch.tokens <= spec.max_tokens. Appends the batch's keys and
+    /// values to the caches. `reduce` must be set exactly when other ranks hold groups.
+    void forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* in, index_t in_streams, bfloat16* out,
+                 LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream);
+
+    [[nodiscard]] index_t streams() const noexcept { return group_end_ - group_begin_; }
+    [[nodiscard]] index_t slots_per_token() const noexcept { return streams() * config_.top_k_per_group(); }
+    [[nodiscard]] index_t expert_begin() const noexcept { return group_begin_ * config_.experts_per_group(); }
+    [[nodiscard]] index_t held_experts() const noexcept { return streams() * config_.experts_per_group(); }
+    [[nodiscard]] index_t group_begin() const noexcept { return group_begin_; }
+    [[nodiscard]] std::size_t weight_bytes() const noexcept { return weights_.bytes(); }
+    [[nodiscard]] std::size_t cache_bytes() const noexcept { return cache_.bytes(); }
+    /// The last forward's routing: experts [T, slots] int32 and weights [T, slots] fp32 on the device.
+    [[nodiscard]] const std::int32_t* routed_experts() const noexcept { return routed_experts_; }
+    [[nodiscard]] const float* routed_weights() const noexcept { return routed_weights_; }
+
+private:
+    struct GroupWeights {
+        bfloat16 *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;  // [qw, d] [kw, d] [kw, d] [d, qw]
+        bfloat16 *kcache = nullptr, *vcache = nullptr;                      // [slots, kv, capacity, hd]
+    };
+
+    ModelConfig config_;
+    LayerSpec spec_;
+    index_t group_begin_, group_end_;
+    DeviceArena weights_, cache_;
+    bfloat16 *input_norm_ = nullptr, *post_norm_ = nullptr, *q_norm_ = nullptr, *k_norm_ = nullptr;
+    bfloat16* gate_ = nullptr;        // [E, d]
+    float* gate_bias_ = nullptr;      // [E], sigmoid only
+    bfloat16* gate_up_ = nullptr;     // [held experts, 2f, d]
+    bfloat16* down_ = nullptr;        // [held experts, d, f]
+    std::int32_t* routed_experts_ = nullptr;  // [max_tokens, slots]
+    float* routed_weights_ = nullptr;
+    std::vector<GroupWeights> groups_;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+namespace detail {
+
+/// Row-major bf16 copy of a (possibly strided) host matrix view.
+inline void append_bf16(std::vector<bfloat16>& out, MatrixView<const float> m)
+{
+    out.reserve(out.size() + static_cast<std::size_t>(m.extent(0) * m.extent(1)));
+    for (index_t i = 0; i < m.extent(0); ++i)
+        for (index_t j = 0; j < m.extent(1); ++j) out.push_back(bfloat16(m(i, j)));
+}
+inline void append_bf16(std::vector<bfloat16>& out, VectorView<const float> v)
+{
+    for (index_t i = 0; i < v.extent(0); ++i) out.push_back(bfloat16(v(i)));
+}
+
+/// Uploads a host vector into an arena buffer (synchronous: weights load once).
+template <class T>
+T* upload_to(DeviceArena& arena, const std::vector<T>& host)
+{
+    T* p = arena.take<T>(host.size());
+    if (!host.empty())
+        check(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy (weights)");
+    return p;
+}
+
+inline void require_device_config(const ModelConfig& c)
+{
+    c.validate();
+    require<ConfigError>(c.num_experts <= RouterLaunch::max_experts, "the CUDA router handles at most ",
+                         RouterLaunch::max_experts, " experts; the config has ", c.num_experts);
+    require<ConfigError>(c.head_dim % 2 == 0, "the CUDA RoPE needs an even head_dim, got ", c.head_dim);
+    require<ConfigError>(c.hidden_size % 8 == 0 && c.intermediate_size % 8 == 0 && c.head_dim % 8 == 0,
+                         "the CUDA GEMMs need hidden_size (", c.hidden_size, "), intermediate_size (",
+                         c.intermediate_size, ") and head_dim (", c.head_dim,
+                         ") to be multiples of 8 (16-byte bf16 rows)");
+}
+
+}  // namespace detail
+
+template <DeviceGemmPolicy Gemm>
+Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const LayerSpec& spec)
+    : config_(config), spec_(spec), group_begin_(spec.group_begin),
+      group_end_(spec.group_end < 0 ? config.groups() : spec.group_end)
+{
+    detail::require_device_config(config);
+    require<InvalidArgument>(0 <= group_begin_ && group_begin_ < group_end_ && group_end_ <= config.groups(),
+                             "held groups [", group_begin_, ", ", group_end_, ") are not a non-empty range inside [0, ",
+                             config.groups(), ")");
+    require<InvalidArgument>(spec.max_tokens > 0 && spec.max_sequences > 0 && spec.cache_slots > 0 &&
+                                 spec.cache_capacity > 0,
+                             "layer plan: max_tokens (", spec.max_tokens, "), max_sequences (", spec.max_sequences,
+                             "), cache_slots (", spec.cache_slots, ") and cache_capacity (", spec.cache_capacity,
+                             ") must be positive");
+    const index_t d = config.hidden_size, f = config.intermediate_size, hd = config.head_dim;
+    const index_t groups = config.groups(), held = streams();
+
+    // Everything the layer uploads, in bf16 on the host first (fp32 for the sigmoid bias).
+    std::vector<bfloat16> input_norm, post_norm, q_norm, k_norm, gate, gate_up, down;
+    detail::append_bf16(input_norm, w.input_norm);
+    detail::append_bf16(post_norm, w.post_norm);
+    if (config.qk_norm != QkNorm::none) {
+        detail::append_bf16(q_norm, w.q_norm);
+        detail::append_bf16(k_norm, w.k_norm);
+    }
+    detail::append_bf16(gate, w.gate);
+    std::vector<float> bias;
+    if (config.scoring_func == ScoreFunction::sigmoid)
+        for (index_t e = 0; e < w.gate_bias.extent(0); ++e) bias.push_back(w.gate_bias(e));
+    const auto experts = expert_range(
+        w, experts::ExpertsSpec{d, f, expert_begin(), expert_begin() + held_experts()});
+    for (const auto& e : experts) {
+        detail::append_bf16(gate_up, e.gate_proj);
+        detail::append_bf16(gate_up, e.up_proj);
+        detail::append_bf16(down, e.down_proj);
+    }
+    std::vector<std::vector<bfloat16>> q(static_cast<std::size_t>(held)), k(q.size()), v(q.size()), o(q.size());
+    for (index_t g = 0; g < held; ++g) {
+        const auto a = head_share_weights(config, w, group_begin_ + g, groups);
+        detail::append_bf16(q[static_cast<std::size_t>(g)], a.q_proj);
+        detail::append_bf16(k[static_cast<std::size_t>(g)], a.k_proj);
+        detail::append_bf16(v[static_cast<std::size_t>(g)], a.v_proj);
+        detail::append_bf16(o[static_cast<std::size_t>(g)], a.o_proj);
+    }
+    const auto slots_total = static_cast<std::size_t>(spec.max_tokens * slots_per_token());
+
+    ArenaPlan plan;
+    for (const auto* h : {&input_norm, &post_norm, &q_norm, &k_norm, &gate, &gate_up, &down})
+        plan.add<bfloat16>(h->size());
+    plan.add<float>(bias.size());
+    for (std::size_t g = 0; g < q.size(); ++g)
+        for (const auto* h : {&q[g], &k[g], &v[g], &o[g]}) plan.add<bfloat16>(h->size());
+    plan.add<std::int32_t>(slots_total);
+    plan.add<float>(slots_total);
+    weights_ = DeviceArena(plan.bytes());
+    input_norm_ = detail::upload_to(weights_, input_norm);
+    post_norm_ = detail::upload_to(weights_, post_norm);
+    q_norm_ = detail::upload_to(weights_, q_norm);
+    k_norm_ = detail::upload_to(weights_, k_norm);
+    gate_ = detail::upload_to(weights_, gate);
+    gate_up_ = detail::upload_to(weights_, gate_up);
+    down_ = detail::upload_to(weights_, down);
+    gate_bias_ = bias.empty() ? nullptr : detail::upload_to(weights_, bias);
+    groups_.resize(static_cast<std::size_t>(held));
+    for (std::size_t g = 0; g < q.size(); ++g) {
+        groups_[g].q = detail::upload_to(weights_, q[g]);
+        groups_[g].k = detail::upload_to(weights_, k[g]);
+        groups_[g].v = detail::upload_to(weights_, v[g]);
+        groups_[g].o = detail::upload_to(weights_, o[g]);
+    }
+    routed_experts_ = weights_.take<std::int32_t>(slots_total);
+    routed_weights_ = weights_.take<float>(slots_total);
+
+    // KV caches, head-major per group: [slots, kv heads of the group, capacity, head_dim].
+    const auto per_cache = static_cast<std::size_t>(spec.cache_slots * config.kv_heads_per_group() *
+                                                    spec.cache_capacity * hd);
+    ArenaPlan cache_plan;
+    for (index_t g = 0; g < 2 * held; ++g) cache_plan.add<bfloat16>(per_cache);
+    cache_ = DeviceArena(cache_plan.bytes());
+    for (auto& g : groups_) {
+        g.kcache = cache_.take<bfloat16>(per_cache);
+        g.vcache = cache_.take<bfloat16>(per_cache);
+    }
+}
+
+template <DeviceGemmPolicy Gemm>
+void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* in, index_t in_streams,
+                          bfloat16* out, LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream)
+{
+    LayerScratch& s = workspace.scratch();
+    const ModelConfig& c = config_;
+    const index_t t = batch.tokens, d = c.hidden_size, held = streams(), groups = c.groups();
+    const index_t qh = c.q_heads_per_group(), kvh = c.kv_heads_per_group(), hd = c.head_dim;
+    const index_t qw = qh * hd, kw = kvh * hd;
+    const auto eps = static_cast<float>(c.rms_norm_eps);
+    require(t <= spec_.max_tokens && batch.sequences <= spec_.max_sequences, "layer forward: ", t, " tokens in ",
+            batch.sequences, " sequences exceed the plan's ", spec_.max_tokens, " tokens and ", spec_.max_sequences,
+            " sequences");
+    require(in_streams == 1 || in_streams == held, "layer forward: ", in_streams, " input streams; it takes 1 or ",
+            held);
+    require(static_cast<bool>(reduce) == (held < groups), "layer forward: this rank holds ", held, " of ", groups,
+            " groups, so a cross-rank reduce must be given ", held < groups ? "" : "not ", "(got ",
+            reduce ? "one" : "none", ")");
+    if (t == 0) return;
+    const auto rows = static_cast<std::size_t>(t * d);
+    const AttentionShape shape{qh, kvh, hd, spec_.cache_capacity};
+
+    // r[h] = x[h] + o_h(Attn_h(RMSNorm(x[h]))), group by group.
+    for (index_t g = 0; g < held; ++g) {
+        const GroupWeights& gw = groups_[static_cast<std::size_t>(g)];
+        const bfloat16* x = in + (in_streams == 1 ? 0 : static_cast<std::size_t>(g) * rows);
+        bfloat16* r = s.residual + static_cast<std::size_t>(g) * rows;
+        rms_norm(x, input_norm_, s.normed, t, d, eps, stream);
+        gemm.nt(s.normed, gw.q, s.q, OutType::bf16, t, qw, d, stream, 0.0f);
+        gemm.nt(s.normed, gw.k, s.k, OutType::bf16, t, kw, d, stream, 0.0f);
+        gemm.nt(s.normed, gw.v, s.v, OutType::bf16, t, kw, d, stream, 0.0f);
+        if (c.qk_norm == QkNorm::per_head) {
+            rms_norm_qk(s.q, q_norm_, t, qh, hd, eps, stream);
+            rms_norm_qk(s.k, k_norm_, t, kvh, hd, eps, stream);
+        } else if (c.qk_norm == QkNorm::full_width) {  // one group holds every head (validated)
+            rms_norm(s.q, q_norm_, s.q, t, qw, eps, stream);
+            rms_norm(s.k, k_norm_, s.k, t, kw, eps, stream);
+        }
+        rope(s.q, batch.positions, t, qh, hd, c.rope_theta, stream);
+        rope(s.k, batch.positions, t, kvh, hd, c.rope_theta, stream);
+        append_kv(batch, s.k, s.v, kw, kvh, hd, spec_.cache_capacity, gw.kcache, gw.vcache, stream);
+        attention(shape, batch, s.q, qw, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
+        check(cudaMemcpyAsync(r, x, rows * sizeof(bfloat16), cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync (residual)");
+        gemm.nt(s.attn, gw.o, r, OutType::bf16, t, d, qw, stream, 1.0f);
+    }
+
+    // rf = (1/H) sum_h r[h]: on the device when this rank holds every group, else an fp32 partial
+    // sum reduced over the ranks by the caller's communicator.
+    const bfloat16* rf = s.residual;
+    if (reduce) {
+        stream_sum(s.residual, held, rows, s.synced32, stream);
+        reduce(s.synced32, rows, stream);
+        scale_round(s.synced32, rows, 1.0f / static_cast<float>(groups), s.synced, stream);
+        rf = s.synced;
+    } else if (groups > 1) {
+        stream_mean(s.residual, held, t, d, groups, s.synced, stream);
+        rf = s.synced;
+    }
+    rms_norm(rf, post_norm_, s.u, t, d, eps, stream);
+
+    // Route inside the held groups, group the rows by expert, run the experts, combine.
+    const index_t slots = slots_per_token();
+    gemm.nt(s.u, gate_, s.router_logits, OutType::fp32, t, c.num_experts, d, stream, 0.0f);
+    const RouterArgs args{c.scoring_func == ScoreFunction::sigmoid ? RouterScore::sigmoid : RouterScore::softmax,
+                          c.num_experts, groups, c.num_experts_per_tok, group_begin_, group_end_, c.norm_topk_prob};
+    route(args, s.router_logits, gate_bias_, t, routed_experts_, routed_weights_, stream);
+    permute(workspace.permute_plan(), t * slots, routed_experts_, expert_begin(), s.permute_ws,
+            PermuteOutputs{s.sorted_rows, s.offsets, s.inverse}, stream);
+    gather_rows(s.u, s.sorted_rows, t * slots, slots, d, s.gathered, stream);
+    grouped_swiglu(GroupedExpertWeights{gate_up_, down_, held_experts(), d, c.intermediate_size}, s.offsets,
+                   s.gathered, t * slots, s.experts_ws, s.expert_out, stream);
+    combine(s.expert_out, s.inverse, routed_weights_, rf, t, d, slots, c.top_k_per_group(), out, stream);
+}
+
+}  // namespace foe::cuda

@@ -1,0 +1,402 @@
+#pragma once
+// CudaModel: the whole FoE or MoE model on one GPU (or one rank's share of the groups, with a
+// cross-rank reduce), behind the same ModelInterface as the host model, so foe_run, generation
+// and the tests drive either backend.
+//
+//   foe::cuda::CudaModel<> model(weights, {.cache_slots = 4, .max_batch_tokens = 2048});
+//   foe::Tensor<float> logits = model.prefill(prompt);      // [prompt, vocab] on the host
+//   std::vector<float> next = model.decode(token);           // a replayed CUDA graph
+//
+// Memory is planned at construction from CudaModelOptions and reported by memory(): weights
+// (bf16), KV caches (bf16, head-major per group), and one scratch arena shared by the layers;
+// nothing is allocated afterwards. A forward copies the batch description (positions, slots,
+// token ids) from pinned host memory into fixed device buffers, enqueues every layer on the
+// model's stream, and copies the logits back. A decode step (every sequence one new token) is
+// captured once per batch size into a CUDA graph and replayed: the kernels read the batch from
+// those fixed buffers, so a replay with new tokens and positions needs no new capture.
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "foe/core/config.hpp"
+#include "foe/core/error.hpp"
+#include "foe/cuda/arena.cuh"
+#include "foe/cuda/batch.cuh"
+#include "foe/cuda/check.cuh"
+#include "foe/cuda/combine.cuh"
+#include "foe/cuda/elementwise.cuh"
+#include "foe/cuda/gemm.cuh"
+#include "foe/cuda/gemm_lt.cuh"
+#include "foe/cuda/layer.cuh"
+#include "foe/cuda/permute.cuh"
+#include "foe/cuda/rmsnorm.cuh"
+#include "foe/model/model.hpp"
+#include "foe/model/weights.hpp"
+
+namespace foe::cuda {
+
+struct CudaModelOptions {
+    index_t cache_slots = 1;       ///< sequences held at once
+    index_t cache_capacity = 0;    ///< positions per sequence; 0: max_position_embeddings
+    index_t max_batch_tokens = 0;  ///< largest batch.tokens() of one forward; 0: cache_capacity
+    index_t max_sequences = 0;     ///< largest batch.sequences(); 0: cache_slots
+    bool cuda_graphs = true;       ///< replay decode steps from captured CUDA graphs
+    int device = -1;               ///< CUDA device to use; -1: the current one
+    index_t group_begin = 0;       ///< held groups [group_begin, group_end) (a multi-rank FoE model)
+    index_t group_end = -1;        ///< -1: every group
+    /// Sums fp32 device values over the ranks holding the other groups; required exactly when
+    /// this model does not hold every group (bind NcclComm::all_reduce_sum).
+    DeviceReduce reduce_streams;
+    bool check_finite = false;     ///< throw NumericalError for a non-finite logit (checked on the host)
+};
+
+/// Device bytes a CudaModel holds, by purpose.
+struct CudaMemory {
+    std::size_t weights = 0, kv_cache = 0, scratch = 0;
+    [[nodiscard]] std::size_t total() const noexcept { return weights + kv_cache + scratch; }
+};
+
+template <DeviceGemmPolicy Gemm = LtGemm>
+class CudaModel final : public ModelInterface {
+public:
+    /// Uploads the weights (bf16) and plans every buffer. Throws ConfigError / InvalidArgument
+    /// for a config or options it cannot run, CudaError when the device is missing or full.
+    explicit CudaModel(std::shared_ptr<const ModelWeights> weights, CudaModelOptions options = {});
+    CudaModel(const CudaModel&) = delete;
+    CudaModel& operator=(const CudaModel&) = delete;
+    ~CudaModel() override;
+
+    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) override;
+    [[nodiscard]] const ModelConfig& config() const noexcept override { return config_; }
+    [[nodiscard]] index_t sequence_length(index_t slot) const override
+    {
+        require(slot >= 0 && slot < static_cast<index_t>(lengths_.size()), "slot ", slot, " is outside [0, ",
+                lengths_.size(), ")");
+        return lengths_[static_cast<std::size_t>(slot)];
+    }
+    [[nodiscard]] index_t cache_capacity() const noexcept override { return options_.cache_capacity; }
+    /// Downloads layer l's routing of the last forward (synchronises the model's stream).
+    [[nodiscard]] const routing::RoutingResult& last_routing(index_t layer) const override;
+
+    [[nodiscard]] CudaMemory memory() const noexcept { return memory_; }
+    [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+    [[nodiscard]] const CudaModelOptions& options() const noexcept { return options_; }
+    /// Decode graphs captured so far (one per decode batch size).
+    [[nodiscard]] std::size_t captured_graphs() const noexcept { return graphs_.size(); }
+
+private:
+    /// Enqueues embedding, layers, stream average, final norm and LM head for the batch staged
+    /// in the device batch buffers: the part of a forward a graph captures.
+    void enqueue_forward(const DeviceBatch& batch);
+    void stage(const Batch& batch, std::span<const std::int32_t> tokens);
+    [[nodiscard]] DeviceBatch device_batch(const Batch& batch) const noexcept;
+    void run_decode_graph(const DeviceBatch& batch);
+
+    /// Owns an instantiated graph.
+    struct GraphExec {
+        cudaGraphExec_t exec = nullptr;
+        GraphExec() = default;
+        explicit GraphExec(cudaGraphExec_t e) : exec(e) {}
+        GraphExec(GraphExec&& o) noexcept : exec(std::exchange(o.exec, nullptr)) {}
+        GraphExec& operator=(GraphExec&&) = delete;
+        GraphExec(const GraphExec&) = delete;
+        ~GraphExec()
+        {
+            if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
+        }
+    };
+
+    // Batch metadata: pinned staging and device buffers at fixed addresses. Sections (int32):
+    // row_offsets [S+1], slots [S], starts [S], lengths [S], token_slots [T], positions [T], ids [T].
+    enum Section { row_offsets, slots, starts, lengths, token_slots, positions, ids, section_count };
+    [[nodiscard]] std::size_t section_offset(Section s) const noexcept;
+
+    std::shared_ptr<const ModelWeights> host_weights_;
+    ModelConfig config_;
+    CudaModelOptions options_;
+    index_t held_;
+    std::vector<index_t> lengths_;
+    cudaStream_t stream_ = nullptr;
+    std::unique_ptr<Gemm> gemm_;
+    std::vector<std::unique_ptr<Layer<Gemm>>> layers_;
+    std::unique_ptr<LayerWorkspace> workspace_;
+    DeviceArena head_weights_, scratch_arena_;
+    bfloat16 *embed_ = nullptr, *final_norm_ = nullptr, *lm_head_ = nullptr;
+    bfloat16 *stream_a_ = nullptr, *stream_b_ = nullptr, *hidden_ = nullptr;  // [held, T, d] x2, [T, d]
+    float* hidden32_ = nullptr;                                                 // [T, d]
+    float* logits_ = nullptr;                                                   // [T, vocab]
+    std::int32_t* batch_device_ = nullptr;
+    PinnedBuffer<std::int32_t> batch_host_;
+    std::map<index_t, GraphExec> graphs_;
+    CudaMemory memory_;
+    mutable std::vector<routing::RoutingResult> routing_cache_;
+    index_t last_tokens_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+
+template <DeviceGemmPolicy Gemm>
+CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaModelOptions options)
+    : host_weights_(std::move(weights)), config_(host_weights_->config), options_(std::move(options))
+{
+    const ModelConfig& c = config_;
+    detail::require_device_config(c);
+    check_weights(*host_weights_);
+    auto& o = options_;
+    if (o.cache_capacity <= 0) o.cache_capacity = c.max_position_embeddings;
+    if (o.max_batch_tokens <= 0) o.max_batch_tokens = o.cache_capacity;
+    if (o.max_sequences <= 0) o.max_sequences = o.cache_slots;
+    if (o.group_end < 0) o.group_end = c.groups();
+    require<InvalidArgument>(o.cache_slots > 0, "cache_slots (", o.cache_slots, ") must be positive");
+    require<InvalidArgument>(o.cache_capacity <= c.max_position_embeddings, "cache_capacity (", o.cache_capacity,
+                             ") exceeds max_position_embeddings (", c.max_position_embeddings, ")");
+    require<InvalidArgument>(o.max_sequences <= o.cache_slots, "max_sequences (", o.max_sequences,
+                             ") exceeds cache_slots (", o.cache_slots, "): a batch holds each slot at most once");
+    require<InvalidArgument>(o.max_batch_tokens <= 0x7fffffff / std::max<index_t>(c.num_experts_per_tok, 1),
+                             "max_batch_tokens (", o.max_batch_tokens, ") times top-k exceeds int32 row indices");
+    require<InvalidArgument>(0 <= o.group_begin && o.group_begin < o.group_end && o.group_end <= c.groups(),
+                             "held groups [", o.group_begin, ", ", o.group_end, ") are not inside [0, ", c.groups(), ")");
+    held_ = o.group_end - o.group_begin;
+    require<InvalidArgument>(static_cast<bool>(o.reduce_streams) == (held_ < c.groups()), "this model holds ", held_,
+                             " of ", c.groups(), " groups: reduce_streams must be set exactly when other ranks hold "
+                             "groups");
+    lengths_.assign(static_cast<std::size_t>(o.cache_slots), 0);
+    if (o.device >= 0) check(cudaSetDevice(o.device), "cudaSetDevice");
+    require<CudaError>(cuda_device_count() > 0, "CudaModel: no CUDA device is available");
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    gemm_ = std::make_unique<Gemm>();
+
+    const LayerSpec spec{o.max_batch_tokens, o.max_sequences, o.cache_slots, o.cache_capacity, o.group_begin,
+                         o.group_end};
+    for (index_t l = 0; l < c.num_hidden_layers; ++l) {
+        layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*host_weights_, l), spec));
+        memory_.weights += layers_.back()->weight_bytes();
+        memory_.kv_cache += layers_.back()->cache_bytes();
+    }
+
+    // Embedding, final norm and LM head.
+    const index_t d = c.hidden_size, vocab = c.vocab_size;
+    std::vector<bfloat16> embed, norm, head;
+    detail::append_bf16(embed, host_weights_->at("model.embed_tokens.weight").view<2>());
+    detail::append_bf16(norm, host_weights_->at("model.norm.weight").view<1>());
+    if (!c.tie_word_embeddings) detail::append_bf16(head, host_weights_->at("lm_head.weight").view<2>());
+    ArenaPlan head_plan;
+    for (const auto* h : {&embed, &norm, &head}) head_plan.add<bfloat16>(h->size());
+    head_weights_ = DeviceArena(head_plan.bytes());
+    embed_ = detail::upload_to(head_weights_, embed);
+    final_norm_ = detail::upload_to(head_weights_, norm);
+    lm_head_ = c.tie_word_embeddings ? embed_ : detail::upload_to(head_weights_, head);
+    memory_.weights += head_weights_.bytes();
+
+    // Scratch: the layers' shared workspace; the ping-pong streams, the head's and the batch's.
+    const index_t t = o.max_batch_tokens;
+    workspace_ = std::make_unique<LayerWorkspace>(c, spec);
+    const auto td = static_cast<std::size_t>(t * d);
+    const std::size_t batch_ints = section_offset(section_count);
+    ArenaPlan plan;
+    plan.add<bfloat16>(static_cast<std::size_t>(held_) * td);
+    plan.add<bfloat16>(static_cast<std::size_t>(held_) * td);
+    plan.add<bfloat16>(td);
+    plan.add<float>(td);
+    plan.add<float>(static_cast<std::size_t>(t * vocab));
+    plan.add<std::int32_t>(batch_ints);
+    scratch_arena_ = DeviceArena(plan.bytes());
+    stream_a_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
+    stream_b_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
+    hidden_ = scratch_arena_.take<bfloat16>(td);
+    hidden32_ = scratch_arena_.take<float>(td);
+    logits_ = scratch_arena_.take<float>(static_cast<std::size_t>(t * vocab));
+    batch_device_ = scratch_arena_.take<std::int32_t>(batch_ints);
+    batch_host_ = PinnedBuffer<std::int32_t>(batch_ints);
+    memory_.scratch = workspace_->bytes() + scratch_arena_.bytes();
+    routing_cache_.resize(layers_.size());
+}
+
+template <DeviceGemmPolicy Gemm>
+CudaModel<Gemm>::~CudaModel()
+{
+    graphs_.clear();
+    if (stream_ != nullptr) {
+        (void)cudaStreamSynchronize(stream_);
+        (void)cudaStreamDestroy(stream_);
+    }
+}
+
+template <DeviceGemmPolicy Gemm>
+std::size_t CudaModel<Gemm>::section_offset(Section s) const noexcept
+{
+    const auto seqs = static_cast<std::size_t>(options_.max_sequences);
+    const auto toks = static_cast<std::size_t>(options_.max_batch_tokens);
+    const std::size_t sizes[section_count] = {seqs + 1, seqs, seqs, seqs, toks, toks, toks};
+    std::size_t off = 0;
+    for (int i = 0; i < static_cast<int>(s); ++i) off += sizes[i];
+    return off;
+}
+
+template <DeviceGemmPolicy Gemm>
+DeviceBatch CudaModel<Gemm>::device_batch(const Batch& batch) const noexcept
+{
+    auto at = [&](Section s) { return batch_device_ + section_offset(s); };
+    index_t longest = 0;
+    for (const auto& chunk : batch.chunks()) longest = std::max(longest, chunk.length);
+    return DeviceBatch{at(row_offsets), at(slots), at(starts), at(lengths), at(token_slots), at(positions),
+                       batch.sequences(), batch.tokens(), longest};
+}
+
+template <DeviceGemmPolicy Gemm>
+void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> tokens)
+{
+    // Writing the pinned staging area is safe: the previous forward synchronised before returning.
+    std::int32_t* h = batch_host_.data();
+    auto put = [&](Section s, std::size_t i, index_t value) { h[section_offset(s) + i] = static_cast<std::int32_t>(value); };
+    const auto& chunks = batch.chunks();
+    for (std::size_t b = 0; b < chunks.size(); ++b) {
+        put(row_offsets, b, batch.offset(static_cast<index_t>(b)));
+        put(slots, b, chunks[b].slot);
+        put(starts, b, chunks[b].start);
+        put(lengths, b, chunks[b].start + chunks[b].length);
+        for (index_t i = 0; i < chunks[b].length; ++i) {
+            const auto row = static_cast<std::size_t>(batch.offset(static_cast<index_t>(b)) + i);
+            put(token_slots, row, chunks[b].slot);
+            put(positions, row, chunks[b].start + i);
+            put(ids, row, tokens[row]);
+        }
+    }
+    put(row_offsets, chunks.size(), batch.tokens());
+    const std::size_t used[section_count] = {chunks.size() + 1, chunks.size(), chunks.size(), chunks.size(),
+                                             static_cast<std::size_t>(batch.tokens()),
+                                             static_cast<std::size_t>(batch.tokens()),
+                                             static_cast<std::size_t>(batch.tokens())};
+    for (int s = 0; s < section_count; ++s) {
+        const std::size_t off = section_offset(static_cast<Section>(s));
+        if (used[s] > 0)
+            check(cudaMemcpyAsync(batch_device_ + off, h + off, used[s] * sizeof(std::int32_t), cudaMemcpyHostToDevice,
+                                  stream_),
+                  "cudaMemcpyAsync (batch)");
+    }
+}
+
+template <DeviceGemmPolicy Gemm>
+void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch)
+{
+    const ModelConfig& c = config_;
+    const index_t t = batch.tokens, d = c.hidden_size;
+    const auto td = static_cast<std::size_t>(t * d);
+    embedding(embed_, batch_device_ + section_offset(ids), t, d, stream_a_, stream_);
+    bfloat16 *in = stream_a_, *out = stream_b_;
+    index_t in_streams = 1;
+    for (auto& layer : layers_) {
+        layer->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_);
+        std::swap(in, out);
+        in_streams = held_;
+    }
+    // Average the H streams (in order, then over the ranks holding the others), final norm, head.
+    if (options_.reduce_streams) {
+        stream_sum(in, held_, td, hidden32_, stream_);
+        options_.reduce_streams(hidden32_, td, stream_);
+        scale_round(hidden32_, td, 1.0f / static_cast<float>(c.groups()), hidden_, stream_);
+    } else {
+        stream_mean(in, held_, t, d, c.groups(), hidden_, stream_);
+    }
+    rms_norm(hidden_, final_norm_, hidden_, t, d, static_cast<float>(c.rms_norm_eps), stream_);
+    gemm_->nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_, 0.0f);
+}
+
+template <DeviceGemmPolicy Gemm>
+void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
+{
+    auto it = graphs_.find(batch.tokens);
+    if (it == graphs_.end()) {
+        cudaGraph_t graph = nullptr;
+        check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        try {
+            enqueue_forward(batch);
+        } catch (...) {
+            (void)cudaStreamEndCapture(stream_, &graph);  // leaves capture mode; the partial graph is dropped
+            if (graph != nullptr) (void)cudaGraphDestroy(graph);
+            throw;
+        }
+        check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
+        (void)cudaGraphDestroy(graph);
+        check(status, "cudaGraphInstantiate");
+        it = graphs_.emplace(batch.tokens, GraphExec(exec)).first;
+    }
+    check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
+}
+
+template <DeviceGemmPolicy Gemm>
+Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens)
+{
+    const ModelConfig& c = config_;
+    const index_t t = batch.tokens(), vocab = c.vocab_size;
+    require(static_cast<index_t>(tokens.size()) == t, "the batch has ", t, " tokens but ", tokens.size(),
+            " token ids were given");
+    batch.check_fits(static_cast<index_t>(lengths_.size()), options_.cache_capacity);
+    require<CapacityError>(t <= options_.max_batch_tokens, "the batch has ", t,
+                           " tokens; this CudaModel was planned for at most max_batch_tokens = ",
+                           options_.max_batch_tokens);
+    require<CapacityError>(batch.sequences() <= options_.max_sequences, "the batch has ", batch.sequences(),
+                           " sequences; this CudaModel was planned for at most max_sequences = ",
+                           options_.max_sequences);
+    for (const auto& chunk : batch.chunks())
+        require(chunk.start <= lengths_[static_cast<std::size_t>(chunk.slot)], "slot ", chunk.slot, " holds ",
+                lengths_[static_cast<std::size_t>(chunk.slot)], " positions; a chunk cannot start at position ",
+                chunk.start, " (positions in between would be missing)");
+    for (index_t i = 0; i < t; ++i) {
+        const std::int32_t id = tokens[static_cast<std::size_t>(i)];
+        require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
+                vocab, ")");
+    }
+    Tensor<float> logits({t, vocab});
+    if (t == 0) return logits;
+
+    stage(batch, tokens);
+    const DeviceBatch db = device_batch(batch);
+    if (options_.cuda_graphs && db.max_new_tokens == 1) run_decode_graph(db);
+    else enqueue_forward(db);
+    check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
+                          cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpyAsync (logits)");
+    check(cudaStreamSynchronize(stream_), "forward (cudaStreamSynchronize)");
+    if (options_.check_finite) ::foe::detail::check_finite(logits.span(), 1, t, vocab, batch, "the logits", "vocabulary entry");
+
+    for (const auto& chunk : batch.chunks()) lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
+    last_tokens_ = t;
+    for (auto& r : routing_cache_) r.tokens = -1;  // stale: downloaded again on request
+    return logits;
+}
+
+template <DeviceGemmPolicy Gemm>
+const routing::RoutingResult& CudaModel<Gemm>::last_routing(index_t layer) const
+{
+    require(layer >= 0 && layer < static_cast<index_t>(layers_.size()), "layer ", layer, " is outside [0, ",
+            layers_.size(), ")");
+    routing::RoutingResult& r = routing_cache_[static_cast<std::size_t>(layer)];
+    if (r.tokens == last_tokens_) return r;
+    const Layer<Gemm>& l = *layers_[static_cast<std::size_t>(layer)];
+    r.slots_per_token = l.slots_per_token();
+    r.slots_per_group = config_.top_k_per_group();
+    r.group_begin = l.group_begin();
+    const auto n = static_cast<std::size_t>(last_tokens_ * r.slots_per_token);
+    r.experts.resize(n);
+    r.weights.resize(n);
+    if (n > 0) {
+        check(cudaMemcpyAsync(r.experts.data(), l.routed_experts(), n * sizeof(std::int32_t), cudaMemcpyDeviceToHost,
+                              stream_),
+              "cudaMemcpyAsync (routing)");
+        check(cudaMemcpyAsync(r.weights.data(), l.routed_weights(), n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+              "cudaMemcpyAsync (routing)");
+        check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (routing)");
+    }
+    r.tokens = last_tokens_;
+    return r;
+}
+
+}  // namespace foe::cuda

@@ -1,0 +1,214 @@
+// The CUDA backend of the layers and the model against the host model on the same weights (the
+// host computes in fp32 on weights rounded to bf16, so the only difference is the device's bf16
+// activations): FoE with several H, both score functions, per-head and full-width QK-norm, the
+// standard MoE; both dense GEMM policies; decode against prefill; ragged batches; bit-identical
+// runs; a decode step replayed from a captured CUDA graph equal to the same step run eagerly; and
+// bad input. Without a CUDA device every test case says so and passes.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cuda_test_util.hpp"
+#include "foe/cuda/gemm_tc.cuh"
+#include "foe/cuda/model.cuh"
+#include "foe/model/host_model.hpp"
+
+using namespace foe::cuda::testing;
+using foe::Batch;
+using foe::ModelConfig;
+using foe::ModelWeights;
+
+namespace {
+
+/// Activations are bf16 on the device through every layer: a logit carries a few bf16 roundings
+/// (2^-8 relative each) per layer, and a routing decision between two nearly equal experts may
+/// flip. Measured as max |diff| / max |want| over all logits.
+constexpr double model_tolerance = 4e-2;
+
+/// A shape that takes the tensor-core attention path (head_dim 32) with GQA and H = 4 groups.
+ModelConfig small_config(foe::Architecture arch, foe::index_t groups, foe::ScoreFunction score, foe::QkNorm norm)
+{
+    ModelConfig c = foe::named_config(arch == foe::Architecture::foe ? "foe-small" : "moe-small");
+    c.hidden_size = 256;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 4;
+    c.head_dim = 32;
+    c.num_hidden_layers = 2;
+    c.num_experts = 16;
+    c.num_experts_per_tok = 4;
+    c.intermediate_size = 128;
+    c.vocab_size = 512;
+    c.max_position_embeddings = 256;
+    c.num_expert_groups = groups;
+    c.scoring_func = score;
+    c.qk_norm = norm;
+    c.validate();
+    return c;
+}
+
+/// Seeded random weights, every value rounded to bf16 (what the device holds).
+std::shared_ptr<const ModelWeights> bf16_weights(const ModelConfig& c, std::uint64_t seed)
+{
+    auto w = std::make_shared<ModelWeights>(foe::random_weights(c, seed));
+    for (auto& [name, t] : w->tensors)
+        for (float& v : t.values()) v = static_cast<float>(foe::bfloat16(v));
+    return w;
+}
+
+std::vector<std::int32_t> random_tokens(foe::index_t n, foe::index_t vocab, std::uint64_t seed)
+{
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(vocab - 1));
+    std::vector<std::int32_t> t(sz(n));
+    for (auto& v : t) v = d(rng);
+    return t;
+}
+
+template <class Gemm = fc::LtGemm>
+std::unique_ptr<fc::CudaModel<Gemm>> device_model(std::shared_ptr<const ModelWeights> w, bool graphs = true,
+                                                  foe::index_t slots = 2)
+{
+    fc::CudaModelOptions o;
+    o.cache_slots = slots;
+    o.cache_capacity = w->config.max_position_embeddings;
+    o.max_batch_tokens = 160;
+    o.cuda_graphs = graphs;
+    return std::make_unique<fc::CudaModel<Gemm>>(std::move(w), o);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: model prefill matches the host model on the same bf16 weights: FoE and MoE, policies and H")
+{
+    if (!have_device()) return;
+    using foe::Architecture;
+    using foe::QkNorm;
+    using foe::ScoreFunction;
+    struct Case {
+        Architecture arch;
+        foe::index_t groups;
+        ScoreFunction score;
+        QkNorm norm;
+    };
+    for (const Case k : {Case{Architecture::foe, 4, ScoreFunction::softmax, QkNorm::per_head},
+                         Case{Architecture::foe, 2, ScoreFunction::sigmoid, QkNorm::per_head},
+                         Case{Architecture::foe, 4, ScoreFunction::sigmoid, QkNorm::none},
+                         Case{Architecture::foe, 1, ScoreFunction::softmax, QkNorm::full_width},
+                         Case{Architecture::olmoe, 1, ScoreFunction::softmax, QkNorm::full_width}}) {
+        CAPTURE(k.groups);
+        CAPTURE(static_cast<int>(k.score));
+        CAPTURE(static_cast<int>(k.norm));
+        const auto w = bf16_weights(small_config(k.arch, k.groups, k.score, k.norm), 11);
+        const auto tokens = random_tokens(37, w->config.vocab_size, 3);
+        const auto host = foe::make_model(w);
+        const auto want = host->prefill(tokens);
+        auto dev = device_model(w);
+        const auto got = dev->prefill(tokens);
+        CHECK(rel_error(got.values(), want.values()) < model_tolerance);
+    }
+}
+
+TEST_CASE("cuda: the model with foe's own tensor-core GEMM matches the host model, and the cuBLASLt one")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 12);
+    const auto tokens = random_tokens(65, w->config.vocab_size, 4);
+    const auto want = foe::make_model(w)->prefill(tokens);
+    const auto tc = device_model<fc::TcGemm>(w)->prefill(tokens);
+    const auto lt = device_model<fc::LtGemm>(w)->prefill(tokens);
+    CHECK(rel_error(tc.values(), want.values()) < model_tolerance);
+    CHECK(rel_error(tc.values(), lt.values()) < model_tolerance);
+}
+
+TEST_CASE("cuda: the tiny test model (head_dim 8: the attention fallback path) matches the host model")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(foe::named_config("foe-tiny"), 13);
+    const auto tokens = random_tokens(20, w->config.vocab_size, 5);
+    const auto want = foe::make_model(w)->prefill(tokens);
+    fc::CudaModelOptions o;
+    o.max_batch_tokens = 32;
+    fc::CudaModel<> dev(w, o);
+    CHECK(rel_error(dev.prefill(tokens).values(), want.values()) < model_tolerance);
+}
+
+TEST_CASE("cuda: decoding after a prefill equals the prefill of the longer prompt at its last position")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 14);
+    const auto tokens = random_tokens(30, w->config.vocab_size, 6);
+    const foe::index_t vocab = w->config.vocab_size;
+    auto full = device_model(w)->prefill(tokens);
+    const std::vector<float> want(full.values().end() - vocab, full.values().end());
+    auto dev = device_model(w);
+    (void)dev->prefill(std::span(tokens).first(tokens.size() - 1));
+    const auto got = dev->decode(tokens.back());
+    CHECK(rel_error(got, want) < model_tolerance);
+    CHECK(dev->sequence_length(0) == static_cast<foe::index_t>(tokens.size()));
+}
+
+TEST_CASE("cuda: a ragged batch (one prefill, one decode) gives each sequence its own logits")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 15);
+    const foe::index_t vocab = w->config.vocab_size;
+    const auto a = random_tokens(9, vocab, 7), b = random_tokens(12, vocab, 8);
+    // The host model on the same batch is the oracle.
+    auto host = foe::make_model(w, foe::ModelOptions{2, 0, false});
+    auto dev = device_model(w);
+    (void)host->prefill(b, 1);
+    (void)dev->prefill(b, 1);
+    std::vector<std::int32_t> ids(a);
+    ids.push_back(b.front());
+    const Batch batch({foe::SequenceChunk{0, 0, 9}, foe::SequenceChunk{1, 12, 1}});
+    const auto want = host->forward(batch, ids);
+    const auto got = dev->forward(batch, ids);
+    CHECK(rel_error(got.values(), want.values()) < model_tolerance);
+}
+
+TEST_CASE("cuda: results are bit-identical run to run, and a graph-replayed decode equals the eager one")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::sigmoid,
+                                             foe::QkNorm::per_head), 16);
+    const auto prompt = random_tokens(17, w->config.vocab_size, 9);
+    auto graphed = device_model(w, true);
+    auto eager = device_model(w, false);
+    const auto p1 = graphed->prefill(prompt);
+    const auto p2 = eager->prefill(prompt);
+    CHECK(same_bits(p1.values(), p2.values()));
+    std::int32_t next = prompt.back();
+    for (int step = 0; step < 4; ++step) {
+        CAPTURE(step);
+        const auto g = graphed->decode(next);
+        const auto e = eager->decode(next);
+        CHECK(same_bits(g, e));
+        next = static_cast<std::int32_t>(std::max_element(g.begin(), g.end()) - g.begin());
+    }
+    CHECK(graphed->captured_graphs() == 1);  // one decode batch size: captured once, replayed
+    CHECK(eager->captured_graphs() == 0);
+}
+
+TEST_CASE("cuda: bad input is a typed error naming the value and the limit")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 17);
+    auto dev = device_model(w);
+    const std::vector<std::int32_t> bad{1, 2, static_cast<std::int32_t>(w->config.vocab_size)};
+    CHECK_THROWS_AS((void)dev->prefill(bad), foe::InvalidArgument);
+    CHECK(dev->sequence_length(0) == 0);
+    const auto long_prompt = random_tokens(161, w->config.vocab_size, 1);
+    CHECK_THROWS_WITH_AS((void)dev->prefill(long_prompt), doctest::Contains("max_batch_tokens = 160"),
+                         foe::CapacityError);
+    fc::CudaModelOptions o;
+    o.cache_capacity = w->config.max_position_embeddings + 1;
+    CHECK_THROWS_AS(fc::CudaModel<>(w, o), foe::InvalidArgument);
+}
