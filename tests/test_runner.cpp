@@ -210,10 +210,28 @@ TEST_CASE("foe_run: errors go to stderr with a non-zero exit status")
     CHECK(r.output.find("max_position_embeddings (64)") != std::string::npos);
 
     for (const char* usage : {"", "--tokens 1", "--model a --init b --out c", "--model m --tokens 1,x", "--bogus 1",
-                              "--init foe-tiny", "--model m --dtype f64"}) {
+                              "--init foe-tiny", "--model m --dtype f64", "--model m --backend tpu",
+                              "--model m --gemm foe", "--model m --backend cuda --gemm cutlass"}) {
         CAPTURE(usage);
         r = run(usage);
         CHECK(r.status == 2);
         CHECK(r.output.find("usage:") != std::string::npos);
     }
+}
+
+TEST_CASE("foe_run --backend cuda runs the model on a GPU, or says why it cannot")
+{
+    TempDir dir("runner-cuda");
+    REQUIRE(run("--init foe-tiny --out " + (dir.path / "m").string() + " --seed 5").status == 0);
+    const auto r = run("--model " + (dir.path / "m").string() + " --backend cuda --tokens 1,2,3 --max-new-tokens 3");
+    if (r.status == 0) {
+        // bf16 on the device against fp32 here: the format, not the tokens, is what must agree.
+        CHECK(r.output.starts_with("{\"prompt\": [1, 2, 3], \"generated\": ["));
+        return;
+    }
+    CHECK(r.status == 1);
+    const bool no_gpu = r.output.find("no CUDA device") != std::string::npos;
+    const bool no_cuda_build = r.output.find("built without CUDA") != std::string::npos;
+    CHECK_MESSAGE((no_gpu || no_cuda_build), r.output);
+    if (no_gpu) MESSAGE("no CUDA device: foe_run --backend cuda reported it, as it should");
 }

@@ -7,9 +7,12 @@
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
+#include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "cuda_test_util.hpp"
@@ -194,6 +197,65 @@ TEST_CASE("cuda: results are bit-identical run to run, and a graph-replayed deco
     }
     CHECK(graphed->captured_graphs() == 1);  // one decode batch size: captured once, replayed
     CHECK(eager->captured_graphs() == 0);
+}
+
+TEST_CASE("cuda: two models holding two of four groups each, summed through reduce_streams, equal one model holding all")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 18);
+    const auto tokens = random_tokens(23, w->config.vocab_size, 10);
+    const auto whole = device_model(w)->prefill(tokens);
+
+    // Two "ranks" as two threads on the one GPU, with a host-memory all-reduce as the hook (what
+    // NcclComm::all_reduce_sum does across GPUs): copy the partial sums out, wait for the other
+    // rank, add both in rank order, copy the sum back. A rank that fails drops out of the barrier
+    // so the other cannot wait for it forever; its missing part then fails the other's hook.
+    std::barrier sync(2);
+    std::vector<float> parts[2];
+    auto reduce_of = [&](int rank) {
+        return [&, rank](float* values, std::size_t n, cudaStream_t stream) {
+            parts[rank].resize(n);
+            fc::check(cudaMemcpyAsync(parts[rank].data(), values, n * sizeof(float), cudaMemcpyDeviceToHost, stream),
+                      "cudaMemcpyAsync");
+            fc::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+            sync.arrive_and_wait();
+            foe::require(parts[1 - rank].size() == n, "the other rank did not contribute");
+            std::vector<float> sum(n);
+            for (std::size_t i = 0; i < n; ++i) sum[i] = parts[0][i] + parts[1][i];
+            sync.arrive_and_wait();  // both have read both parts before either overwrites its own
+            fc::check(cudaMemcpyAsync(values, sum.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream),
+                      "cudaMemcpyAsync");
+            fc::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+        };
+    };
+    foe::Tensor<float> halves[2];
+    std::exception_ptr errors[2];
+    std::vector<std::thread> ranks;
+    for (int r = 0; r < 2; ++r)
+        ranks.emplace_back([&, r] {
+            try {
+                fc::CudaModelOptions o;
+                o.cache_capacity = w->config.max_position_embeddings;
+                o.max_batch_tokens = 64;
+                o.cuda_graphs = false;  // the hook synchronises with the host: not capturable
+                o.group_begin = 2 * r;
+                o.group_end = 2 * r + 2;
+                o.reduce_streams = reduce_of(r);
+                fc::CudaModel<> half(w, o);
+                halves[r] = half.prefill(tokens);
+            } catch (...) {
+                errors[r] = std::current_exception();
+                sync.arrive_and_drop();
+            }
+        });
+    for (auto& t : ranks) t.join();
+    for (auto& e : errors)
+        if (e) std::rethrow_exception(e);
+    CHECK(same_bits(halves[0].values(), halves[1].values()));
+    // The same sums in another order (two partial fp32 sums, then their sum): equal up to a rare
+    // one-ulp bf16 rounding difference.
+    CHECK(rel_error(halves[0].values(), whole.values()) < 1e-2);
 }
 
 TEST_CASE("cuda: bad input is a typed error naming the value and the limit")
