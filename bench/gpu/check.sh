@@ -61,10 +61,22 @@ fi
 doctest_dir=/usr/include
 [[ -f $carry/include/doctest/doctest.h ]] && doctest_dir=$carry/include
 
+# NCCL: in the CUDA toolkit, or else the nvidia-nccl wheel of the image's PyTorch.
+nccl_root=
+if [[ ! -f /usr/local/cuda/include/nccl.h ]]; then
+  nccl_root=$(python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0])' 2>/dev/null || true)
+  if [[ -n $nccl_root ]]; then
+    echo "NCCL from $nccl_root"
+    export LD_LIBRARY_PATH=$nccl_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  else
+    echo "NCCL: not found (the NcclComm test is not built)"
+  fi
+fi
+
 step configure 150 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DFOE_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DFOE_ENABLE_BLAS=OFF -DFOE_ENABLE_MPI=OFF \
   -DFOE_BUILD_EXAMPLES=ON -DFOE_BUILD_BENCHMARKS=$bench -DCMAKE_PREFIX_PATH="$carry" \
-  -DFOE_DOCTEST_INCLUDE_DIR="$doctest_dir"
+  -DFOE_DOCTEST_INCLUDE_DIR="$doctest_dir" ${nccl_root:+-DNCCL_ROOT="$nccl_root"}
 configured=$?
 
 if ((configured == 0)); then

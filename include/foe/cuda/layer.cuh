@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -30,6 +31,7 @@
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/combine.cuh"
+#include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/elementwise.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/grouped_swiglu.cuh"
@@ -129,7 +131,7 @@ private:
 /// the permutation plan sized for it. One per model (layers run one after another).
 class LayerWorkspace {
 public:
-    LayerWorkspace(const ModelConfig& c, const LayerSpec& spec)
+    LayerWorkspace(const ModelConfig& c, const LayerSpec& spec) : spec_(spec)
     {
         const index_t held = (spec.group_end < 0 ? c.groups() : spec.group_end) - spec.group_begin;
         require<InvalidArgument>(held > 0 && spec.max_tokens > 0, "layer workspace: ", held, " held groups and ",
@@ -147,8 +149,11 @@ public:
     [[nodiscard]] LayerScratch& scratch() noexcept { return scratch_; }
     [[nodiscard]] const PermutePlan& permute_plan() const noexcept { return permute_plan_; }
     [[nodiscard]] std::size_t bytes() const noexcept { return arena_.bytes(); }
+    /// What the buffers were sized for.
+    [[nodiscard]] const LayerSpec& spec() const noexcept { return spec_; }
 
 private:
+    LayerSpec spec_;
     PermutePlan permute_plan_{0, 1};
     LayerScratch scratch_;
     DeviceArena arena_;
@@ -233,6 +238,8 @@ inline void require_device_config(const ModelConfig& c)
     require<ConfigError>(c.num_experts <= RouterLaunch::max_experts, "the CUDA router handles at most ",
                          RouterLaunch::max_experts, " experts; the config has ", c.num_experts);
     require<ConfigError>(c.head_dim % 2 == 0, "the CUDA RoPE needs an even head_dim, got ", c.head_dim);
+    require<ConfigError>(c.head_dim <= DecodeAttentionLaunch::max_head_dim, "the CUDA attention handles head_dim up to ",
+                         DecodeAttentionLaunch::max_head_dim, ", got ", c.head_dim);
     require<ConfigError>(c.hidden_size % 8 == 0 && c.intermediate_size % 8 == 0 && c.head_dim % 8 == 0,
                          "the CUDA GEMMs need hidden_size (", c.hidden_size, "), intermediate_size (",
                          c.intermediate_size, ") and head_dim (", c.head_dim,
@@ -257,6 +264,32 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
                              ") must be positive");
     const index_t d = config.hidden_size, f = config.intermediate_size, hd = config.head_dim;
     const index_t groups = config.groups(), held = streams();
+    // The shapes this layer reads without further checks (the attention slices and experts are
+    // checked where they are taken).
+    auto require_vector = [](VectorView<const float> v, index_t n, const char* name) {
+        require<InvalidArgument>(v.extent(0) == n, name, " has ", v.extent(0), " elements, expected ", n);
+    };
+    require_vector(w.input_norm, d, "input_layernorm");
+    require_vector(w.post_norm, d, "post_attention_layernorm");
+    require<InvalidArgument>(w.gate.extent(0) == config.num_experts && w.gate.extent(1) == d, "mlp.gate is [",
+                             w.gate.extent(0), ", ", w.gate.extent(1), "], expected [", config.num_experts, ", ", d, "]");
+    auto require_matrix = [](MatrixView<const float> m, index_t rows, index_t cols, const std::string& name) {
+        require<InvalidArgument>(m.extent(0) == rows && m.extent(1) == cols, name, " is [", m.extent(0), ", ",
+                                 m.extent(1), "], expected [", rows, ", ", cols, "]");
+    };
+    require_matrix(w.q_proj, config.q_width(), d, "q_proj");
+    require_matrix(w.k_proj, config.kv_width(), d, "k_proj");
+    require_matrix(w.v_proj, config.kv_width(), d, "v_proj");
+    require_matrix(w.o_proj, d, config.q_width(), "o_proj");
+    if (config.scoring_func == ScoreFunction::sigmoid)
+        require_vector(w.gate_bias, config.num_experts, "mlp.gate.e_score_correction_bias");
+    if (config.qk_norm == QkNorm::per_head) {
+        require_vector(w.q_norm, hd, "q_norm");
+        require_vector(w.k_norm, hd, "k_norm");
+    } else if (config.qk_norm == QkNorm::full_width) {
+        require_vector(w.q_norm, config.q_width(), "q_norm");
+        require_vector(w.k_norm, config.kv_width(), "k_norm");
+    }
 
     // Everything the layer uploads, in bf16 on the host first (fp32 for the sigmoid bias).
     std::vector<bfloat16> input_norm, post_norm, q_norm, k_norm, gate, gate_up, down;
@@ -272,7 +305,12 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
         for (index_t e = 0; e < w.gate_bias.extent(0); ++e) bias.push_back(w.gate_bias(e));
     const auto experts = expert_range(
         w, experts::ExpertsSpec{d, f, expert_begin(), expert_begin() + held_experts()});
-    for (const auto& e : experts) {
+    for (std::size_t i = 0; i < experts.size(); ++i) {
+        const auto& e = experts[i];
+        const std::string name = ::foe::detail::concat("expert ", expert_begin() + static_cast<index_t>(i));
+        require_matrix(e.gate_proj, f, d, name + " gate_proj");
+        require_matrix(e.up_proj, f, d, name + " up_proj");
+        require_matrix(e.down_proj, d, f, name + " down_proj");
         detail::append_bf16(gate_up, e.gate_proj);
         detail::append_bf16(gate_up, e.up_proj);
         detail::append_bf16(down, e.down_proj);
@@ -331,6 +369,14 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
                           bfloat16* out, LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream)
 {
     LayerScratch& s = workspace.scratch();
+    const LayerSpec& ws = workspace.spec();
+    require(ws.max_tokens >= spec_.max_tokens && ws.max_sequences >= spec_.max_sequences &&
+                ws.cache_capacity >= spec_.cache_capacity && ws.group_begin == spec_.group_begin &&
+                (ws.group_end < 0 ? config_.groups() : ws.group_end) == group_end_,
+            "layer forward: the workspace was planned for ", ws.max_tokens, " tokens, ", ws.max_sequences,
+            " sequences, capacity ", ws.cache_capacity, " and groups [", ws.group_begin, ", ", ws.group_end,
+            "); the layer needs at least ", spec_.max_tokens, ", ", spec_.max_sequences, ", ", spec_.cache_capacity,
+            " and groups [", group_begin_, ", ", group_end_, ")");
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size, held = streams(), groups = c.groups();
     const index_t qh = c.q_heads_per_group(), kvh = c.kv_heads_per_group(), hd = c.head_dim;

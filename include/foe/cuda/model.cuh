@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <span>
 #include <utility>
@@ -35,6 +36,7 @@
 #include "foe/cuda/layer.cuh"
 #include "foe/cuda/permute.cuh"
 #include "foe/cuda/rmsnorm.cuh"
+#include "foe/cuda/stream.cuh"
 #include "foe/model/model.hpp"
 #include "foe/model/weights.hpp"
 
@@ -43,9 +45,15 @@ namespace foe::cuda {
 struct CudaModelOptions {
     index_t cache_slots = 1;       ///< sequences held at once
     index_t cache_capacity = 0;    ///< positions per sequence; 0: max_position_embeddings
-    index_t max_batch_tokens = 0;  ///< largest batch.tokens() of one forward; 0: cache_capacity
+    /// Largest batch.tokens() of one forward; 0: min(cache_capacity, 4096). It sizes every
+    /// activation buffer, the [tokens, vocab] fp32 logits among them (a longer prompt is a
+    /// CapacityError naming this option).
+    index_t max_batch_tokens = 0;
     index_t max_sequences = 0;     ///< largest batch.sequences(); 0: cache_slots
-    bool cuda_graphs = true;       ///< replay decode steps from captured CUDA graphs
+    /// Replay decode steps (every sequence of the batch one new token) from CUDA graphs, one
+    /// captured per batch size. A reduce_streams hook must then be capturable (NcclComm's
+    /// collectives are; a hook that synchronises with the host is not: turn graphs off).
+    bool cuda_graphs = true;
     int device = -1;               ///< CUDA device to use; -1: the current one
     index_t group_begin = 0;       ///< held groups [group_begin, group_end) (a multi-rank FoE model)
     index_t group_end = -1;        ///< -1: every group
@@ -55,7 +63,8 @@ struct CudaModelOptions {
     bool check_finite = false;     ///< throw NumericalError for a non-finite logit (checked on the host)
 };
 
-/// Device bytes a CudaModel holds, by purpose.
+/// Device bytes a CudaModel holds, by purpose (the GEMM policy's own workspace, 32 MiB for
+/// cuBLASLt, comes on top).
 struct CudaMemory {
     std::size_t weights = 0, kv_cache = 0, scratch = 0;
     [[nodiscard]] std::size_t total() const noexcept { return weights + kv_cache + scratch; }
@@ -84,7 +93,8 @@ public:
     [[nodiscard]] const routing::RoutingResult& last_routing(index_t layer) const override;
 
     [[nodiscard]] CudaMemory memory() const noexcept { return memory_; }
-    [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+    [[nodiscard]] cudaStream_t stream() const noexcept { return stream_->get(); }
+    [[nodiscard]] int device() const noexcept { return device_; }
     [[nodiscard]] const CudaModelOptions& options() const noexcept { return options_; }
     /// Decode graphs captured so far (one per decode batch size).
     [[nodiscard]] std::size_t captured_graphs() const noexcept { return graphs_.size(); }
@@ -116,12 +126,12 @@ private:
     enum Section { row_offsets, slots, starts, lengths, token_slots, positions, ids, section_count };
     [[nodiscard]] std::size_t section_offset(Section s) const noexcept;
 
-    std::shared_ptr<const ModelWeights> host_weights_;
     ModelConfig config_;
     CudaModelOptions options_;
     index_t held_;
     std::vector<index_t> lengths_;
-    cudaStream_t stream_ = nullptr;
+    int device_ = 0;
+    std::unique_ptr<Stream> stream_;
     std::unique_ptr<Gemm> gemm_;
     std::vector<std::unique_ptr<Layer<Gemm>>> layers_;
     std::unique_ptr<LayerWorkspace> workspace_;
@@ -133,6 +143,7 @@ private:
     std::int32_t* batch_device_ = nullptr;
     PinnedBuffer<std::int32_t> batch_host_;
     std::map<index_t, GraphExec> graphs_;
+    std::set<index_t> uncapturable_;  // decode sizes whose capture failed: run eagerly
     CudaMemory memory_;
     mutable std::vector<routing::RoutingResult> routing_cache_;
     index_t last_tokens_ = 0;
@@ -142,14 +153,14 @@ private:
 
 template <DeviceGemmPolicy Gemm>
 CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaModelOptions options)
-    : host_weights_(std::move(weights)), config_(host_weights_->config), options_(std::move(options))
+    : config_((require(weights != nullptr, "CudaModel: no weights"), weights->config)), options_(std::move(options))
 {
     const ModelConfig& c = config_;
     detail::require_device_config(c);
-    check_weights(*host_weights_);
+    check_weights(*weights);
     auto& o = options_;
     if (o.cache_capacity <= 0) o.cache_capacity = c.max_position_embeddings;
-    if (o.max_batch_tokens <= 0) o.max_batch_tokens = o.cache_capacity;
+    if (o.max_batch_tokens <= 0) o.max_batch_tokens = std::min<index_t>(o.cache_capacity, 4096);
     if (o.max_sequences <= 0) o.max_sequences = o.cache_slots;
     if (o.group_end < 0) o.group_end = c.groups();
     require<InvalidArgument>(o.cache_slots > 0, "cache_slots (", o.cache_slots, ") must be positive");
@@ -166,15 +177,19 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
                              " of ", c.groups(), " groups: reduce_streams must be set exactly when other ranks hold "
                              "groups");
     lengths_.assign(static_cast<std::size_t>(o.cache_slots), 0);
-    if (o.device >= 0) check(cudaSetDevice(o.device), "cudaSetDevice");
-    require<CudaError>(cuda_device_count() > 0, "CudaModel: no CUDA device is available");
-    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    const int devices = cuda_device_count();
+    require<CudaError>(devices > 0, "CudaModel: no CUDA device is available");
+    require<InvalidArgument>(o.device < devices, "CudaModel: device ", o.device, " requested but only ", devices,
+                             " CUDA device(s) are visible");
+    device_ = o.device >= 0 ? o.device : current_device();
+    const DeviceGuard on_device(device_);
+    stream_ = std::make_unique<Stream>();
     gemm_ = std::make_unique<Gemm>();
 
     const LayerSpec spec{o.max_batch_tokens, o.max_sequences, o.cache_slots, o.cache_capacity, o.group_begin,
                          o.group_end};
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
-        layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*host_weights_, l), spec));
+        layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*weights, l), spec));
         memory_.weights += layers_.back()->weight_bytes();
         memory_.kv_cache += layers_.back()->cache_bytes();
     }
@@ -182,9 +197,9 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     // Embedding, final norm and LM head.
     const index_t d = c.hidden_size, vocab = c.vocab_size;
     std::vector<bfloat16> embed, norm, head;
-    detail::append_bf16(embed, host_weights_->at("model.embed_tokens.weight").view<2>());
-    detail::append_bf16(norm, host_weights_->at("model.norm.weight").view<1>());
-    if (!c.tie_word_embeddings) detail::append_bf16(head, host_weights_->at("lm_head.weight").view<2>());
+    detail::append_bf16(embed, weights->at("model.embed_tokens.weight").view<2>());
+    detail::append_bf16(norm, weights->at("model.norm.weight").view<1>());
+    if (!c.tie_word_embeddings) detail::append_bf16(head, weights->at("lm_head.weight").view<2>());
     ArenaPlan head_plan;
     for (const auto* h : {&embed, &norm, &head}) head_plan.add<bfloat16>(h->size());
     head_weights_ = DeviceArena(head_plan.bytes());
@@ -215,15 +230,18 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     batch_host_ = PinnedBuffer<std::int32_t>(batch_ints);
     memory_.scratch = workspace_->bytes() + scratch_arena_.bytes();
     routing_cache_.resize(layers_.size());
+    // The fp32 host weights are not kept: everything the model reads is on the device now.
 }
 
 template <DeviceGemmPolicy Gemm>
 CudaModel<Gemm>::~CudaModel()
 {
-    graphs_.clear();
-    if (stream_ != nullptr) {
-        (void)cudaStreamSynchronize(stream_);
-        (void)cudaStreamDestroy(stream_);
+    // Work still in flight finishes before its graphs, buffers and stream go.
+    try {
+        const DeviceGuard on_device(device_);
+        if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_->get());
+        graphs_.clear();
+    } catch (const Error&) {  // the device is gone: what is left is freed as well as it can be
     }
 }
 
@@ -276,7 +294,7 @@ void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> to
         const std::size_t off = section_offset(static_cast<Section>(s));
         if (used[s] > 0)
             check(cudaMemcpyAsync(batch_device_ + off, h + off, used[s] * sizeof(std::int32_t), cudaMemcpyHostToDevice,
-                                  stream_),
+                                  stream_->get()),
                   "cudaMemcpyAsync (batch)");
     }
 }
@@ -287,48 +305,65 @@ void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch)
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size;
     const auto td = static_cast<std::size_t>(t * d);
-    embedding(embed_, batch_device_ + section_offset(ids), t, d, stream_a_, stream_);
+    embedding(embed_, batch_device_ + section_offset(ids), t, d, stream_a_, stream_->get());
     bfloat16 *in = stream_a_, *out = stream_b_;
     index_t in_streams = 1;
     for (auto& layer : layers_) {
-        layer->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_);
+        layer->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_->get());
         std::swap(in, out);
         in_streams = held_;
     }
     // Average the H streams (in order, then over the ranks holding the others), final norm, head.
     if (options_.reduce_streams) {
-        stream_sum(in, held_, td, hidden32_, stream_);
-        options_.reduce_streams(hidden32_, td, stream_);
-        scale_round(hidden32_, td, 1.0f / static_cast<float>(c.groups()), hidden_, stream_);
+        stream_sum(in, held_, td, hidden32_, stream_->get());
+        options_.reduce_streams(hidden32_, td, stream_->get());
+        scale_round(hidden32_, td, 1.0f / static_cast<float>(c.groups()), hidden_, stream_->get());
     } else {
-        stream_mean(in, held_, t, d, c.groups(), hidden_, stream_);
+        stream_mean(in, held_, t, d, c.groups(), hidden_, stream_->get());
     }
-    rms_norm(hidden_, final_norm_, hidden_, t, d, static_cast<float>(c.rms_norm_eps), stream_);
-    gemm_->nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_, 0.0f);
+    rms_norm(hidden_, final_norm_, hidden_, t, d, static_cast<float>(c.rms_norm_eps), stream_->get());
+    gemm_->nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_->get(), 0.0f);
 }
 
 template <DeviceGemmPolicy Gemm>
 void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
 {
+    // The graph bakes in every host-side argument of the decode step: the token count (= the
+    // sequence count) and the buffers' addresses. Positions, slots, lengths and token ids are
+    // read on the device, so one graph per batch size serves every later step of that size.
+    if (uncapturable_.contains(batch.tokens)) {
+        enqueue_forward(batch);
+        return;
+    }
     auto it = graphs_.find(batch.tokens);
     if (it == graphs_.end()) {
         cudaGraph_t graph = nullptr;
-        check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        check(cudaStreamBeginCapture(stream_->get(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
         try {
             enqueue_forward(batch);
         } catch (...) {
-            (void)cudaStreamEndCapture(stream_, &graph);  // leaves capture mode; the partial graph is dropped
+            (void)cudaStreamEndCapture(stream_->get(), &graph);  // leaves capture mode; the partial graph is dropped
             if (graph != nullptr) (void)cudaGraphDestroy(graph);
+            (void)cudaGetLastError();  // the invalidated capture's error must not surface in a later check
             throw;
         }
-        check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+        const cudaError_t ended = cudaStreamEndCapture(stream_->get(), &graph);
+        if (ended != cudaSuccess) {
+            // Something in the step cannot be captured (a reduce hook that synchronises with the
+            // host): run this size eagerly from now on, and this step too.
+            (void)cudaGetLastError();
+            if (graph != nullptr) (void)cudaGraphDestroy(graph);
+            uncapturable_.insert(batch.tokens);
+            enqueue_forward(batch);
+            return;
+        }
         cudaGraphExec_t exec = nullptr;
         const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
         (void)cudaGraphDestroy(graph);
         check(status, "cudaGraphInstantiate");
         it = graphs_.emplace(batch.tokens, GraphExec(exec)).first;
     }
-    check(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
+    check(cudaGraphLaunch(it->second.exec, stream_->get()), "cudaGraphLaunch");
 }
 
 template <DeviceGemmPolicy Gemm>
@@ -354,22 +389,34 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
         require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
                 vocab, ")");
     }
+    const DeviceGuard on_device(device_);
     Tensor<float> logits({t, vocab});
-    if (t == 0) return logits;
+    // From here the routing of the last forward is this one's, also if it fails part way.
+    last_tokens_ = t;
+    for (auto& r : routing_cache_) r.tokens = -1;  // downloaded again on request
+    auto commit_lengths = [&] {
+        for (const auto& chunk : batch.chunks())
+            lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
+    };
+    if (t == 0) {  // as on the host: an empty chunk still sets its slot's length
+        commit_lengths();
+        return logits;
+    }
 
     stage(batch, tokens);
     const DeviceBatch db = device_batch(batch);
-    if (options_.cuda_graphs && db.max_new_tokens == 1) run_decode_graph(db);
+    // A graph only for a pure decode step: every sequence exactly one token (a zero-length chunk
+    // would change the sequence count, which the graph bakes in).
+    const bool decode_step = db.max_new_tokens == 1 && batch.tokens() == batch.sequences();
+    if (options_.cuda_graphs && decode_step) run_decode_graph(db);
     else enqueue_forward(db);
     check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
-                          cudaMemcpyDeviceToHost, stream_),
+                          cudaMemcpyDeviceToHost, stream_->get()),
           "cudaMemcpyAsync (logits)");
-    check(cudaStreamSynchronize(stream_), "forward (cudaStreamSynchronize)");
+    check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
     if (options_.check_finite) ::foe::detail::check_finite(logits.span(), 1, t, vocab, batch, "the logits", "vocabulary entry");
 
-    for (const auto& chunk : batch.chunks()) lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
-    last_tokens_ = t;
-    for (auto& r : routing_cache_) r.tokens = -1;  // stale: downloaded again on request
+    commit_lengths();
     return logits;
 }
 
@@ -380,6 +427,7 @@ const routing::RoutingResult& CudaModel<Gemm>::last_routing(index_t layer) const
             layers_.size(), ")");
     routing::RoutingResult& r = routing_cache_[static_cast<std::size_t>(layer)];
     if (r.tokens == last_tokens_) return r;
+    const DeviceGuard on_device(device_);
     const Layer<Gemm>& l = *layers_[static_cast<std::size_t>(layer)];
     r.slots_per_token = l.slots_per_token();
     r.slots_per_group = config_.top_k_per_group();
@@ -389,11 +437,11 @@ const routing::RoutingResult& CudaModel<Gemm>::last_routing(index_t layer) const
     r.weights.resize(n);
     if (n > 0) {
         check(cudaMemcpyAsync(r.experts.data(), l.routed_experts(), n * sizeof(std::int32_t), cudaMemcpyDeviceToHost,
-                              stream_),
+                              stream_->get()),
               "cudaMemcpyAsync (routing)");
-        check(cudaMemcpyAsync(r.weights.data(), l.routed_weights(), n * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+        check(cudaMemcpyAsync(r.weights.data(), l.routed_weights(), n * sizeof(float), cudaMemcpyDeviceToHost, stream_->get()),
               "cudaMemcpyAsync (routing)");
-        check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (routing)");
+        check(cudaStreamSynchronize(stream_->get()), "cudaStreamSynchronize (routing)");
     }
     r.tokens = last_tokens_;
     return r;
