@@ -16,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/gemm_lt.cuh"
@@ -30,44 +31,8 @@ namespace fc = foe::cuda;
 
 namespace {
 
-/// A device buffer of n bf16 values uniform in [-scale, scale).
-fc::DeviceBuffer<bfloat16> random_device(std::size_t n, std::uint64_t seed, float scale)
-{
-    std::mt19937_64 rng(seed);
-    std::uniform_real_distribution<float> d(-scale, scale);
-    std::vector<bfloat16> h(n);
-    for (auto& v : h) v = bfloat16(d(rng));
-    return fc::upload(h);
-}
-
-/// Times fn() with CUDA events around it, one iteration per Google Benchmark iteration; returns
-/// the mean seconds per iteration (rates below use it, not the CPU time Google Benchmark's rate
-/// counters divide by).
-template <class Fn>
-double time_with_events(benchmark::State& state, Fn&& fn)
-{
-    cudaEvent_t start{}, stop{};
-    fc::check(cudaEventCreate(&start), "cudaEventCreate");
-    fc::check(cudaEventCreate(&stop), "cudaEventCreate");
-    fn();  // warm-up: first-call costs (cuBLASLt heuristics, module loading) stay out of the timing
-    fc::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    double total = 0.0;
-    std::int64_t iterations = 0;
-    for (auto _ : state) {
-        fc::check(cudaEventRecord(start, nullptr), "cudaEventRecord");
-        fn();
-        fc::check(cudaEventRecord(stop, nullptr), "cudaEventRecord");
-        fc::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-        float ms = 0.0f;
-        fc::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-        state.SetIterationTime(static_cast<double>(ms) * 1e-3);
-        total += static_cast<double>(ms) * 1e-3;
-        ++iterations;
-    }
-    (void)cudaEventDestroy(start);
-    (void)cudaEventDestroy(stop);
-    return iterations > 0 ? total / static_cast<double>(iterations) : 0.0;
-}
+using foe::cuda::bench::random_device;
+using foe::cuda::bench::time_with_events;
 
 /// Mean seconds of fn() over `iterations` back-to-back calls between two CUDA events, after one
 /// warm-up call: the rate of a second kernel measured inside another benchmark's run.

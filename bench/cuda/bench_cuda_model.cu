@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda_bench_util.hpp"
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/layer.cuh"
 #include "foe/cuda/model.cuh"
@@ -31,28 +32,6 @@ foe::ModelConfig layer_config(Arch arch, index_t layers)
     foe::ModelConfig c = foe::named_config(arch == Arch::foe ? "foe-1b" : "moe-1b");
     c.num_hidden_layers = layers;
     return c;
-}
-
-/// Seconds of fn() on the default stream of the device, by CUDA events, per iteration.
-template <class Fn>
-void time_on_device(benchmark::State& state, cudaStream_t stream, Fn&& fn)
-{
-    cudaEvent_t start{}, stop{};
-    fc::check(cudaEventCreate(&start), "cudaEventCreate");
-    fc::check(cudaEventCreate(&stop), "cudaEventCreate");
-    fn();  // warm-up: module loading, cuBLASLt heuristics, graph capture
-    fc::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    for (auto _ : state) {
-        fc::check(cudaEventRecord(start, stream), "cudaEventRecord");
-        fn();
-        fc::check(cudaEventRecord(stop, stream), "cudaEventRecord");
-        fc::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-        float ms = 0.0f;
-        fc::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-        state.SetIterationTime(static_cast<double>(ms) * 1e-3);
-    }
-    (void)cudaEventDestroy(start);
-    (void)cudaEventDestroy(stop);
 }
 
 /// The device description of one sequence of `tokens` new tokens at positions [0, tokens).
@@ -76,10 +55,7 @@ struct OneSequence {
 template <Arch A, class Gemm>
 void BM_LayerPrefill(benchmark::State& state)
 {
-    if (fc::cuda_device_count() == 0) {
-        state.SkipWithError("no CUDA device");
-        return;
-    }
+    if (fc::bench::skip_without_device(state)) return;
     const index_t t = state.range(0);
     const foe::ModelConfig c = layer_config(A, 1);
     const foe::ModelWeights w = foe::random_weights(c, 1);
@@ -94,7 +70,7 @@ void BM_LayerPrefill(benchmark::State& state)
     for (auto& v : x) v = bfloat16(dist(rng));
     auto in = fc::upload(x);
     fc::DeviceBuffer<bfloat16> out(static_cast<std::size_t>(layer.streams()) * x.size());
-    time_on_device(state, nullptr, [&] {
+    (void)fc::bench::time_with_events(state, [&] {
         layer.forward(gemm, seq.batch, in.data(), 1, out.data(), workspace, {}, nullptr);
     });
     state.counters["tokens"] = static_cast<double>(t);
@@ -106,10 +82,7 @@ void BM_LayerPrefill(benchmark::State& state)
 template <bool Graphs>
 void BM_ModelDecodeStep(benchmark::State& state)
 {
-    if (fc::cuda_device_count() == 0) {
-        state.SkipWithError("no CUDA device");
-        return;
-    }
+    if (fc::bench::skip_without_device(state)) return;
     const index_t sequences = state.range(0), context = 512;
     auto w = std::make_shared<const foe::ModelWeights>(foe::random_weights(layer_config(Arch::foe, 4), 3));
     fc::CudaModelOptions o;

@@ -1,7 +1,6 @@
 #pragma once
 // Helpers shared by foe's CUDA benchmark suites: random bf16 device data, CUDA-event timing
-// (manual time), the no-device skip and a TFLOP/s counter. (bench_cuda.cu still has its own
-// copies in an anonymous namespace; it can switch to these.)
+// (manual time), the no-device skip and a TFLOP/s counter.
 
 #include <benchmark/benchmark.h>
 

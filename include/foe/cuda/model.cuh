@@ -371,24 +371,13 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
 {
     const ModelConfig& c = config_;
     const index_t t = batch.tokens(), vocab = c.vocab_size;
-    require(static_cast<index_t>(tokens.size()) == t, "the batch has ", t, " tokens but ", tokens.size(),
-            " token ids were given");
-    batch.check_fits(static_cast<index_t>(lengths_.size()), options_.cache_capacity);
+    ::foe::detail::check_forward_input(batch, tokens, lengths_, options_.cache_capacity, vocab);
     require<CapacityError>(t <= options_.max_batch_tokens, "the batch has ", t,
                            " tokens; this CudaModel was planned for at most max_batch_tokens = ",
                            options_.max_batch_tokens);
     require<CapacityError>(batch.sequences() <= options_.max_sequences, "the batch has ", batch.sequences(),
                            " sequences; this CudaModel was planned for at most max_sequences = ",
                            options_.max_sequences);
-    for (const auto& chunk : batch.chunks())
-        require(chunk.start <= lengths_[static_cast<std::size_t>(chunk.slot)], "slot ", chunk.slot, " holds ",
-                lengths_[static_cast<std::size_t>(chunk.slot)], " positions; a chunk cannot start at position ",
-                chunk.start, " (positions in between would be missing)");
-    for (index_t i = 0; i < t; ++i) {
-        const std::int32_t id = tokens[static_cast<std::size_t>(i)];
-        require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
-                vocab, ")");
-    }
     const DeviceGuard on_device(device_);
     Tensor<float> logits({t, vocab});
     // From here the routing of the last forward is this one's, also if it fails part way.

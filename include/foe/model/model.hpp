@@ -139,6 +139,27 @@ private:
 
 namespace detail {
 
+/// What every backend's forward checks before it changes anything: one token id per row, each
+/// inside the vocabulary; every chunk in a slot of the cache, fitting its capacity, and starting
+/// at or before its slot's current length.
+inline void check_forward_input(const Batch& batch, std::span<const std::int32_t> tokens,
+                                std::span<const index_t> lengths, index_t capacity, index_t vocab)
+{
+    const index_t t = batch.tokens();
+    require(static_cast<index_t>(tokens.size()) == t, "the batch has ", t, " tokens but ", tokens.size(),
+            " token ids were given");
+    batch.check_fits(static_cast<index_t>(lengths.size()), capacity);
+    for (const auto& chunk : batch.chunks())
+        require(chunk.start <= lengths[static_cast<std::size_t>(chunk.slot)], "slot ", chunk.slot, " holds ",
+                lengths[static_cast<std::size_t>(chunk.slot)], " positions; a chunk cannot start at position ",
+                chunk.start, " (positions in between would be missing)");
+    for (index_t i = 0; i < t; ++i) {
+        const std::int32_t id = tokens[static_cast<std::size_t>(i)];
+        require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
+                vocab, ")");
+    }
+}
+
 /// ModelOptions::check_finite: throws NumericalError for the first non-finite value of
 /// `values`, [streams, rows, width] row-major, in token-row order (the earliest position of the
 /// batch first); `where` says what the values are ("the hidden state after layer 3").
@@ -208,18 +229,7 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
 {
     const ModelConfig& c = weights_->config;
     const index_t t = batch.tokens(), d = c.hidden_size, vocab = c.vocab_size;
-    require(static_cast<index_t>(tokens.size()) == t, "the batch has ", t, " tokens but ", tokens.size(),
-            " token ids were given");
-    batch.check_fits(static_cast<index_t>(lengths_.size()), capacity_);
-    for (const auto& chunk : batch.chunks())
-        require(chunk.start <= lengths_[static_cast<std::size_t>(chunk.slot)], "slot ", chunk.slot, " holds ",
-                lengths_[static_cast<std::size_t>(chunk.slot)], " positions; a chunk cannot start at position ",
-                chunk.start, " (positions in between would be missing)");
-    for (index_t i = 0; i < t; ++i) {
-        const std::int32_t id = tokens[static_cast<std::size_t>(i)];
-        require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
-                vocab, ")");
-    }
+    detail::check_forward_input(batch, tokens, lengths_, capacity_, vocab);
 
     // Embedding: one stream.
     const auto embed = weights_->at("model.embed_tokens.weight").view<2>();
