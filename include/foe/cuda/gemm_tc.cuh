@@ -377,6 +377,19 @@ struct TcDevice {
     return d;
 }
 
+/// Throws foe::CudaError when the code the device would run for `kernel` was compiled for an
+/// architecture below sm_80 (a build without an sm_80+ image JIT-compiles older PTX, where the
+/// tensor-core path is a trap): the device's compute capability alone does not tell.
+template <class Kernel>
+void require_tensor_core_image(Kernel* kernel, const char* who)
+{
+    cudaFuncAttributes attributes{};
+    check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+    require<CudaError>(attributes.ptxVersion >= 80, who, ": this program's code for the device was compiled for "
+                       "compute_", attributes.ptxVersion, "; the tensor-core kernels need 80 or newer (add 80 or 90a "
+                       "to CMAKE_CUDA_ARCHITECTURES)");
+}
+
 [[nodiscard]] inline bool aligned16(const void* p) noexcept { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <class Tile>
@@ -385,6 +398,7 @@ void launch_tc_gemm(const bfloat16* a, const bfloat16* b, void* c, OutType out, 
 {
     const index_t n_tiles = ceil_div(n, Tile::bn);
     require(n_tiles <= 65535, "TcGemm: N (", n, ") needs ", n_tiles, " column tiles, more than the grid's 65535");
+    require_tensor_core_image(tc_gemm_kernel<Tile>, "TcGemm");
     const dim3 grid(static_cast<unsigned>(ceil_div(m, Tile::bm)), static_cast<unsigned>(n_tiles));
     tc_gemm_kernel<Tile><<<grid, Tile::block_threads, 0, stream>>>(a, b, c, out == OutType::bf16, static_cast<int>(m),
                                                                    static_cast<int>(n), static_cast<int>(k), beta);

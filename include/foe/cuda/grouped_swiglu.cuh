@@ -266,6 +266,7 @@ void launch_grouped_swiglu(const GroupedExpertWeights& w, const std::int32_t* of
     // Upper bound of sum_e ceil(rows_e / BM): sum_e (rows_e / BM + 1) <= max_rows / BM + experts.
     const auto row_tiles = static_cast<unsigned>(ceil_div(max_rows, Tile::bm) + w.experts);
 
+    require_tensor_core_image(grouped_gate_up_kernel<Tile>, "grouped_swiglu");
     grouped_tile_starts_kernel<Tile><<<1, GroupedTileScanLaunch::block_threads, 0, stream>>>(offsets, e, rows, tile_start);
     check_launch("grouped_tile_starts_kernel");
     grouped_gate_up_kernel<Tile><<<dim3(row_tiles, static_cast<unsigned>(gate_up_tiles)), Tile::block_threads, 0, stream>>>(

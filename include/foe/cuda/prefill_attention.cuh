@@ -276,13 +276,16 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
         // Causal mask (only where some position of the tile exceeds the block's first row), by
         // assignment so that nothing computed from a masked position survives; then the scale.
         // Fragment element e of n-tile nt: row g (e < 2) or g + 8, position key0 + nt*8 + 2t + e%2.
-        const bool diagonal = key0 + BN - 1 > first_pos;
+        // Keys at or past kv_load (the slot's capacity) were zero-filled, not loaded: masked too,
+        // so a row past the capacity (a broken precondition) is not silently diluted.
+        const bool diagonal = key0 + BN - 1 > first_pos || key0 + BN > kv_load;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = key0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = diagonal && key > pos0 + (e >> 1) * 8 ? dp::neg_inf : s[nt][e] * scale_log2;
+                const bool masked = key > pos0 + (e >> 1) * 8 || key >= kv_load;
+                s[nt][e] = diagonal && masked ? dp::neg_inf : s[nt][e] * scale_log2;
             }
 
         // Online softmax: new row max over the quad's columns (fixed shuffle order), rescale.
