@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <set>
 #include <memory>
@@ -58,8 +59,17 @@ struct CudaModelOptions {
     index_t group_begin = 0;       ///< held groups [group_begin, group_end) (a multi-rank FoE model)
     index_t group_end = -1;        ///< -1: every group
     /// Sums fp32 device values over the ranks holding the other groups; required exactly when
-    /// this model does not hold every group (bind NcclComm::all_reduce_sum).
+    /// this model does not hold every group (bind NcclComm::all_reduce_sum). The communicator
+    /// must outlive the model: NCCL waits for the graphs that captured its collectives before it
+    /// destroys a communicator, so destroy the model first.
     DeviceReduce reduce_streams;
+    /// Waits for the model's stream at the end of a forward; empty: cudaStreamSynchronize. With a
+    /// cross-rank reduce bind NcclComm::synchronize, whose wait is bounded by the communicator's
+    /// timeout and notices a peer's failure: a dead peer is then a CommError, not a hang.
+    std::function<void(cudaStream_t)> synchronize;
+    /// Called after each replay of a decode graph is enqueued (bind NcclComm::watch, so that
+    /// the collectives inside the graph are watched like eager ones).
+    std::function<void(cudaStream_t)> after_graph_launch;
     bool check_finite = false;     ///< throw NumericalError for a non-finite logit (checked on the host)
 };
 
@@ -349,10 +359,14 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
         }
         const cudaError_t ended = cudaStreamEndCapture(stream_->get(), &graph);
         if (ended != cudaSuccess) {
-            // Something in the step cannot be captured (a reduce hook that synchronises with the
-            // host): run this size eagerly from now on, and this step too.
             (void)cudaGetLastError();
             if (graph != nullptr) (void)cudaGraphDestroy(graph);
+            // With collectives in the step every rank must capture alike (NCCL requires it): a
+            // rank cannot quietly fall back on its own, so that is an error for the caller.
+            require<CudaError>(!options_.reduce_streams, "CudaModel: capturing the decode step of ", batch.tokens,
+                               " tokens failed (", cudaGetErrorString(ended),
+                               "); with a cross-rank reduce, set cuda_graphs = false on every rank");
+            // Something in the step cannot be captured: run this size eagerly from now on.
             uncapturable_.insert(batch.tokens);
             enqueue_forward(batch);
             return;
@@ -364,6 +378,7 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
         it = graphs_.emplace(batch.tokens, GraphExec(exec)).first;
     }
     check(cudaGraphLaunch(it->second.exec, stream_->get()), "cudaGraphLaunch");
+    if (options_.after_graph_launch) options_.after_graph_launch(stream_->get());
 }
 
 template <DeviceGemmPolicy Gemm>
@@ -402,7 +417,8 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
                           cudaMemcpyDeviceToHost, stream_->get()),
           "cudaMemcpyAsync (logits)");
-    check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
+    if (options_.synchronize) options_.synchronize(stream_->get());
+    else check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
     if (options_.check_finite) ::foe::detail::check_finite(logits.span(), 1, t, vocab, batch, "the logits", "vocabulary entry");
 
     commit_lengths();
