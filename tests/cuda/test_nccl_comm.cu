@@ -1,18 +1,22 @@
 // foe::comm::NcclComm on one rank (one GPU is all a test machine has): every collective moves
 // what the Comm concept says into poisoned (0xff) buffers and writes nothing past them; split,
-// the file bootstrap, typed errors, and the watchdog: a stream that never completes ends in a
-// CommError after the timeout and an aborted communicator, never in a hang.
-// The cases that need no GPU (the file bootstrap of a rank whose file never appears, argument
-// checks, the empty communicator) run everywhere; the others say "no CUDA device: skipped".
+// the file bootstrap, typed errors, and the watchdog: a stream that never completes (a collective
+// queued behind a spinning kernel, synchronize(), work handed to watch()) ends in a CommError
+// after the timeout and an aborted communicator, never in a hang.
+// The cases that need no GPU (the file bootstrap of a rank whose file never appears or whose
+// device does not exist, the id file's temporary, argument checks, the empty communicator) run
+// everywhere; the others say "no CUDA device: skipped".
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <mutex>
 #include <random>
 #include <span>
@@ -180,6 +184,8 @@ fc::DeviceBuffer<T> upload_padded(const std::vector<T>& values, std::size_t pad,
 }
 
 /// all_reduce_sum over one rank: the buffer keeps its bits, the padding after it stays poisoned.
+/// (NCCL may well do nothing for an in-place reduction over one rank: this checks only that
+/// nothing is harmed; check_all_gather_copies checks that data moves.)
 template <class T, class C>
 void check_all_reduce_keeps(C& comm, const std::vector<T>& values, cudaStream_t stream)
 {
@@ -189,6 +195,33 @@ void check_all_reduce_keeps(C& comm, const std::vector<T>& values, cudaStream_t 
     auto got = fc::download(d, stream);
     CHECK(same_prefix(got, values, values.size()));
     CHECK(still_poisoned(got, values.size(), pad));
+}
+
+/// all_gather over one rank from one buffer into another, poisoned one: the block arrives with
+/// its bits (so the element size NCCL was given is right: a wrong one would copy too little or
+/// write into the padding) and nothing past it is written.
+template <class T, class C>
+void check_all_gather_copies(C& comm, const std::vector<T>& values, cudaStream_t stream)
+{
+    constexpr std::size_t pad = 17;
+    auto din = upload_padded(values, 0, stream);
+    fc::DeviceBuffer<T> dout(values.size() + pad);
+    fc::fill_bytes(dout, 0xff, stream);
+    comm.all_gather(std::span<const T>(din.data(), values.size()), std::span<T>(dout.data(), values.size()), stream);
+    comm.synchronize(stream);
+    const auto got = fc::download(dout, stream);
+    CHECK(same_prefix(got, values, values.size()));
+    CHECK(still_poisoned(got, values.size(), pad));
+}
+
+/// Random bf16 values with, at every third place, one that fp16 cannot hold (beyond its range,
+/// below its smallest subnormal): data that went through fp16 anywhere would change its bits.
+std::vector<bfloat16> bf16_beyond_fp16(std::size_t n, std::mt19937_64& rng)
+{
+    auto v = random_bf16(n, rng, -4.0f, 4.0f).bits;
+    const float extremes[] = {1.0e20f, -3.0e38f, 1.0e-30f, -7.5e-25f, 262144.0f, -1.0e9f};
+    for (std::size_t i = 0; i < n; i += 3) v[i] = bfloat16(extremes[(i / 3) % std::size(extremes)]);
+    return v;
 }
 
 }  // namespace
@@ -226,6 +259,42 @@ TEST_CASE("nccl: the file bootstrap of a rank > 0 whose file never appears throw
     CHECK(contains(wrong_message, "128"));
 }
 
+TEST_CASE("nccl: rank 0 of the file bootstrap publishes no id for a device it does not have")
+{
+    TempDir dir;
+    const auto path = dir.path / "job.ncclid";
+    const std::string message =
+        thrown_message<foe::InvalidArgument>([&] { (void)NcclComm::from_file(path, 0, 2, 1 << 20, NcclOptions{}); });
+    CAPTURE(message);
+    CHECK(contains(message, "device (1048576)"));
+    CHECK_FALSE(std::filesystem::exists(path));
+    CHECK_FALSE(std::filesystem::exists(dir.path / "job.ncclid.tmp"));
+}
+
+TEST_CASE("nccl: a unique-id file that cannot be renamed into place leaves no temporary file behind")
+{
+    TempDir dir;
+    // The target is a non-empty directory: the rename of the written temporary file onto it fails.
+    const auto occupied = dir.path / "occupied";
+    std::filesystem::create_directories(occupied / "inside");
+    ncclUniqueId id{};
+    for (int i = 0; i < NCCL_UNIQUE_ID_BYTES; ++i) id.internal[i] = static_cast<char>(i);
+    const std::string message =
+        thrown_message<foe::IoError>([&] { foe::comm::detail::write_nccl_id_file(occupied, id); });
+    CAPTURE(message);
+    CHECK(contains(message, "could not rename"));
+    CHECK_FALSE(std::filesystem::exists(dir.path / "occupied.tmp"));
+    CHECK(std::filesystem::is_directory(occupied / "inside"));  // untouched
+
+    // The good case: the file holds the id's bytes, and no temporary is left.
+    const auto good = dir.path / "good.ncclid";
+    foe::comm::detail::write_nccl_id_file(good, id);
+    CHECK(std::filesystem::file_size(good) == static_cast<std::uintmax_t>(NCCL_UNIQUE_ID_BYTES));
+    CHECK_FALSE(std::filesystem::exists(dir.path / "good.ncclid.tmp"));
+    const ncclUniqueId back = foe::comm::detail::read_nccl_id_file(good, 1, 2, 1000ms);
+    CHECK(std::memcmp(back.internal, id.internal, NCCL_UNIQUE_ID_BYTES) == 0);
+}
+
 TEST_CASE("nccl: bad ranks, sizes and options throw foe::InvalidArgument before touching CUDA or NCCL")
 {
     const ncclUniqueId id{};
@@ -244,6 +313,11 @@ TEST_CASE("nccl: bad ranks, sizes and options throw foe::InvalidArgument before 
     CHECK(contains(
         thrown_message<foe::InvalidArgument>([&] { (void)NcclComm::from_file("unused", 1, 2, 0, bad_bootstrap); }),
         "bootstrap_timeout (-5 ms)"));
+    NcclOptions bad_teardown;
+    bad_teardown.teardown_timeout = 0ms;
+    CHECK(contains(
+        thrown_message<foe::InvalidArgument>([&] { (void)NcclComm::from_unique_id(id, 0, 1, 0, bad_teardown); }),
+        "teardown_timeout (0 ms)"));
 }
 
 TEST_CASE("nccl: an empty communicator has no ranks and refuses collectives with CommError")
@@ -259,11 +333,12 @@ TEST_CASE("nccl: an empty communicator has no ranks and refuses collectives with
                    "empty communicator"));
     CHECK_THROWS_AS((void)empty.split(0, 0), foe::CommError);
     CHECK_THROWS_AS(empty.wait(), foe::CommError);
+    CHECK_THROWS_AS(empty.watch(nullptr, "graph"), foe::CommError);
 }
 
 // --- GPU ---------------------------------------------------------------------------------------
 
-TEST_CASE("nccl: all_reduce_sum on one rank keeps fp32 and bf16 buffers and writes nothing past them")
+TEST_CASE("nccl: all_reduce_sum on one rank keeps fp32 and bf16 buffers; all_gather copies them bit for bit")
 {
     if (!have_device()) return;
     auto comm = NcclComm::with_self(0);
@@ -275,8 +350,14 @@ TEST_CASE("nccl: all_reduce_sum on one rank keeps fp32 and bf16 buffers and writ
     std::mt19937_64 rng(21);
     for (std::size_t n : {std::size_t{1}, std::size_t{1000}, std::size_t{65537}}) {
         CAPTURE(n);
-        check_all_reduce_keeps(comm, random_floats(n, rng), stream);
-        check_all_reduce_keeps(comm, random_bf16(n, rng).bits, stream);
+        const auto floats = random_floats(n, rng);
+        const auto halves = bf16_beyond_fp16(n, rng);
+        // In place over one rank NCCL may do nothing: the values must merely survive...
+        check_all_reduce_keeps(comm, floats, stream);
+        check_all_reduce_keeps(comm, halves, stream);
+        // ...and the same communicator must move them between distinct buffers, as bf16.
+        check_all_gather_copies(comm, floats, stream);
+        check_all_gather_copies(comm, halves, stream);
     }
     comm.synchronize(stream);
     comm.wait();
@@ -462,34 +543,78 @@ TEST_CASE("nccl: the watchdog aborts a collective that does not complete in time
     options.timeout = 300ms;
     auto comm = NcclComm::with_self(0, options);
     Stream stream;
-    fc::DeviceBuffer<float> d(1024);
+    constexpr std::size_t n = 1024;
+    fc::DeviceBuffer<float> d(2 * n);
     fc::fill_bytes(d, 0, stream);
-    comm.all_reduce_sum(std::span<float>(d.data(), d.size()), stream);  // warm-up on a free stream
+    const std::vector<index_t> counts{static_cast<index_t>(n)};
+    const std::span<const float> in(d.data(), n);
+    const std::span<float> out(d.data() + n, n);
+    comm.all_to_all_v(in, counts, out, counts, stream);  // warm-up on a free stream (NCCL's lazy setup)
     comm.synchronize(stream);
     {
         StreamBlocker blocker(stream);
         const auto start = test_clock::now();
-        // Enqueued behind the spinning kernel: the watchdog times it out and wait() reports it.
-        // (Should NCCL's non-blocking launch itself wait for the stream, the call reports it.)
+        // A real NCCL send/receive queued behind the spinning kernel: the watchdog times it out,
+        // and its abort meets NCCL work that cannot run yet. wait() reports it without waiting for
+        // the abort. (Should NCCL's non-blocking launch itself wait for the stream, the call
+        // reports the timeout.)
         const std::string message = thrown_message<foe::CommError>([&] {
-            comm.all_reduce_sum(std::span<float>(d.data(), d.size()), stream);
+            comm.all_to_all_v(in, counts, out, counts, stream);
             comm.wait();
         });
         const auto waited = test_clock::now() - start;
         blocker.release();
         CAPTURE(message);
-        CHECK(contains(message, "all_reduce_sum"));
+        CHECK(contains(message, "all_to_all_v"));
         CHECK(contains(message, "300 ms"));
         CHECK(comm.aborted());
         CHECK(waited >= 300ms);
         CHECK(waited < 30s);
     }
+    const auto start = test_clock::now();
     const std::string later = thrown_message<foe::CommError>([&] {
         comm.all_gather(std::span<const float>(d.data(), 8), std::span<float>(d.data() + 8, 8), stream);
     });
     CAPTURE(later);
     CHECK(contains(later, "all_gather"));
-    CHECK(contains(later, "all_reduce_sum"));
+    CHECK(contains(later, "all_to_all_v"));
+    CHECK(test_clock::now() - start < 5s);  // refused at once, whatever the abort is doing
+}
+
+TEST_CASE("nccl: watch(stream, label) times out work the communicator did not enqueue and fails it")
+{
+    if (!have_device()) return;
+    NcclOptions options;
+    options.timeout = 300ms;
+    auto comm = NcclComm::with_self(0, options);
+    Stream stream;
+    comm.watch(stream, "an idle stream");  // completes at once
+    comm.wait();
+    CHECK_FALSE(comm.aborted());
+    {
+        StreamBlocker blocker(stream);
+        const auto start = test_clock::now();
+        // As after a cudaGraphLaunch whose replay does not complete.
+        const std::string message = thrown_message<foe::CommError>([&] {
+            comm.watch(stream, "decode graph replay");
+            comm.wait();
+        });
+        const auto waited = test_clock::now() - start;
+        blocker.release();
+        CAPTURE(message);
+        CHECK(contains(message, "decode graph replay"));
+        CHECK(contains(message, "300 ms"));
+        CHECK(contains(message, "rank 0 of 1"));
+        CHECK(comm.aborted());
+        CHECK(waited >= 300ms);
+        CHECK(waited < 30s);
+    }
+    fc::DeviceBuffer<float> d(4);
+    const std::string later = thrown_message<foe::CommError>(
+        [&] { comm.all_reduce_sum(std::span<float>(d.data(), d.size()), stream); });
+    CAPTURE(later);
+    CHECK(contains(later, "decode graph replay"));
+    CHECK_THROWS_AS(comm.watch(stream, "later"), foe::CommError);
 }
 
 TEST_CASE("nccl: abort(reason) fails the communicator and later calls quote the reason")

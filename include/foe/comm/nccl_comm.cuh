@@ -10,16 +10,36 @@
 //   one GPU      auto comm = NcclComm::with_self(0);
 // Then, for example, comm.all_reduce_sum(std::span<float>(d_ptr, n), stream); comm.synchronize(stream);
 //
-// Nothing waits forever. The communicator is non-blocking (NCCL's config.blocking = 0), so it can
-// be aborted at any point. A watchdog thread of the NcclComm watches every enqueued collective; one
-// that has not completed NcclOptions::timeout (default 5 min) after it was enqueued, or an
-// asynchronous NCCL error (a peer died, a network failure), makes it abort the communicator. The
-// next call (a collective, synchronize(), wait()) then throws foe::CommError naming the collective,
-// how long it waited and the timeout; aborted() turns true. synchronize(stream) and wait() wait
-// at most the same timeout. A failed communicator stays failed: make a new one (on every rank).
-// Every NCCL failure is a CommError naming the call, NCCL's error string, ncclGetLastError's text
-// and the rank, and fails the communicator the same way; a bad argument (count, span size) is a
-// foe::InvalidArgument naming the value, thrown before anything is enqueued.
+// Failures. The communicator is non-blocking (NCCL's config.blocking = 0), so that ncclCommAbort
+// can end any NCCL call. A watchdog thread of the NcclComm watches every enqueued collective (and
+// whatever watch(stream, label) is handed); one that has not completed NcclOptions::timeout
+// (default 5 min) after it was enqueued, or an asynchronous NCCL error (a peer died, a network
+// failure; polled all the time, also while nothing is watched), fails the communicator, and the
+// watchdog aborts it. The next call (a collective, synchronize(), wait()) then throws
+// foe::CommError quoting the first failure (the collective, how long it waited, the timeout);
+// aborted() turns true. A failed communicator stays failed: make a new one (on every rank).
+// Every NCCL failure is a CommError naming the call, NCCL's error string, the last NCCL error text
+// of this process and the rank, and fails the communicator the same way; a bad argument (count,
+// span size) is a foe::InvalidArgument naming the value, thrown before anything is enqueued.
+//
+// What is bounded: every wait of the calling thread. A collective call waits out NCCL's
+// non-blocking launch for at most options.timeout; synchronize() and wait() wait at most
+// options.timeout; creating and splitting at most options.bootstrap_timeout; the destructor at
+// most options.timeout (finalising) + options.teardown_timeout (destroying or aborting).
+// What is not: NCCL's own ncclCommAbort, ncclCommFinalize and ncclCommDestroy block, even for a
+// non-blocking communicator, until the device has drained NCCL's work, which may be never (a
+// kernel ahead of it on the stream that does not end, a CUDA graph that still holds collectives of
+// the communicator). NcclComm makes those calls only in threads of its own (the watchdog, or a
+// helper thread when creation fails); one that outlasts the caller's bound is detached, owning
+// everything it touches, and finishes (or stays blocked) on its own.
+//
+// CUDA graphs. A collective enqueued on a stream being captured runs when the graph is launched,
+// out of the watchdog's sight: after each cudaGraphLaunch of a graph that holds collectives of
+// this communicator, call watch(stream, label), so that the replay is covered by the timeout
+// (asynchronous NCCL errors are polled regardless). Destroy such graphs (or the model that owns
+// them) before the communicator: since NCCL 2.26 destroying a communicator waits for the graphs
+// that captured its collectives, so the destructor would give up after its bound and leave the
+// teardown blocked in a detached thread until the graphs are gone.
 //
 // Host code, but it needs <cuda_runtime.h> and <nccl.h>: link foe::nccl (CMake) and compile
 // with nvcc or a host compiler that sees the CUDA include directory.
@@ -38,7 +58,6 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -57,26 +76,36 @@ namespace foe::comm {
 /// Time limits and the watchdog's polling period of an NcclComm (and of the communicators split
 /// from it).
 struct NcclOptions {
-    /// How long a collective may take from being enqueued to completing (time spent queued behind
-    /// earlier work on its stream included), and how long synchronize() and wait() wait, before the
-    /// communicator is aborted and CommError thrown. Also bounds the destructor's finalisation.
+    /// How long a collective (or what watch() was handed) may take from being enqueued to
+    /// completing (time spent queued behind earlier work on its stream included), and how long
+    /// synchronize() and wait() wait, before the communicator fails and is aborted. Also how long
+    /// the destructor lets finalisation (flushing what is in flight) take.
     std::chrono::milliseconds timeout{std::chrono::minutes(5)};
     /// How long creating a communicator waits for the other ranks: the id file of from_file(),
     /// ncclCommInitRankConfig and ncclCommSplit.
     std::chrono::milliseconds bootstrap_timeout{std::chrono::minutes(5)};
-    /// How often the watchdog checks the collectives in flight (it sleeps while there are none).
+    /// How often the watchdog checks the collectives in flight and polls NCCL's asynchronous
+    /// error; while nothing is in flight, every 10 poll intervals (every one once collectives were
+    /// captured into CUDA graphs, whose replays it cannot see).
     std::chrono::microseconds poll_interval{1000};
+    /// How long the destructor waits, after finalising, for NCCL to destroy or abort the
+    /// communicator (and a failed creation for the abort of the half-made one). NCCL's destroy and
+    /// abort block until the device has drained NCCL's work; past this bound the caller goes on
+    /// and a detached thread finishes the teardown. (Last, so that positional initialisations
+    /// written before it existed keep their meaning.)
+    std::chrono::milliseconds teardown_timeout{std::chrono::seconds(30)};
 };
 
 namespace detail {
 class NcclState;
 }
 
-/// One rank's NCCL communicator. Move-only; the destructor finalises and destroys the NCCL
-/// communicator (bounded by options.timeout), or aborts it when it has failed or when the
-/// destructor runs during stack unwinding. Destroy communicators in the same order on every rank
-/// (finalising may wait for the peers' side of the communicator), as objects of automatic storage
-/// are by themselves.
+/// One rank's NCCL communicator. Move-only. The destructor finalises and destroys the NCCL
+/// communicator, or aborts it when it has failed or finalising took longer than options.timeout;
+/// it waits at most options.timeout + options.teardown_timeout (see the file comment for what
+/// may go on afterwards). Destroy communicators in the same order on every rank (finalising waits
+/// for the peers' side of the communicator), as objects of automatic storage are by themselves,
+/// and after every CUDA graph that captured their collectives.
 ///
 /// One thread at a time calls a given NcclComm (as with NCCL itself); its watchdog thread is
 /// internal. Collectives are stream-ordered: they return once NCCL has enqueued the work on
@@ -97,8 +126,9 @@ public:
     /// As from_unique_id, with the id passed through a file that every rank can see: rank 0
     /// writes it atomically (temporary file, then rename), the others wait for it at most
     /// options.bootstrap_timeout, before touching CUDA or NCCL. Rank 0 removes the file once the
-    /// communicator is up (every rank has joined, so every rank has read it). A file left by an
-    /// earlier job under the same path would be read as this job's: use a fresh path per job.
+    /// communicator is up (every rank has joined, so every rank has read it) or its own joining
+    /// has failed. A file left by an earlier job under the same path would be read as this job's:
+    /// use a fresh path per job.
     [[nodiscard]] static NcclComm from_file(const std::filesystem::path& path, int rank, int size, int device,
                                             NcclOptions options = {});
     /// The one-rank communicator on `device`.
@@ -107,6 +137,7 @@ public:
     [[nodiscard]] static ncclUniqueId make_unique_id();
 
     NcclComm(NcclComm&& other) noexcept;
+    /// Tears down the communicator held before (as the destructor does), then takes other's.
     NcclComm& operator=(NcclComm&& other) noexcept;
     NcclComm(const NcclComm&) = delete;
     NcclComm& operator=(const NcclComm&) = delete;
@@ -140,17 +171,30 @@ public:
     /// Collective (ncclCommSplit): the ranks that pass the same non-negative color form a new
     /// communicator, ordered by key (ties by rank here). A negative color takes this rank out:
     /// it still has to call split, and gets an empty NcclComm (NCCL_SPLIT_NOCOLOR). The new
-    /// communicator has this one's device and options. Waits at most options.bootstrap_timeout.
+    /// communicator has this one's device and options. Waits at most options.bootstrap_timeout;
+    /// a split that fails or times out fails this communicator too (the ranks no longer agree on
+    /// its sequence of calls).
     [[nodiscard]] NcclComm split(int color, int key) const;
 
     /// Waits until the work enqueued on `stream` so far has completed, polling (cudaStreamQuery)
-    /// for at most options.timeout; past it the communicator is aborted and CommError thrown.
-    /// Throws CommError as soon as the watchdog has aborted the communicator, and after a
-    /// successful wait too if it did meanwhile (the results are then not to be trusted).
+    /// for at most options.timeout; past it the communicator fails (aborted, CommError thrown).
+    /// A CUDA error reported by the stream, or an asynchronous NCCL error seen once the stream has
+    /// completed, fails it too. Throws CommError as soon as the watchdog has failed the
+    /// communicator, and after a successful wait too if it did meanwhile (the results are then not
+    /// to be trusted).
     void synchronize(cudaStream_t stream);
-    /// Waits until every collective enqueued on this communicator so far has completed (on
-    /// whatever stream); throws the watchdog's CommError if one timed out or NCCL failed.
+    /// Waits until every collective enqueued on this communicator so far, and whatever watch() was
+    /// handed, has completed (on whatever stream); throws the watchdog's CommError if one timed out
+    /// or NCCL failed. Collectives captured into CUDA graphs are not covered: call watch() after
+    /// launching the graph.
     void wait();
+    /// Watches the work enqueued on `stream` so far as if it were a collective: typically called
+    /// right after a cudaGraphLaunch of a graph that holds collectives of this communicator. If it
+    /// has not completed within options.timeout, the communicator fails (as for a collective: the
+    /// watchdog aborts it, wait() and later calls throw CommError naming `label`); wait() waits
+    /// for it. On a stream being captured it does nothing (watch the launch of the graph instead).
+    /// A failure to record the CUDA event that it watches fails the communicator.
+    void watch(cudaStream_t stream, std::string_view label);
     /// True once the communicator has failed: it is aborted (or being aborted by the watchdog)
     /// and every later call throws CommError.
     [[nodiscard]] bool aborted() const noexcept;
@@ -160,10 +204,14 @@ public:
     void abort(std::string_view reason);
 
 private:
-    explicit NcclComm(std::unique_ptr<detail::NcclState> state) noexcept;
+    explicit NcclComm(std::shared_ptr<detail::NcclState> state) noexcept;
     [[nodiscard]] detail::NcclState& state(const char* op) const;
+    /// Tears down the held communicator (the destructor's work); empty afterwards.
+    void close() noexcept;
 
-    std::unique_ptr<detail::NcclState> state_;
+    /// Shared with the watchdog thread, which keeps it alive should the destructor stop waiting
+    /// for the teardown; only this object calls it otherwise.
+    std::shared_ptr<detail::NcclState> state_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -178,6 +226,20 @@ using nccl_clock = std::chrono::steady_clock;
     return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
 }
 
+/// a + b, each capped at a year first: a bound for condition-variable waits that cannot overflow
+/// whatever the options hold.
+[[nodiscard]] inline std::chrono::milliseconds nccl_capped_sum(std::chrono::milliseconds a,
+                                                               std::chrono::milliseconds b) noexcept
+{
+    constexpr std::chrono::milliseconds cap = std::chrono::hours(24 * 365);
+    return std::min(a, cap) + std::min(b, cap);
+}
+
+/// The failure recorded when the watchdog itself failed (out of memory building a message, a
+/// failed lock): fixed, so that recording it needs nothing that can fail.
+inline constexpr std::string_view nccl_watchdog_failure =
+    "the NcclComm watchdog failed (out of memory or a failed lock) and aborted the communicator";
+
 /// Throws foe::CudaError for a failed CUDA runtime call (clearing a non-sticky error first, as
 /// foe::cuda::check does; this header does not include check.cuh, which needs nvcc).
 inline void nccl_cuda_check(cudaError_t status, const char* call)
@@ -186,6 +248,26 @@ inline void nccl_cuda_check(cudaError_t status, const char* call)
     (void)cudaGetLastError();
     throw CudaError(::foe::detail::concat(call, " failed: ", cudaGetErrorName(status), " (",
                                           cudaGetErrorString(status), ")"));
+}
+
+/// True for the errors of a call that a stream capture got in the way of (the call did not fail
+/// on its own account).
+[[nodiscard]] constexpr bool nccl_capture_error(cudaError_t status) noexcept
+{
+    switch (status) {
+    case cudaErrorStreamCaptureUnsupported:
+    case cudaErrorStreamCaptureInvalidated:
+    case cudaErrorStreamCaptureMerge:
+    case cudaErrorStreamCaptureUnmatched:
+    case cudaErrorStreamCaptureUnjoined:
+    case cudaErrorStreamCaptureIsolation:
+    case cudaErrorStreamCaptureImplicit:
+    case cudaErrorCapturedEvent:
+    case cudaErrorStreamCaptureWrongThread:
+        return true;
+    default:
+        return false;
+    }
 }
 
 /// Makes `device` current for the scope, then restores the previous device.
@@ -225,14 +307,17 @@ inline void nccl_relax(nccl_clock::duration waited, std::chrono::microseconds po
     return ::foe::detail::concat("rank ", rank, " of ", size, " (device ", device, ")");
 }
 
-/// "ncclAllReduce failed on rank 0 of 2 (device 0): unhandled system error: <last error text>"
+/// "ncclAllReduce failed on rank 0 of 2 (device 0): unhandled system error (last NCCL error in
+/// this process: <text>)". ncclGetLastError's text is process-wide (NCCL ignores its argument):
+/// with several communicators it may be another one's.
 [[nodiscard]] inline std::string nccl_failure(const char* call, ncclResult_t result, ncclComm_t comm,
                                               std::string_view where)
 {
     const char* last = ncclGetLastError(comm);
+    const bool has_last = last != nullptr && *last != '\0';
     return ::foe::detail::concat(call, " failed on ", where, ": ", ncclGetErrorString(result),
-                                 (last != nullptr && *last != '\0') ? " (" : "",
-                                 last != nullptr ? last : "", (last != nullptr && *last != '\0') ? ")" : "");
+                                 has_last ? " (last NCCL error in this process: " : "", has_last ? last : "",
+                                 has_last ? ")" : "");
 }
 
 /// The configuration of every NcclComm: non-blocking, so that ncclCommAbort can end any call.
@@ -259,18 +344,61 @@ inline void nccl_relax(nccl_clock::duration waited, std::chrono::microseconds po
     }
 }
 
-/// An NCCL communicator handle that is aborted unless released (creation's error paths).
+/// Aborts `comm` in a thread of its own and waits for it at most `bound`; past it the thread is
+/// detached and finishes on its own (ncclCommAbort blocks until the device has drained NCCL's
+/// work). Only where no thread can be started does it abort in the calling thread.
+inline void nccl_abort_bounded(ncclComm_t comm, std::chrono::milliseconds bound) noexcept
+{
+    if (comm == nullptr) return;
+    struct Done {
+        std::mutex mutex;
+        std::condition_variable cv;
+        bool done = false;
+    };
+    std::shared_ptr<Done> done;
+    std::thread worker;
+    try {
+        done = std::make_shared<Done>();
+        worker = std::thread([comm, done] {
+            (void)ncclCommAbort(comm);
+            try {
+                std::lock_guard<std::mutex> lock(done->mutex);
+                done->done = true;
+            } catch (...) {  // the waiter then gives up at its bound
+            }
+            done->cv.notify_all();
+        });
+    } catch (...) {
+        (void)ncclCommAbort(comm);
+        return;
+    }
+    bool finished = false;
+    try {
+        std::unique_lock<std::mutex> lock(done->mutex);
+        finished = done->cv.wait_for(lock, bound, [&] { return done->done; });
+    } catch (...) {
+    }
+    try {
+        if (finished) worker.join();
+    } catch (...) {
+    }
+    if (worker.joinable()) worker.detach();
+}
+
+/// An NCCL communicator handle that is aborted (bounded, see nccl_abort_bounded) unless released:
+/// creation's error paths.
 class OwnedNcclComm {
 public:
-    OwnedNcclComm() = default;
+    explicit OwnedNcclComm(std::chrono::milliseconds abort_bound) noexcept : abort_bound_(abort_bound) {}
     OwnedNcclComm(const OwnedNcclComm&) = delete;
     OwnedNcclComm& operator=(const OwnedNcclComm&) = delete;
-    ~OwnedNcclComm()
-    {
-        if (handle != nullptr) (void)ncclCommAbort(handle);
-    }
+    ~OwnedNcclComm() { nccl_abort_bounded(handle, abort_bound_); }
     [[nodiscard]] ncclComm_t release() noexcept { return std::exchange(handle, nullptr); }
+    [[nodiscard]] std::chrono::milliseconds abort_bound() const noexcept { return abort_bound_; }
     ncclComm_t handle = nullptr;
+
+private:
+    std::chrono::milliseconds abort_bound_;
 };
 
 template <class T>
@@ -295,68 +423,86 @@ inline void validate_nccl_setup(const char* who, int rank, int size, const NcclO
             " ms) must be positive");
     require(options.bootstrap_timeout.count() > 0, who, ": NcclOptions::bootstrap_timeout (",
             options.bootstrap_timeout.count(), " ms) must be positive");
+    require(options.teardown_timeout.count() > 0, who, ": NcclOptions::teardown_timeout (",
+            options.teardown_timeout.count(), " ms) must be positive");
     require(options.poll_interval.count() > 0, who, ": NcclOptions::poll_interval (", options.poll_interval.count(),
             " us) must be positive");
 }
 
-/// Everything an NcclComm shares with its watchdog thread; it stays put when the NcclComm moves.
+inline void validate_nccl_device(const char* who, int device)
+{
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) {
+        (void)cudaGetLastError();
+        devices = 0;
+    }
+    require(device >= 0 && device < devices, who, ": device (", device,
+            ") is not a CUDA device of this machine (it has ", devices, ")");
+}
+
+/// Everything an NcclComm shares with its watchdog thread. Owned through a shared_ptr by the
+/// NcclComm and by the watchdog thread, so that a watchdog left blocked in NCCL's teardown (see
+/// shutdown()) never touches freed memory.
 ///
 /// Two mutexes, always taken in this order when both are held:
-///   nccl_mutex_  around every NCCL call on comm_. ncclCommAbort frees the communicator, so no
-///                other NCCL call on it may run concurrently or after: the watchdog aborts under
-///                this mutex and sets comm_ to null. The comm is non-blocking, so every call made
-///                under it returns promptly (waits for ncclInProgress release it between polls),
-///                and the watchdog never waits long to abort.
-///   state_mutex_ around the failure record and the watched collectives; never held across an
-///                NCCL call, so a caller can see a failure while an abort is still under way.
+///   nccl_mutex_  around every NCCL call on comm_ (each checks comm_ under it first). The
+///                watchdog takes the handle out under it (comm_ becomes null) and calls
+///                ncclCommAbort outside it: abort blocks until the device drains, and no caller
+///                may wait on this mutex that long. Every other call made under it returns
+///                promptly (the comm is non-blocking; waits for ncclInProgress release it between
+///                polls).
+///   state_mutex_ around the failure record, the watched work and the watchdog's flags; never
+///                held across an NCCL call, so a caller can see a failure while an abort is still
+///                under way.
 class NcclState {
 public:
-    NcclState(OwnedNcclComm& owned, int rank_, int size_, int device_, const NcclOptions& options_)
+    NcclState(int rank_, int size_, int device_, const NcclOptions& options_)
         : rank(rank_), size(size_), device(device_), options(options_), where(nccl_where(rank_, size_, device_))
     {
-        comm_ = owned.release();
-        try {
-            watchdog_ = std::thread([this] { watch_loop(); });
-        } catch (...) {
-            (void)ncclCommAbort(comm_);
-            throw;
-        }
     }
     NcclState(const NcclState&) = delete;
     NcclState& operator=(const NcclState&) = delete;
 
+    /// Takes the communicator out of `owned` and starts the watchdog, which holds a reference.
+    [[nodiscard]] static std::shared_ptr<NcclState> start(OwnedNcclComm& owned, int rank_, int size_, int device_,
+                                                          const NcclOptions& options_)
+    {
+        auto state = std::make_shared<NcclState>(rank_, size_, device_, options_);
+        state->comm_ = owned.release();  // ~NcclState aborts it should the thread not start
+        state->watchdog_ = std::thread([state] { state->watch_loop(); });
+        return state;
+    }
+
+    /// Only when the watchdog never ran (its thread could not start) is anything left here:
+    /// otherwise its teardown() has released the communicator and the events.
     ~NcclState()
     {
-        {
-            std::lock_guard<std::mutex> lock(state_mutex_);
-            stop_ = true;
-        }
-        work_cv_.notify_all();
-        done_cv_.notify_all();
-        if (watchdog_.joinable()) watchdog_.join();
-        // One thread from here on. A failed communicator is aborted (the watchdog may have done
-        // it); a healthy one is finalised (flushing what is in flight), unless the destructor
-        // runs during unwinding: this rank then leaves its peers anyway, and finalising would
-        // wait for them.
-        if (comm_ != nullptr) {
-            std::optional<CudaDeviceGuard> guard;
-            try {
-                guard.emplace(device);
-            } catch (...) {  // NCCL sets the communicator's device itself; the guard is a courtesy
-            }
-            bool clean = !failed_.load() && std::uncaught_exceptions() == 0;
-            if (clean) {
-                const ncclResult_t r = ncclCommFinalize(comm_);
-                clean = (r == ncclSuccess || r == ncclInProgress) &&
-                        nccl_wait_ready(comm_, options.timeout, options.poll_interval) == ncclSuccess;
-            }
-            (void)(clean ? ncclCommDestroy(comm_) : ncclCommAbort(comm_));
-            comm_ = nullptr;
-        }
-        // A split that this side gave up on (timeout) may have completed since; its job is
-        // joined by now (destroying or aborting the parent waits for it).
-        if (split_slot_ != nullptr) (void)ncclCommAbort(split_slot_);
+        nccl_abort_bounded(std::exchange(comm_, nullptr), options.teardown_timeout);
         for (cudaEvent_t event : all_events_) (void)cudaEventDestroy(event);
+        if (watchdog_.joinable()) watchdog_.detach();  // cannot happen (shutdown joins or detaches)
+    }
+
+    /// The NcclComm's destructor: stops the watchdog, which then finalises and destroys the
+    /// communicator (or aborts it), and waits for that at most options.timeout +
+    /// options.teardown_timeout. Past the bound the watchdog is detached: it finishes (or stays
+    /// blocked in NCCL, e.g. behind a kernel that never ends or a CUDA graph that still holds
+    /// collectives of the communicator) on its own, holding its reference to this state.
+    void shutdown() noexcept
+    {
+        bool finished = false;
+        try {
+            std::unique_lock<std::mutex> lock(state_mutex_);
+            stop_ = true;
+            work_cv_.notify_all();
+            finished = exit_cv_.wait_for(lock, nccl_capped_sum(options.timeout, options.teardown_timeout),
+                                         [&] { return watchdog_done_.load(); });
+        } catch (...) {
+        }
+        try {
+            if (finished && watchdog_.joinable()) watchdog_.join();
+        } catch (...) {
+        }
+        if (watchdog_.joinable()) watchdog_.detach();
     }
 
     const int rank, size, device;
@@ -371,15 +517,24 @@ public:
         if (failed()) throw_failure(op);
     }
 
-    /// Records `message` as the failure (the first one wins), wakes the watchdog to abort, and
-    /// throws it as CommError.
-    [[noreturn]] void fail(std::string message)
+    /// Records `message` as the failure unless one was recorded before, wakes the watchdog to
+    /// abort, and throws the first failure as CommError (with `message` appended when it was not
+    /// the first).
+    [[noreturn]] void fail(std::string_view message)
     {
-        record_failure(message);
-        throw CommError(std::move(message));
+        std::string first;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            record_failure_locked(message);
+            first = failure_.empty() ? std::string(nccl_watchdog_failure) : failure_;
+        }
+        work_cv_.notify_all();
+        done_cv_.notify_all();
+        if (first == message) throw CommError(std::move(first));
+        throw CommError(::foe::detail::concat(first, " (then, in this call: ", message, ")"));
     }
 
-    void record_failure(const std::string& message)
+    void record_failure(std::string_view message)
     {
         {
             std::lock_guard<std::mutex> lock(state_mutex_);
@@ -389,17 +544,28 @@ public:
         done_cv_.notify_all();
     }
 
-    /// Runs `issue(comm, lock)` under the NCCL mutex, then watches the collective on `stream`.
+    /// Runs `issue(comm, lock)` under the NCCL mutex and watches the collective on `stream`.
+    /// Everything that can fail without harm comes first (whether the stream is being captured,
+    /// an event to record after the collective), so that a collective once enqueued is either
+    /// watched or fails the communicator.
     template <class Issue>
     void enqueue(const char* op, std::size_t count, const char* dtype, cudaStream_t stream, Issue&& issue)
     {
         throw_if_failed(op);
         CudaDeviceGuard guard(device);
+        const bool captured = capturing(stream, "NcclComm collective");
+        if (captured) captured_.store(true, std::memory_order_relaxed);
+        EventLoan loan(*this, captured ? nullptr : take_event());
         {
             std::unique_lock<std::mutex> lock(nccl_mutex_);
             issue(live_comm(op), lock);
         }
-        watch(op, count, dtype, stream);
+        if (loan.event == nullptr) return;  // captured: watch(stream, label) watches the graph's launch
+        Pending pending;
+        pending.op = op;
+        pending.count = count;
+        pending.dtype = dtype;
+        start_watching(loan, stream, std::move(pending));
     }
 
     /// Checks the result of an NCCL call made under `lock`: ncclInProgress is waited out (the
@@ -510,7 +676,7 @@ public:
                 });
     }
 
-    [[nodiscard]] std::unique_ptr<NcclState> split(int color, int key)
+    [[nodiscard]] std::shared_ptr<NcclState> split(int color, int key)
     {
         const char* op = "split";
         throw_if_failed(op);
@@ -527,14 +693,14 @@ public:
         if (r != ncclSuccess && r != ncclInProgress) nccl_error("ncclCommSplit", r, op);
         // A split that fails or times out leaves the ranks disagreeing on the parent's sequence
         // of calls, so the parent fails too.
-        const auto start = nccl_clock::now();
+        const auto start_time = nccl_clock::now();
         for (;;) {
             ncclResult_t state = ncclInProgress;
             if (const ncclResult_t q = ncclCommGetAsyncError(parent, &state); q != ncclSuccess)
                 nccl_error("ncclCommGetAsyncError", q, op);
             if (state == ncclSuccess) break;
             if (state != ncclInProgress) nccl_error("ncclCommSplit", state, op);
-            const auto waited = nccl_clock::now() - start;
+            const auto waited = nccl_clock::now() - start_time;
             if (waited >= options.bootstrap_timeout)
                 fail(::foe::detail::concat("NcclComm::split(color ", color, ", key ", key, ") on ", where,
                                            " did not complete within NcclOptions::bootstrap_timeout: waited ",
@@ -542,40 +708,58 @@ public:
                                            " ms); some rank did not call split; the communicator is aborted"));
             lock.unlock();
             nccl_relax(waited, options.poll_interval);
+            if (failed()) throw_failure(op);  // without waiting for the mutex, which an abort frees
             lock.lock();
             parent = live_comm(op);
         }
-        OwnedNcclComm child;
+        OwnedNcclComm child(options.teardown_timeout);
         child.handle = std::exchange(split_slot_, nullptr);
         lock.unlock();
         if (child.handle == nullptr) return nullptr;  // NCCL_SPLIT_NOCOLOR: in no new communicator
+        // From here on the peers hold their part of the new communicator: any failure of this
+        // rank's part fails the parent too (and the child is aborted, bounded, by its owner).
         const ncclResult_t child_state = nccl_wait_ready(child.handle, options.bootstrap_timeout, options.poll_interval);
         if (child_state != ncclSuccess)
             fail(::foe::detail::concat(
                 "NcclComm::split: ",
                 child_state == ncclInProgress
-                    ? std::string("the new communicator did not become ready within NcclOptions::bootstrap_timeout")
+                    ? ::foe::detail::concat("the new communicator on ", where,
+                                            " did not become ready within NcclOptions::bootstrap_timeout (",
+                                            options.bootstrap_timeout.count(), " ms)")
                     : nccl_failure("ncclCommSplit (new communicator)", child_state, child.handle, where),
                 "; the communicator is aborted"));
         int child_rank = -1, child_size = 0;
         if (const ncclResult_t q = ncclCommUserRank(child.handle, &child_rank); q != ncclSuccess)
-            raise<CommError>("NcclComm::split: ", nccl_failure("ncclCommUserRank", q, child.handle, where));
+            fail(::foe::detail::concat("NcclComm::split: ", nccl_failure("ncclCommUserRank", q, child.handle, where),
+                                       "; the new communicator and this one are aborted"));
         if (const ncclResult_t q = ncclCommCount(child.handle, &child_size); q != ncclSuccess)
-            raise<CommError>("NcclComm::split: ", nccl_failure("ncclCommCount", q, child.handle, where));
-        return std::make_unique<NcclState>(child, child_rank, child_size, device, options);
+            fail(::foe::detail::concat("NcclComm::split: ", nccl_failure("ncclCommCount", q, child.handle, where),
+                                       "; the new communicator and this one are aborted"));
+        return start(child, child_rank, child_size, device, options);
     }
 
     void synchronize(cudaStream_t stream)
     {
         const char* op = "synchronize";
         throw_if_failed(op);
-        const auto start = nccl_clock::now();
+        const auto start_time = nccl_clock::now();
         for (;;) {
             const cudaError_t status = cudaStreamQuery(stream);
             if (status == cudaSuccess) break;
-            if (status != cudaErrorNotReady) nccl_cuda_check(status, "cudaStreamQuery (NcclComm::synchronize)");
+            if (status != cudaErrorNotReady) {
+                (void)cudaGetLastError();
+                // A capture in the way is the caller's mistake (synchronising a stream being
+                // captured), not a failure of the communicator.
+                if (nccl_capture_error(status)) nccl_cuda_check(status, "cudaStreamQuery (NcclComm::synchronize)");
+                std::string detail;
+                const bool nccl_failed = async_error(detail);
+                fail(::foe::detail::concat("NcclComm::synchronize on ", where, ": cudaStreamQuery reported ",
+                                           cudaGetErrorName(status), " (", cudaGetErrorString(status), ")",
+                                           nccl_failed ? "; NCCL reports " : "", detail,
+                                           "; the communicator is aborted"));
+            }
             throw_if_failed(op);
-            const auto waited = nccl_clock::now() - start;
+            const auto waited = nccl_clock::now() - start_time;
             if (waited >= options.timeout)
                 fail(::foe::detail::concat("NcclComm::synchronize on ", where, " waited ", nccl_ms(waited),
                                            " ms for its stream, longer than NcclOptions::timeout (",
@@ -585,15 +769,20 @@ public:
             nccl_relax(waited, options.poll_interval);
         }
         throw_if_failed(op);
+        // The stream has completed, but a collective of it may have failed asynchronously (a
+        // peer died): its results would be garbage.
+        if (std::string detail; async_error(detail))
+            fail(::foe::detail::concat("NcclComm::synchronize on ", where,
+                                       ": the stream completed, but NCCL reports an asynchronous error: ", detail,
+                                       "; the communicator is aborted"));
     }
 
     void wait_all()
     {
-        const char* op = "wait";
         std::unique_lock<std::mutex> lock(state_mutex_);
         // The watchdog times out each collective; the extra second only guards against a
         // watchdog that cannot make progress.
-        const auto limit = options.timeout + std::chrono::seconds(1);
+        const auto limit = nccl_capped_sum(options.timeout, std::chrono::seconds(1));
         const bool settled = done_cv_.wait_for(lock, limit, [&] { return failed() || pending_.empty(); });
         if (!settled) {
             record_failure_locked(::foe::detail::concat(
@@ -601,24 +790,66 @@ public:
                 " collective(s) without the watchdog settling them; the communicator is aborted"));
             work_cv_.notify_all();
         }
-        if (failed()) throw CommError(::foe::detail::concat("NcclComm::", op, " on ", where, ": ", failure_));
+        if (failed())
+            throw CommError(::foe::detail::concat("NcclComm::wait on ", where, ": ",
+                                                  failure_.empty() ? nccl_watchdog_failure : failure_));
+    }
+
+    void watch(cudaStream_t stream, std::string_view label)
+    {
+        const char* op = "watch";
+        throw_if_failed(op);
+        CudaDeviceGuard guard(device);
+        if (capturing(stream, "NcclComm::watch")) return;  // the graph's launch is what to watch
+        Pending pending;
+        pending.label.assign(label);  // allocates before anything is recorded
+        EventLoan loan(*this, take_event());
+        start_watching(loan, stream, std::move(pending));
     }
 
 private:
-    /// A collective being watched: the event recorded after it on its stream.
+    /// Work being watched: the event recorded after it on its stream.
     struct Pending {
         cudaEvent_t event = nullptr;
-        const char* op = "";
+        const char* op = nullptr;  ///< the collective; null for watch()
         std::size_t count = 0;
         const char* dtype = "";
+        std::string label;  ///< watch()'s label
         nccl_clock::time_point enqueued;
     };
 
+    /// An event taken from the pool, given back unless handed to the watchdog.
+    class EventLoan {
+    public:
+        EventLoan(NcclState& owner, cudaEvent_t event_) noexcept : event(event_), owner_(owner) {}
+        EventLoan(const EventLoan&) = delete;
+        EventLoan& operator=(const EventLoan&) = delete;
+        ~EventLoan()
+        {
+            if (event != nullptr) owner_.give_back(event);
+        }
+        cudaEvent_t event;
+
+    private:
+        NcclState& owner_;
+    };
+
+    /// "all_to_all_v (777 fp32 elements)" or "work watched as \"label\"".
+    [[nodiscard]] static std::string describe(const Pending& p)
+    {
+        if (p.op == nullptr) return ::foe::detail::concat("work watched as \"", p.label, "\"");
+        return ::foe::detail::concat(p.op, " (", p.count, " ", p.dtype, " elements)");
+    }
+
     [[noreturn]] void throw_failure(const char* op) const
     {
-        std::lock_guard<std::mutex> lock(state_mutex_);
+        std::string first;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            first = failure_.empty() ? std::string(nccl_watchdog_failure) : failure_;
+        }
         throw CommError(::foe::detail::concat("NcclComm::", op, " on ", where,
-                                              " refused, the communicator has failed: ", failure_));
+                                              " refused, the communicator has failed: ", first));
     }
 
     /// The communicator, or the recorded failure thrown when the watchdog has aborted it. Under
@@ -629,70 +860,97 @@ private:
         return comm_;
     }
 
-    void record_failure_locked(const std::string& message)
+    /// Records the failure (the first one wins) and stops watching what is in flight. Cannot
+    /// fail: should copying the message run out of memory, the fixed nccl_watchdog_failure stands
+    /// for it.
+    void record_failure_locked(std::string_view message) noexcept
     {
         if (failed()) return;
-        failure_ = message;
+        try {
+            failure_.assign(message.data(), message.size());
+        } catch (...) {
+            failure_.clear();
+        }
         failed_.store(true, std::memory_order_release);
-        // The collectives in flight are abandoned with the communicator: stop watching them.
-        for (const Pending& p : pending_) free_events_.push_back(p.event);  // capacity reserved
+        // The work in flight is abandoned with the communicator. free_events_ has room for every
+        // event (take_event reserves it), so this allocates nothing.
+        for (const Pending& p : pending_) free_events_.push_back(p.event);
         pending_.clear();
     }
 
+    /// The watchdog's failure when it could not build a message (or take a lock).
+    void record_watchdog_failure() noexcept
+    {
+        try {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            record_failure_locked(nccl_watchdog_failure);
+        } catch (...) {
+            failed_.store(true, std::memory_order_release);  // an empty failure_ reads as the fixed text
+        }
+        work_cv_.notify_all();
+        done_cv_.notify_all();
+    }
+
     /// Waits out ncclInProgress after a call made under `lock`, releasing it between polls so
-    /// that the watchdog can abort meanwhile.
+    /// that the watchdog can take the communicator out meanwhile.
     void await(const char* call, const char* op, std::unique_lock<std::mutex>& lock)
     {
-        const auto start = nccl_clock::now();
+        const auto start_time = nccl_clock::now();
         for (;;) {
             ncclResult_t state = ncclInProgress;
             if (const ncclResult_t q = ncclCommGetAsyncError(comm_, &state); q != ncclSuccess)
                 nccl_error("ncclCommGetAsyncError", q, op);
             if (state == ncclSuccess) return;
             if (state != ncclInProgress) nccl_error(call, state, op);
-            const auto waited = nccl_clock::now() - start;
+            const auto waited = nccl_clock::now() - start_time;
             if (waited >= options.timeout)
                 fail(::foe::detail::concat("NcclComm::", op, " on ", where, ": ", call, " was still in progress after ",
                                            nccl_ms(waited), " ms (NcclOptions::timeout ", options.timeout.count(),
                                            " ms); the communicator is aborted"));
             lock.unlock();
             nccl_relax(waited, options.poll_interval);
+            if (failed()) throw_failure(op);  // without waiting for the mutex
             lock.lock();
             (void)live_comm(op);
         }
     }
 
-    /// Records an event after the collective just enqueued on `stream` and hands it to the
-    /// watchdog. Events come from a pool: after warm-up (as many collectives in flight as ever
-    /// before) this allocates nothing. A stream being captured into a CUDA graph is not watched:
-    /// the collective runs when the graph is launched, and synchronize() watches that.
-    void watch(const char* op, std::size_t count, const char* dtype, cudaStream_t stream)
+    /// Whether `stream` is being captured into a CUDA graph. A failed query throws CudaError
+    /// (before anything is enqueued).
+    [[nodiscard]] static bool capturing(cudaStream_t stream, const char* who)
     {
         cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-        if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) {
+        const cudaError_t status = cudaStreamIsCapturing(stream, &capture);
+        if (status != cudaSuccess)
+            nccl_cuda_check(status, ::foe::detail::concat("cudaStreamIsCapturing (", who, ")").c_str());
+        return capture != cudaStreamCaptureStatusNone;
+    }
+
+    /// Records the loaned event after the work just enqueued on `stream` and hands it to the
+    /// watchdog. A failed record fails the communicator: the work is in flight unwatched.
+    void start_watching(EventLoan& loan, cudaStream_t stream, Pending&& pending)
+    {
+        if (const cudaError_t status = cudaEventRecord(loan.event, stream); status != cudaSuccess) {
             (void)cudaGetLastError();
-            return;
+            fail(::foe::detail::concat("NcclComm ", describe(pending), " on ", where,
+                                       ": enqueued, but recording the event that watches it failed (cudaEventRecord: ",
+                                       cudaGetErrorName(status), ", ", cudaGetErrorString(status),
+                                       "); the communicator is aborted"));
         }
-        if (capture != cudaStreamCaptureStatusNone) return;
-        cudaEvent_t event = take_event();
-        if (const cudaError_t status = cudaEventRecord(event, stream); status != cudaSuccess) {
-            {
-                std::lock_guard<std::mutex> lock(state_mutex_);
-                free_events_.push_back(event);
-            }
-            nccl_cuda_check(status, "cudaEventRecord (NcclComm watchdog)");
-        }
+        pending.event = loan.event;
+        pending.enqueued = nccl_clock::now();
         {
             std::lock_guard<std::mutex> lock(state_mutex_);
-            if (failed()) {  // failed meanwhile: nothing is watched any more
-                free_events_.push_back(event);
-                return;
-            }
-            pending_.push_back(Pending{event, op, count, dtype, nccl_clock::now()});
+            if (failed()) return;  // failed meanwhile: nothing is watched any more (the loan gives it back)
+            pending_.push_back(std::move(pending));  // room reserved by take_event
+            loan.event = nullptr;
+            ++work_seq_;
         }
         work_cv_.notify_one();
     }
 
+    /// An event from the pool: after warm-up (as much work in flight as ever before) this
+    /// allocates nothing.
     [[nodiscard]] cudaEvent_t take_event()
     {
         {
@@ -708,7 +966,7 @@ private:
         try {
             std::lock_guard<std::mutex> lock(state_mutex_);
             // Room for every event in either list, so that moving events between them (also in
-            // record_failure_locked, which must not throw) never allocates.
+            // record_failure_locked, which must not fail) never allocates.
             free_events_.reserve(all_events_.size() + 1);
             pending_.reserve(all_events_.size() + 1);
             all_events_.push_back(event);
@@ -719,60 +977,161 @@ private:
         return event;
     }
 
-    /// The watchdog thread: sleeps while nothing is in flight; otherwise polls the events and
-    /// NCCL's asynchronous error every poll_interval, and aborts the communicator on a failure.
-    void watch_loop() noexcept
+    void give_back(cudaEvent_t event) noexcept
     {
-        (void)cudaSetDevice(device);  // events and the communicator live on this device
-        std::unique_lock<std::mutex> lock(state_mutex_);
-        for (;;) {
-            work_cv_.wait(lock, [&] { return stop_ || !pending_.empty() || (failed() && !aborted_); });
-            if (failed() && !aborted_) {
-                lock.unlock();
-                {
-                    std::lock_guard<std::mutex> nccl_lock(nccl_mutex_);
-                    if (comm_ != nullptr) (void)ncclCommAbort(comm_);
-                    comm_ = nullptr;
-                }
-                lock.lock();
-                aborted_ = true;
-                done_cv_.notify_all();
-                continue;
-            }
-            if (stop_) return;
-            sweep(lock);
-            if (pending_.empty() || failed()) {
-                done_cv_.notify_all();
-                continue;
-            }
-            work_cv_.wait_for(lock, options.poll_interval, [&] { return stop_ || failed(); });
+        try {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            free_events_.push_back(event);  // room reserved by take_event
+        } catch (...) {  // lost to the pool; destroyed with all_events_
         }
     }
 
-    /// One round of the watchdog under the state mutex (released around the NCCL query).
-    void sweep(std::unique_lock<std::mutex>& lock)
+    /// Polls NCCL's asynchronous error under the NCCL mutex: true, with `detail` saying what,
+    /// once NCCL reports the communicator failed (false once it has been aborted).
+    [[nodiscard]] bool async_error(std::string& detail)
+    {
+        std::lock_guard<std::mutex> lock(nccl_mutex_);
+        if (comm_ == nullptr) return false;
+        ncclResult_t state = ncclSuccess;
+        if (const ncclResult_t q = ncclCommGetAsyncError(comm_, &state); q != ncclSuccess) {
+            detail = nccl_failure("ncclCommGetAsyncError", q, comm_, where);
+            return true;
+        }
+        if (state == ncclSuccess || state == ncclInProgress) return false;
+        detail = nccl_failure("an asynchronous NCCL operation", state, comm_, where);
+        return true;
+    }
+
+    /// How long the watchdog sleeps while nothing is watched (it still polls NCCL's error):
+    /// 10 poll intervals, or one once collectives were captured into graphs, whose replays it
+    /// cannot see otherwise.
+    [[nodiscard]] std::chrono::microseconds idle_interval() const noexcept
+    {
+        const auto poll = std::min<std::chrono::microseconds>(options.poll_interval, std::chrono::hours(1));
+        return captured_.load(std::memory_order_relaxed) ? poll : poll * 10;
+    }
+
+    /// The watchdog thread. Its stream-capture mode is relaxed, so that its event queries never
+    /// invalidate another thread's capture (the default, global mode, forbids such calls while
+    /// any thread captures). It ends with the teardown of the communicator.
+    void watch_loop() noexcept
+    {
+        (void)cudaSetDevice(device);  // events and the communicator live on this device
+        cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+        (void)cudaThreadExchangeStreamCaptureMode(&mode);
+        for (;;) {
+            try {
+                if (!watch_round()) break;
+            } catch (...) {  // a message or a lock failed: fail without one, then go on
+                record_watchdog_failure();
+                std::this_thread::sleep_for(options.poll_interval);
+            }
+        }
+        teardown();
+        try {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            watchdog_done_.store(true);
+        } catch (...) {
+            watchdog_done_.store(true);  // shutdown() then sees it at its bound at the latest
+        }
+        exit_cv_.notify_all();
+    }
+
+    /// One round of the watchdog; false once it is to stop. After a failure it aborts the
+    /// communicator (once) and waits for the stop; otherwise it checks the watched work, polls
+    /// NCCL's asynchronous error (every poll interval while work is watched, every 10 otherwise)
+    /// and sleeps.
+    bool watch_round()
+    {
+        std::unique_lock<std::mutex> lock(state_mutex_);
+        if (failed()) {
+            if (!aborted_) {
+                lock.unlock();
+                abort_comm();
+                lock.lock();
+                aborted_ = true;
+                done_cv_.notify_all();
+            }
+            work_cv_.wait(lock, [&] { return stop_; });
+            return false;
+        }
+        if (stop_) return false;
+        sweep();
+        if (failed()) return true;
+        if (pending_.empty()) done_cv_.notify_all();
+        if (const auto now = nccl_clock::now(); now >= next_async_poll_) {
+            next_async_poll_ = now + (pending_.empty() ? idle_interval() : options.poll_interval);
+            lock.unlock();
+            std::string detail;
+            const bool nccl_failed = async_error(detail);
+            lock.lock();
+            if (nccl_failed) {
+                record_failure_locked(async_failure(detail));
+                return true;
+            }
+        }
+        const std::uint64_t seen = work_seq_;
+        work_cv_.wait_for(lock, pending_.empty() ? idle_interval() : options.poll_interval,
+                          [&] { return stop_ || failed() || work_seq_ != seen; });
+        return true;
+    }
+
+    /// Takes the communicator out under the NCCL mutex (every other NCCL call checks comm_
+    /// under it) and aborts it outside, however long that takes.
+    void abort_comm()
+    {
+        ncclComm_t doomed = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(nccl_mutex_);
+            doomed = std::exchange(comm_, nullptr);
+        }
+        if (doomed != nullptr) (void)ncclCommAbort(doomed);
+    }
+
+    /// The failure for an asynchronous NCCL error, naming the oldest work in flight. Under the
+    /// state mutex.
+    [[nodiscard]] std::string async_failure(const std::string& detail) const
+    {
+        if (pending_.empty())
+            return ::foe::detail::concat("NcclComm on ", where,
+                                         ": NCCL reported an asynchronous error while no collective was watched "
+                                         "(one replayed from a CUDA graph, or one that had completed): ",
+                                         detail, "; the communicator is aborted");
+        const Pending& p = *std::min_element(pending_.begin(), pending_.end(),
+                                             [](const Pending& a, const Pending& b) { return a.enqueued < b.enqueued; });
+        return ::foe::detail::concat("NcclComm ", describe(p), " on ", where,
+                                     " in flight: NCCL reported an asynchronous error: ", detail,
+                                     "; the communicator is aborted");
+    }
+
+    /// Checks the watched events under the state mutex: completed ones go back to the pool; an
+    /// error or an overdue one fails the communicator.
+    void sweep()
     {
         const auto now = nccl_clock::now();
         for (std::size_t i = 0; i < pending_.size();) {
-            const Pending& p = pending_[i];
+            Pending& p = pending_[i];
             const cudaError_t status = cudaEventQuery(p.event);
             if (status == cudaSuccess) {
                 free_events_.push_back(p.event);
-                pending_[i] = pending_.back();
+                if (i + 1 != pending_.size()) p = std::move(pending_.back());
                 pending_.pop_back();
                 continue;
             }
             if (status != cudaErrorNotReady) {
                 (void)cudaGetLastError();
-                record_failure_locked(::foe::detail::concat(
-                    "NcclComm ", p.op, " (", p.count, " ", p.dtype, " elements) on ", where,
-                    ": CUDA reported ", cudaGetErrorName(status), " (", cudaGetErrorString(status),
-                    ") while it was in flight; the communicator is aborted"));
-                return;
+                // A capture in the way says nothing about the event: not ready yet (the timeout
+                // still applies).
+                if (!nccl_capture_error(status)) {
+                    record_failure_locked(::foe::detail::concat(
+                        "NcclComm ", describe(p), " on ", where, ": CUDA reported ", cudaGetErrorName(status), " (",
+                        cudaGetErrorString(status), ") while it was in flight; the communicator is aborted"));
+                    return;
+                }
             }
             if (const auto waited = now - p.enqueued; waited > options.timeout) {
                 record_failure_locked(::foe::detail::concat(
-                    "NcclComm ", p.op, " (", p.count, " ", p.dtype, " elements) on ", where,
+                    "NcclComm ", describe(p), " on ", where,
                     " did not complete within NcclOptions::timeout: waited ", nccl_ms(waited), " ms (timeout ",
                     options.timeout.count(),
                     " ms); the communicator is aborted (did a peer fail, or not call the same collective?)"));
@@ -780,56 +1139,77 @@ private:
             }
             ++i;
         }
-        if (pending_.empty()) return;
-        lock.unlock();
-        ncclResult_t async = ncclSuccess;
-        std::string detail;
-        {
-            std::lock_guard<std::mutex> nccl_lock(nccl_mutex_);
-            if (comm_ != nullptr) {
-                ncclResult_t state = ncclSuccess;
-                async = ncclCommGetAsyncError(comm_, &state);
-                if (async == ncclSuccess && state != ncclInProgress) async = state;
-                if (async != ncclSuccess) detail = nccl_failure("ncclCommGetAsyncError", async, comm_, where);
+    }
+
+    /// The watchdog's last act: finalise (flushing what is in flight, at most options.timeout)
+    /// and destroy a healthy communicator, or abort a failed one; then abort a split child that
+    /// a timed-out split() left behind and destroy the events. It blocks as long as NCCL does;
+    /// shutdown() waits for it only so long.
+    void teardown() noexcept
+    {
+        ncclComm_t doomed = nullptr;
+        try {
+            std::lock_guard<std::mutex> lock(nccl_mutex_);
+            doomed = std::exchange(comm_, nullptr);
+        } catch (...) {
+            doomed = std::exchange(comm_, nullptr);  // no caller is left to race with
+        }
+        if (doomed != nullptr) {
+            bool clean = !failed();
+            if (clean) {
+                const ncclResult_t r = ncclCommFinalize(doomed);
+                clean = (r == ncclSuccess || r == ncclInProgress) &&
+                        nccl_wait_ready(doomed, options.timeout, options.poll_interval) == ncclSuccess;
             }
+            (void)(clean ? ncclCommDestroy(doomed) : ncclCommAbort(doomed));
         }
-        lock.lock();
-        if (async != ncclSuccess && !pending_.empty()) {
-            const Pending& p = *std::min_element(pending_.begin(), pending_.end(),
-                                                 [](const Pending& a, const Pending& b) { return a.enqueued < b.enqueued; });
-            record_failure_locked(::foe::detail::concat("NcclComm ", p.op, " (", p.count, " ", p.dtype,
-                                                        " elements) in flight: NCCL reported an asynchronous error: ",
-                                                        detail, "; the communicator is aborted"));
-        }
+        // A split that this side gave up on may have completed since; its job is over by now
+        // (destroying or aborting the parent ends it).
+        if (split_slot_ != nullptr) (void)ncclCommAbort(std::exchange(split_slot_, nullptr));
+        for (cudaEvent_t event : all_events_) (void)cudaEventDestroy(event);
+        all_events_.clear();
+        free_events_.clear();
+        pending_.clear();
     }
 
     mutable std::mutex nccl_mutex_;
-    ncclComm_t comm_ = nullptr;        ///< null once aborted (under nccl_mutex_)
+    ncclComm_t comm_ = nullptr;        ///< null once taken out for the abort or teardown (under nccl_mutex_)
     ncclComm_t split_slot_ = nullptr;  ///< where NCCL's split job stores the new handle
 
     mutable std::mutex state_mutex_;
     std::condition_variable work_cv_;  ///< wakes the watchdog
     std::condition_variable done_cv_;  ///< wakes wait()
+    std::condition_variable exit_cv_;  ///< wakes shutdown() once the watchdog is done
     std::atomic<bool> failed_{false};  ///< set with failure_, read without the mutex
+    std::atomic<bool> captured_{false};  ///< a collective was enqueued on a capturing stream
+    std::atomic<bool> watchdog_done_{false};
     std::string failure_;
     bool aborted_ = false;  ///< the watchdog has aborted comm_ after the failure
     bool stop_ = false;
+    std::uint64_t work_seq_ = 0;  ///< counts the work handed to the watchdog (wakes it when idle)
+    nccl_clock::time_point next_async_poll_{};
     std::vector<Pending> pending_;
     std::vector<cudaEvent_t> free_events_;
     std::vector<cudaEvent_t> all_events_;
-    std::thread watchdog_;  ///< last: started once everything above exists
+    std::thread watchdog_;
 };
 
-/// Writes the id to `path` atomically: a temporary file next to it, then a rename.
+/// Writes the id to `path` atomically: a temporary file next to it, then a rename. A failed
+/// write or rename removes the temporary file.
 inline void write_nccl_id_file(const std::filesystem::path& path, const ncclUniqueId& id)
 {
     std::filesystem::path tmp = path;
     tmp += ".tmp";
     {
         std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+        if (!out.is_open()) raise<IoError>("NcclComm::from_file: could not create the unique-id file ", tmp.string());
         out.write(id.internal, NCCL_UNIQUE_ID_BYTES);
         out.close();
-        if (!out) raise<IoError>("NcclComm::from_file: could not write the unique-id file ", tmp.string());
+        if (!out) {
+            std::error_code ignored;
+            std::filesystem::remove(tmp, ignored);
+            raise<IoError>("NcclComm::from_file: could not write the unique-id file ", tmp.string());
+        }
     }
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
@@ -851,9 +1231,9 @@ inline void write_nccl_id_file(const std::filesystem::path& path, const ncclUniq
         const std::uintmax_t bytes = std::filesystem::file_size(path, ec);
         if (!ec) {
             // Rank 0 renames a complete file into place: any other size is not its file.
-            require<CommError>(bytes == static_cast<std::uintmax_t>(NCCL_UNIQUE_ID_BYTES), "NcclComm::from_file (rank ", rank, " of ", size,
-                               "): the unique-id file ", path.string(), " holds ", bytes, " bytes, expected ",
-                               NCCL_UNIQUE_ID_BYTES, " (not written by NcclComm::from_file?)");
+            require<CommError>(bytes == static_cast<std::uintmax_t>(NCCL_UNIQUE_ID_BYTES), "NcclComm::from_file (rank ",
+                               rank, " of ", size, "): the unique-id file ", path.string(), " holds ", bytes,
+                               " bytes, expected ", NCCL_UNIQUE_ID_BYTES, " (not written by NcclComm::from_file?)");
             ncclUniqueId id{};
             std::ifstream in(path, std::ios::binary);
             in.read(id.internal, NCCL_UNIQUE_ID_BYTES);
@@ -874,10 +1254,24 @@ inline void write_nccl_id_file(const std::filesystem::path& path, const ncclUniq
 
 // --- NcclComm --------------------------------------------------------------------------------
 
-inline NcclComm::NcclComm(std::unique_ptr<detail::NcclState> state) noexcept : state_(std::move(state)) {}
-inline NcclComm::NcclComm(NcclComm&& other) noexcept = default;
-inline NcclComm& NcclComm::operator=(NcclComm&& other) noexcept = default;
-inline NcclComm::~NcclComm() = default;
+inline NcclComm::NcclComm(std::shared_ptr<detail::NcclState> state) noexcept : state_(std::move(state)) {}
+inline NcclComm::NcclComm(NcclComm&& other) noexcept : state_(std::move(other.state_)) {}
+
+inline NcclComm& NcclComm::operator=(NcclComm&& other) noexcept
+{
+    if (this != &other) {
+        close();
+        state_ = std::move(other.state_);
+    }
+    return *this;
+}
+
+inline NcclComm::~NcclComm() { close(); }
+
+inline void NcclComm::close() noexcept
+{
+    if (std::shared_ptr<detail::NcclState> s = std::exchange(state_, nullptr)) s->shutdown();
+}
 
 inline int NcclComm::rank() const noexcept { return state_ ? state_->rank : -1; }
 inline int NcclComm::size() const noexcept { return state_ ? state_->size : 0; }
@@ -903,17 +1297,11 @@ inline ncclUniqueId NcclComm::make_unique_id()
 inline NcclComm NcclComm::from_unique_id(const ncclUniqueId& id, int rank, int size, int device, NcclOptions options)
 {
     detail::validate_nccl_setup("NcclComm::from_unique_id", rank, size, options);
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess) {
-        (void)cudaGetLastError();
-        devices = 0;
-    }
-    require(device >= 0 && device < devices, "NcclComm::from_unique_id: device (", device,
-            ") is not a CUDA device of this machine (it has ", devices, ")");
+    detail::validate_nccl_device("NcclComm::from_unique_id", device);
     detail::CudaDeviceGuard guard(device);
     const std::string where = detail::nccl_where(rank, size, device);
     ncclConfig_t config = detail::nonblocking_config();
-    detail::OwnedNcclComm comm;
+    detail::OwnedNcclComm comm(options.teardown_timeout);
     const ncclResult_t r = ncclCommInitRankConfig(&comm.handle, size, id, rank, &config);
     if (r != ncclSuccess && r != ncclInProgress)
         raise<CommError>("NcclComm: ", detail::nccl_failure("ncclCommInitRankConfig", r, comm.handle, where));
@@ -927,27 +1315,32 @@ inline NcclComm NcclComm::from_unique_id(const ncclUniqueId& id, int rank, int s
                          " ms): not every rank joined with the same unique id and size; aborted");
     if (state != ncclSuccess)
         raise<CommError>("NcclComm: ", detail::nccl_failure("ncclCommInitRankConfig", state, comm.handle, where));
-    return NcclComm(std::make_unique<detail::NcclState>(comm, rank, size, device, options));
+    return NcclComm(detail::NcclState::start(comm, rank, size, device, options));
 }
 
 inline NcclComm NcclComm::from_file(const std::filesystem::path& path, int rank, int size, int device,
                                     NcclOptions options)
 {
     detail::validate_nccl_setup("NcclComm::from_file", rank, size, options);
-    ncclUniqueId id{};
-    if (rank == 0) {
-        id = make_unique_id();
-        detail::write_nccl_id_file(path, id);
-    } else {
-        id = detail::read_nccl_id_file(path, rank, size, options.bootstrap_timeout);
-    }
-    NcclComm comm = from_unique_id(id, rank, size, device, options);
-    if (rank == 0) {
-        // Initialisation completes only once every rank has joined, so every rank has read it;
-        // removing it keeps a later job on the same path from reading this job's id.
+    if (rank != 0) return from_unique_id(detail::read_nccl_id_file(path, rank, size, options.bootstrap_timeout), rank,
+                                         size, device, options);
+    // Rank 0 checks its device before it publishes an id that it could not use.
+    detail::validate_nccl_device("NcclComm::from_file", device);
+    const ncclUniqueId id = make_unique_id();
+    detail::write_nccl_id_file(path, id);
+    // Initialisation completes only once every rank has joined, so every rank has read the file
+    // then; removing it keeps a later job on the same path from reading this job's id. A failed
+    // initialisation removes it too: the id is of no use to anyone.
+    NcclComm comm;
+    try {
+        comm = from_unique_id(id, rank, size, device, options);
+    } catch (...) {
         std::error_code ignored;
         std::filesystem::remove(path, ignored);
+        throw;
     }
+    std::error_code ignored;
+    std::filesystem::remove(path, ignored);
     return comm;
 }
 
@@ -990,6 +1383,8 @@ inline NcclComm NcclComm::split(int color, int key) const { return NcclComm(stat
 inline void NcclComm::synchronize(cudaStream_t stream) { state("synchronize").synchronize(stream); }
 
 inline void NcclComm::wait() { state("wait").wait_all(); }
+
+inline void NcclComm::watch(cudaStream_t stream, std::string_view label) { state("watch").watch(stream, label); }
 
 inline bool NcclComm::aborted() const noexcept { return state_ && state_->failed(); }
 
