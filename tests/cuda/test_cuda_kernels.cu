@@ -84,6 +84,47 @@ TEST_CASE("cuda: rope matches foe::ops::Rope")
     }
 }
 
+TEST_CASE("cuda: QK-norm and rope on the q part of fused q|k|v rows equal them on contiguous rows, the rest untouched")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(12);
+    struct Shape { index_t tokens, heads, head_dim, row; };  // row: elements per fused token row
+    for (auto s : {Shape{1, 1, 96, 288}, Shape{37, 8, 32, 520}, Shape{5, 2, 128, 512}}) {
+        CAPTURE(s.tokens);
+        CAPTURE(s.head_dim);
+        const index_t width = s.heads * s.head_dim;
+        const auto fused = random_bf16(sz(s.tokens * s.row), rng, -2.0f, 2.0f);
+        const auto w = random_bf16(sz(s.head_dim), rng, 0.8f, 1.2f);
+        std::vector<bfloat16> packed(sz(s.tokens * width));
+        for (index_t t = 0; t < s.tokens; ++t)
+            std::copy_n(fused.bits.begin() + static_cast<std::ptrdiff_t>(t * s.row), width,
+                        packed.begin() + static_cast<std::ptrdiff_t>(t * width));
+        std::vector<std::int32_t> pos(sz(s.tokens));
+        std::uniform_int_distribution<int> pd(0, 4095);
+        for (auto& p : pos) p = pd(rng);
+        auto dfused = fc::upload(fused.bits);
+        auto dpacked = fc::upload(packed);
+        auto dw = fc::upload(w.bits);
+        auto dpos = fc::upload(pos);
+        fc::rms_norm_qk(dfused.data(), dw.data(), s.tokens, s.heads, s.head_dim, s.row, 1e-5f, nullptr);
+        fc::rope(dfused.data(), dpos.data(), s.tokens, s.heads, s.head_dim, s.row, 10000.0, nullptr);
+        fc::rms_norm_qk(dpacked.data(), dw.data(), s.tokens, s.heads, s.head_dim, 1e-5f, nullptr);
+        fc::rope(dpacked.data(), dpos.data(), s.tokens, s.heads, s.head_dim, 10000.0, nullptr);
+        const auto got = fc::download(dfused), want = fc::download(dpacked);
+        bool same = true, rest_untouched = true;
+        for (index_t t = 0; t < s.tokens; ++t)
+            for (index_t j = 0; j < s.row; ++j) {
+                const auto& g = got[sz(t * s.row + j)];
+                if (j < width) same = same && std::memcmp(&g, &want[sz(t * width + j)], sizeof g) == 0;
+                else rest_untouched = rest_untouched && std::memcmp(&g, &fused.bits[sz(t * s.row + j)], sizeof g) == 0;
+            }
+        CHECK(same);
+        CHECK(rest_untouched);
+    }
+    fc::DeviceBuffer<bfloat16> buf(64);
+    CHECK_THROWS_AS(fc::rope(buf.data(), nullptr, 2, 2, 16, 31, 10000.0, nullptr), foe::InvalidArgument);
+}
+
 namespace {
 /// The host router's selection on given logits (foe::routing::Router after its gate GEMM).
 void host_route(const fc::RouterArgs& a, const std::vector<float>& logits, const std::vector<float>& bias, index_t tokens,

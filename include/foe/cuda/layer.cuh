@@ -4,7 +4,8 @@
 // kernel over buffers planned once.
 //
 // For the held groups h and the batch's T tokens (MoE is the case H = 1):
-//   r[h]  = x[h] + o_h(Attn_h(RMSNorm(x[h])))   q/k/v GEMMs, QK-norm, RoPE, KV append, attention, o GEMM (beta 1)
+//   r[h]  = x[h] + o_h(Attn_h(RMSNorm(x[h])))   one fused q|k|v GEMM, QK-norm, RoPE, KV append, attention,
+//                                                o GEMM (beta 1)
 //   rf    = (1/H) sum_h r[h]                      stream mean, or fp32 partial sum + the caller's cross-rank reduce
 //   u     = RMSNorm(rf)
 //   route u inside every held group (top-k/H) or globally (MoE): fp32 logits GEMM + one warp per token
@@ -66,9 +67,7 @@ struct LayerSpec {
 struct LayerScratch {
     bfloat16* residual = nullptr;       ///< [held, T, d] r[h]
     bfloat16* normed = nullptr;         ///< [T, d] RMSNorm of a group's stream
-    bfloat16* q = nullptr;              ///< [T, q width of a group]
-    bfloat16* k = nullptr;              ///< [T, kv width of a group]
-    bfloat16* v = nullptr;              ///< [T, kv width of a group]
+    bfloat16* qkv = nullptr;            ///< [T, q width + 2 kv width of a group]: q | k | v per token
     bfloat16* attn = nullptr;           ///< [T, q width of a group]
     float* synced32 = nullptr;          ///< [T, d] fp32 partial stream sum (cross-rank sync only)
     bfloat16* synced = nullptr;         ///< [T, d] rf
@@ -97,9 +96,7 @@ struct LayerScratch {
         const AttentionShape shape{c.q_heads_per_group(), c.kv_heads_per_group(), c.head_dim, s.cache_capacity};
         visit(residual, static_cast<std::size_t>(held) * t * d);
         visit(normed, t * d);
-        visit(q, t * qw);
-        visit(k, t * kw);
-        visit(v, t * kw);
+        visit(qkv, t * (qw + 2 * kw));
         visit(attn, t * qw);
         visit(synced32, t * d);
         visit(synced, t * d);
@@ -188,7 +185,7 @@ public:
 
 private:
     struct GroupWeights {
-        bfloat16 *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;  // [qw, d] [kw, d] [kw, d] [d, qw]
+        bfloat16 *qkv = nullptr, *o = nullptr;  // [qw + 2 kw, d]: q_proj, k_proj, v_proj rows; [d, qw]
         bfloat16 *kcache = nullptr, *vcache = nullptr;                      // [slots, kv, capacity, hd]
     };
 
@@ -315,12 +312,15 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
         detail::append_bf16(gate_up, e.up_proj);
         detail::append_bf16(down, e.down_proj);
     }
-    std::vector<std::vector<bfloat16>> q(static_cast<std::size_t>(held)), k(q.size()), v(q.size()), o(q.size());
+    // Per group: q, k and v projections stacked into one [qw + 2 kw, d] matrix, so one GEMM
+    // makes the token rows q | k | v that QK-norm, RoPE, the KV append and attention read in place.
+    std::vector<std::vector<bfloat16>> qkv(static_cast<std::size_t>(held)), o(qkv.size());
     for (index_t g = 0; g < held; ++g) {
         const auto a = head_share_weights(config, w, group_begin_ + g, groups);
-        detail::append_bf16(q[static_cast<std::size_t>(g)], a.q_proj);
-        detail::append_bf16(k[static_cast<std::size_t>(g)], a.k_proj);
-        detail::append_bf16(v[static_cast<std::size_t>(g)], a.v_proj);
+        auto& stacked = qkv[static_cast<std::size_t>(g)];
+        detail::append_bf16(stacked, a.q_proj);
+        detail::append_bf16(stacked, a.k_proj);
+        detail::append_bf16(stacked, a.v_proj);
         detail::append_bf16(o[static_cast<std::size_t>(g)], a.o_proj);
     }
     const auto slots_total = static_cast<std::size_t>(spec.max_tokens * slots_per_token());
@@ -329,8 +329,8 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     for (const auto* h : {&input_norm, &post_norm, &q_norm, &k_norm, &gate, &gate_up, &down})
         plan.add<bfloat16>(h->size());
     plan.add<float>(bias.size());
-    for (std::size_t g = 0; g < q.size(); ++g)
-        for (const auto* h : {&q[g], &k[g], &v[g], &o[g]}) plan.add<bfloat16>(h->size());
+    for (std::size_t g = 0; g < qkv.size(); ++g)
+        for (const auto* h : {&qkv[g], &o[g]}) plan.add<bfloat16>(h->size());
     plan.add<std::int32_t>(slots_total);
     plan.add<float>(slots_total);
     weights_ = DeviceArena(plan.bytes());
@@ -343,10 +343,8 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     down_ = detail::upload_to(weights_, down);
     gate_bias_ = bias.empty() ? nullptr : detail::upload_to(weights_, bias);
     groups_.resize(static_cast<std::size_t>(held));
-    for (std::size_t g = 0; g < q.size(); ++g) {
-        groups_[g].q = detail::upload_to(weights_, q[g]);
-        groups_[g].k = detail::upload_to(weights_, k[g]);
-        groups_[g].v = detail::upload_to(weights_, v[g]);
+    for (std::size_t g = 0; g < qkv.size(); ++g) {
+        groups_[g].qkv = detail::upload_to(weights_, qkv[g]);
         groups_[g].o = detail::upload_to(weights_, o[g]);
     }
     routed_experts_ = weights_.take<std::int32_t>(slots_total);
@@ -380,7 +378,7 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size, held = streams(), groups = c.groups();
     const index_t qh = c.q_heads_per_group(), kvh = c.kv_heads_per_group(), hd = c.head_dim;
-    const index_t qw = qh * hd, kw = kvh * hd;
+    const index_t qw = qh * hd, kw = kvh * hd, row = qw + 2 * kw;
     const auto eps = static_cast<float>(c.rms_norm_eps);
     require(t <= spec_.max_tokens && batch.sequences <= spec_.max_sequences, "layer forward: ", t, " tokens in ",
             batch.sequences, " sequences exceed the plan's ", spec_.max_tokens, " tokens and ", spec_.max_sequences,
@@ -400,20 +398,21 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
         const bfloat16* x = in + (in_streams == 1 ? 0 : static_cast<std::size_t>(g) * rows);
         bfloat16* r = s.residual + static_cast<std::size_t>(g) * rows;
         rms_norm(x, input_norm_, s.normed, t, d, eps, stream);
-        gemm.nt(s.normed, gw.q, s.q, OutType::bf16, t, qw, d, stream, 0.0f);
-        gemm.nt(s.normed, gw.k, s.k, OutType::bf16, t, kw, d, stream, 0.0f);
-        gemm.nt(s.normed, gw.v, s.v, OutType::bf16, t, kw, d, stream, 0.0f);
+        gemm.nt(s.normed, gw.qkv, s.qkv, OutType::bf16, t, row, d, stream, 0.0f);
+        bfloat16* q = s.qkv;
+        bfloat16* k = s.qkv + qw;
+        const bfloat16* v = s.qkv + qw + kw;
         if (c.qk_norm == QkNorm::per_head) {
-            rms_norm_qk(s.q, q_norm_, t, qh, hd, eps, stream);
-            rms_norm_qk(s.k, k_norm_, t, kvh, hd, eps, stream);
+            rms_norm_qk(q, q_norm_, t, qh, hd, row, eps, stream);
+            rms_norm_qk(k, k_norm_, t, kvh, hd, row, eps, stream);
         } else if (c.qk_norm == QkNorm::full_width) {  // one group holds every head (validated)
-            rms_norm(s.q, q_norm_, s.q, t, qw, eps, stream);
-            rms_norm(s.k, k_norm_, s.k, t, kw, eps, stream);
+            rms_norm_strided(q, q_norm_, q, t, 1, qw, row, eps, stream);
+            rms_norm_strided(k, k_norm_, k, t, 1, kw, row, eps, stream);
         }
-        rope(s.q, batch.positions, t, qh, hd, c.rope_theta, stream);
-        rope(s.k, batch.positions, t, kvh, hd, c.rope_theta, stream);
-        append_kv(batch, s.k, s.v, kw, kvh, hd, spec_.cache_capacity, gw.kcache, gw.vcache, stream);
-        attention(shape, batch, s.q, qw, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
+        rope(q, batch.positions, t, qh, hd, row, c.rope_theta, stream);
+        rope(k, batch.positions, t, kvh, hd, row, c.rope_theta, stream);
+        append_kv(batch, k, v, row, kvh, hd, spec_.cache_capacity, gw.kcache, gw.vcache, stream);
+        attention(shape, batch, q, row, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
         check(cudaMemcpyAsync(r, x, rows * sizeof(bfloat16), cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync (residual)");
         gemm.nt(s.attn, gw.o, r, OutType::bf16, t, d, qw, stream, 1.0f);
     }

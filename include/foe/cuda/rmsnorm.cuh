@@ -1,7 +1,9 @@
 #pragma once
 // RMSNorm on the device: y[i, :] = w * (x[i, :] * rsqrt(mean(x[i, :]^2) + eps)), bf16 in and out,
 // fp32 accumulation; the host oracle is foe::ops::rms_norm. Per-head QK-norm is the same kernel
-// over [tokens * heads, head_dim] rows (rms_norm_qk below).
+// over [tokens * heads, head_dim] rows (rms_norm_qk below). Rows may sit inside wider token rows
+// (the q or k part of a fused q|k|v projection): row i is element (i / parts) * token_stride +
+// (i % parts) * n.
 
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
@@ -21,10 +23,12 @@ inline namespace kernels_v0_1 {
 
 template <class Launch = RmsNormLaunch>
 FOE_KERNEL(Launch::block_threads)
-void rms_norm_kernel(const bfloat16* x, const bfloat16* __restrict__ w, bfloat16* y, int n, float eps)  // x may be y
+void rms_norm_kernel(const bfloat16* x, const bfloat16* __restrict__ w, bfloat16* y, int n, int parts,
+                     std::size_t token_stride, float eps)  // x may be y
 {
     __shared__ float partial[Launch::warps];
-    const auto row = static_cast<std::size_t>(blockIdx.x) * static_cast<std::size_t>(n);
+    const auto row = static_cast<std::size_t>(blockIdx.x / static_cast<unsigned>(parts)) * token_stride +
+                     static_cast<std::size_t>(blockIdx.x % static_cast<unsigned>(parts)) * static_cast<std::size_t>(n);
     const bfloat16* xi = x + row;
     float ss = 0.0f;
     for (int j = static_cast<int>(threadIdx.x); j < n; j += Launch::block_threads) {
@@ -45,23 +49,42 @@ void rms_norm_kernel(const bfloat16* x, const bfloat16* __restrict__ w, bfloat16
 
 }  // namespace kernels_v0_1
 
+/// RMSNorm of `parts` consecutive rows of n elements in each of `tokens` token rows that start
+/// token_stride elements apart (>= parts * n); y may equal x (in place), and shares the layout.
+inline void rms_norm_strided(const bfloat16* x, const bfloat16* w, bfloat16* y, index_t tokens, index_t parts, index_t n,
+                             index_t token_stride, float eps, cudaStream_t stream)
+{
+    require(tokens >= 0 && parts > 0 && n > 0 && n <= (index_t{1} << 30), "rms_norm: bad shape [", tokens, ", ", parts,
+            ", ", n, "]");
+    require(token_stride >= parts * n, "rms_norm: token_stride ", token_stride, " is less than the ", parts, " x ", n,
+            " elements of a token row");
+    require(tokens * parts <= 0x7fffffff, "rms_norm: ", tokens * parts, " rows exceed the grid");
+    if (tokens == 0) return;
+    rms_norm_kernel<<<static_cast<unsigned>(tokens * parts), RmsNormLaunch::block_threads, 0, stream>>>(
+        x, w, y, static_cast<int>(n), static_cast<int>(parts), static_cast<std::size_t>(token_stride), eps);
+    check_launch("rms_norm_kernel");
+}
+
 /// RMSNorm of `rows` contiguous rows of n elements; y may equal x (in place).
 inline void rms_norm(const bfloat16* x, const bfloat16* w, bfloat16* y, index_t rows, index_t n, float eps,
                      cudaStream_t stream)
 {
-    require(rows >= 0 && n > 0 && n <= (index_t{1} << 30), "rms_norm: bad shape [", rows, ", ", n, "]");
-    require(rows <= 0x7fffffff, "rms_norm: ", rows, " rows exceed the grid");
-    if (rows == 0) return;
-    rms_norm_kernel<<<static_cast<unsigned>(rows), RmsNormLaunch::block_threads, 0, stream>>>(x, w, y, static_cast<int>(n), eps);
-    check_launch("rms_norm_kernel");
+    rms_norm_strided(x, w, y, rows, 1, n, n, eps, stream);
 }
 
-/// Per-head QK-norm: q or k [tokens, heads, head_dim] normalised per head with one head_dim
-/// weight shared by every head, in place.
+/// Per-head QK-norm, in place: q or k [tokens, heads, head_dim] with token rows token_stride
+/// elements apart, normalised per head with one head_dim weight shared by every head.
+inline void rms_norm_qk(bfloat16* qk, const bfloat16* w, index_t tokens, index_t heads, index_t head_dim,
+                        index_t token_stride, float eps, cudaStream_t stream)
+{
+    rms_norm_strided(qk, w, qk, tokens, heads, head_dim, token_stride, eps, stream);
+}
+
+/// Per-head QK-norm of contiguous [tokens, heads, head_dim].
 inline void rms_norm_qk(bfloat16* qk, const bfloat16* w, index_t tokens, index_t heads, index_t head_dim, float eps,
                         cudaStream_t stream)
 {
-    rms_norm(qk, w, qk, tokens * heads, head_dim, eps, stream);
+    rms_norm_qk(qk, w, tokens, heads, head_dim, heads * head_dim, eps, stream);
 }
 
 }  // namespace foe::cuda

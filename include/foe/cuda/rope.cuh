@@ -21,11 +21,12 @@ inline namespace kernels_v0_1 {
 
 template <class Launch = RopeLaunch>
 FOE_KERNEL(Launch::block_threads)
-void rope_kernel(bfloat16* x, const std::int32_t* __restrict__ positions, int heads, int head_dim, double theta)
+void rope_kernel(bfloat16* x, const std::int32_t* __restrict__ positions, int heads, int head_dim,
+                 std::size_t token_stride, double theta)
 {
     const int half = head_dim / 2;
     const float pos = static_cast<float>(positions[blockIdx.x]);
-    bfloat16* xt = x + static_cast<std::size_t>(blockIdx.x) * static_cast<std::size_t>(heads) * static_cast<std::size_t>(head_dim);
+    bfloat16* xt = x + static_cast<std::size_t>(blockIdx.x) * token_stride;
     for (int p = static_cast<int>(threadIdx.x); p < heads * half; p += Launch::block_threads) {
         const int h = p / half, j = p % half;
         const float exponent = static_cast<float>(2 * j) / static_cast<float>(head_dim);
@@ -43,17 +44,27 @@ void rope_kernel(bfloat16* x, const std::int32_t* __restrict__ positions, int he
 
 }  // namespace kernels_v0_1
 
-/// Rotates x [tokens, heads, head_dim] (contiguous) in place; positions[t] (device, int32) is
-/// token t's position in its sequence.
+/// Rotates x [tokens, heads, head_dim] in place, token rows token_stride elements apart (>= heads
+/// x head_dim: the q or k part of a fused q|k|v row); positions[t] (device, int32) is token t's
+/// position in its sequence.
 inline void rope(bfloat16* x, const std::int32_t* positions, index_t tokens, index_t heads, index_t head_dim,
-                 double theta, cudaStream_t stream)
+                 index_t token_stride, double theta, cudaStream_t stream)
 {
     require(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even, got ", head_dim);
     require(tokens >= 0 && tokens <= 0x7fffffff && heads > 0, "rope: bad shape [", tokens, ", ", heads, ", ", head_dim, "]");
+    require(token_stride >= heads * head_dim, "rope: token_stride ", token_stride, " is less than the ", heads, " x ",
+            head_dim, " elements of a token row");
     if (tokens == 0) return;
     rope_kernel<<<static_cast<unsigned>(tokens), RopeLaunch::block_threads, 0, stream>>>(
-        x, positions, static_cast<int>(heads), static_cast<int>(head_dim), theta);
+        x, positions, static_cast<int>(heads), static_cast<int>(head_dim), static_cast<std::size_t>(token_stride), theta);
     check_launch("rope_kernel");
+}
+
+/// rope() of contiguous [tokens, heads, head_dim].
+inline void rope(bfloat16* x, const std::int32_t* positions, index_t tokens, index_t heads, index_t head_dim,
+                 double theta, cudaStream_t stream)
+{
+    rope(x, positions, tokens, heads, head_dim, heads * head_dim, theta, stream);
 }
 
 }  // namespace foe::cuda
