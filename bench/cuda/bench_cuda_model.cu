@@ -9,7 +9,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <numeric>
 #include <random>
 #include <vector>
 
@@ -40,15 +39,12 @@ struct OneSequence {
     fc::DeviceBatch batch;
     explicit OneSequence(index_t tokens)
     {
-        const auto t = static_cast<std::size_t>(tokens);
-        // row_offsets [2], slots [1], starts [1], lengths [1], token_slots [t], positions [t]
-        std::vector<std::int32_t> h(5 + 2 * t, 0);
-        h[1] = static_cast<std::int32_t>(tokens);
-        h[4] = static_cast<std::int32_t>(tokens);
-        std::iota(h.begin() + 5 + static_cast<std::ptrdiff_t>(t), h.end(), 0);
-        ints = fc::upload(h);
-        const std::int32_t* p = ints.data();
-        batch = fc::DeviceBatch{p, p + 2, p + 3, p + 4, p + 5, p + 5 + t, 1, tokens, tokens};
+        const fc::BatchLayout layout(1, tokens);
+        const foe::Batch one = foe::Batch::single(0, tokens);
+        std::vector<std::int32_t> host(layout.size()), ids(static_cast<std::size_t>(tokens), 0);
+        (void)layout.fill(one, ids, host);
+        ints = fc::upload(host);
+        batch = layout.view(ints.data(), one);
     }
 };
 

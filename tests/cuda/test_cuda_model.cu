@@ -130,6 +130,37 @@ std::unique_ptr<fc::CudaModel<Gemm>> device_model(std::shared_ptr<const ModelWei
 
 }  // namespace
 
+TEST_CASE("cuda: the batch layout the kernels read: offsets, slots, starts, lengths, rows' slots and positions, ids")
+{
+    // Host code: runs without a GPU.
+    const fc::BatchLayout layout(4, 10);
+    CHECK(layout.size() == 5 + 3 * 4 + 3 * 10);
+    const Batch batch({foe::SequenceChunk{2, 0, 3}, foe::SequenceChunk{0, 7, 0}, foe::SequenceChunk{1, 5, 2}});
+    const std::vector<std::int32_t> ids{10, 11, 12, 13, 14};
+    std::vector<std::int32_t> buffer(layout.size(), -7);
+    const auto used = layout.fill(batch, ids, buffer);
+    auto section = [&](fc::BatchLayout::Section s) {
+        const auto first = buffer.begin() + static_cast<std::ptrdiff_t>(layout.offset(s));
+        return std::vector<std::int32_t>(first, first + static_cast<std::ptrdiff_t>(used[static_cast<std::size_t>(s)]));
+    };
+    using L = fc::BatchLayout;
+    CHECK(section(L::row_offsets) == std::vector<std::int32_t>{0, 3, 3, 5});
+    CHECK(section(L::slots) == std::vector<std::int32_t>{2, 0, 1});
+    CHECK(section(L::starts) == std::vector<std::int32_t>{0, 7, 5});
+    CHECK(section(L::lengths) == std::vector<std::int32_t>{3, 7, 7});
+    CHECK(section(L::token_slots) == std::vector<std::int32_t>{2, 2, 2, 1, 1});
+    CHECK(section(L::positions) == std::vector<std::int32_t>{0, 1, 2, 5, 6});
+    CHECK(section(L::ids) == ids);
+    const int fake_device = 0;
+    const auto* base = reinterpret_cast<const std::int32_t*>(&fake_device);
+    const fc::DeviceBatch view = layout.view(base, batch);
+    CHECK(view.sequences == 3);
+    CHECK(view.tokens == 5);
+    CHECK(view.max_new_tokens == 3);
+    CHECK(view.positions == base + layout.offset(L::positions));
+    CHECK_THROWS_AS((void)layout.fill(Batch::single(0, 11), std::vector<std::int32_t>(11), buffer), foe::InvalidArgument);
+}
+
 TEST_CASE("cuda: model prefill matches the host model on the same bf16 weights: FoE and MoE, policies and H")
 {
     if (!have_device()) return;

@@ -114,7 +114,6 @@ private:
     /// in the device batch buffers: the part of a forward a graph captures.
     void enqueue_forward(const DeviceBatch& batch);
     void stage(const Batch& batch, std::span<const std::int32_t> tokens);
-    [[nodiscard]] DeviceBatch device_batch(const Batch& batch) const noexcept;
     void run_decode_graph(const DeviceBatch& batch);
 
     /// Owns an instantiated graph.
@@ -131,10 +130,6 @@ private:
         }
     };
 
-    // Batch metadata: pinned staging and device buffers at fixed addresses. Sections (int32):
-    // row_offsets [S+1], slots [S], starts [S], lengths [S], token_slots [T], positions [T], ids [T].
-    enum Section { row_offsets, slots, starts, lengths, token_slots, positions, ids, section_count };
-    [[nodiscard]] std::size_t section_offset(Section s) const noexcept;
 
     ModelConfig config_;
     CudaModelOptions options_;
@@ -150,6 +145,8 @@ private:
     bfloat16 *stream_a_ = nullptr, *stream_b_ = nullptr, *hidden_ = nullptr;  // [held, T, d] x2, [T, d]
     float* hidden32_ = nullptr;                                                 // [T, d]
     float* logits_ = nullptr;                                                   // [T, vocab]
+    // Batch metadata: pinned staging and a device buffer at fixed addresses, laid out alike.
+    std::unique_ptr<BatchLayout> batch_layout_;
     std::int32_t* batch_device_ = nullptr;
     PinnedBuffer<std::int32_t> batch_host_;
     std::map<index_t, GraphExec> graphs_;
@@ -222,7 +219,8 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     const index_t t = o.max_batch_tokens;
     workspace_ = std::make_unique<LayerWorkspace>(c, spec);
     const auto td = static_cast<std::size_t>(t * d);
-    const std::size_t batch_ints = section_offset(section_count);
+    batch_layout_ = std::make_unique<BatchLayout>(o.max_sequences, o.max_batch_tokens);
+    const std::size_t batch_ints = batch_layout_->size();
     ArenaPlan plan;
     plan.add<bfloat16>(static_cast<std::size_t>(held_) * td);
     plan.add<bfloat16>(static_cast<std::size_t>(held_) * td);
@@ -256,55 +254,16 @@ CudaModel<Gemm>::~CudaModel()
 }
 
 template <DeviceGemmPolicy Gemm>
-std::size_t CudaModel<Gemm>::section_offset(Section s) const noexcept
-{
-    const auto seqs = static_cast<std::size_t>(options_.max_sequences);
-    const auto toks = static_cast<std::size_t>(options_.max_batch_tokens);
-    const std::size_t sizes[section_count] = {seqs + 1, seqs, seqs, seqs, toks, toks, toks};
-    std::size_t off = 0;
-    for (int i = 0; i < static_cast<int>(s); ++i) off += sizes[i];
-    return off;
-}
-
-template <DeviceGemmPolicy Gemm>
-DeviceBatch CudaModel<Gemm>::device_batch(const Batch& batch) const noexcept
-{
-    auto at = [&](Section s) { return batch_device_ + section_offset(s); };
-    index_t longest = 0;
-    for (const auto& chunk : batch.chunks()) longest = std::max(longest, chunk.length);
-    return DeviceBatch{at(row_offsets), at(slots), at(starts), at(lengths), at(token_slots), at(positions),
-                       batch.sequences(), batch.tokens(), longest};
-}
-
-template <DeviceGemmPolicy Gemm>
 void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> tokens)
 {
     // Writing the pinned staging area is safe: the previous forward synchronised before returning.
     std::int32_t* h = batch_host_.data();
-    auto put = [&](Section s, std::size_t i, index_t value) { h[section_offset(s) + i] = static_cast<std::int32_t>(value); };
-    const auto& chunks = batch.chunks();
-    for (std::size_t b = 0; b < chunks.size(); ++b) {
-        put(row_offsets, b, batch.offset(static_cast<index_t>(b)));
-        put(slots, b, chunks[b].slot);
-        put(starts, b, chunks[b].start);
-        put(lengths, b, chunks[b].start + chunks[b].length);
-        for (index_t i = 0; i < chunks[b].length; ++i) {
-            const auto row = static_cast<std::size_t>(batch.offset(static_cast<index_t>(b)) + i);
-            put(token_slots, row, chunks[b].slot);
-            put(positions, row, chunks[b].start + i);
-            put(ids, row, tokens[row]);
-        }
-    }
-    put(row_offsets, chunks.size(), batch.tokens());
-    const std::size_t used[section_count] = {chunks.size() + 1, chunks.size(), chunks.size(), chunks.size(),
-                                             static_cast<std::size_t>(batch.tokens()),
-                                             static_cast<std::size_t>(batch.tokens()),
-                                             static_cast<std::size_t>(batch.tokens())};
-    for (int s = 0; s < section_count; ++s) {
-        const std::size_t off = section_offset(static_cast<Section>(s));
-        if (used[s] > 0)
-            check(cudaMemcpyAsync(batch_device_ + off, h + off, used[s] * sizeof(std::int32_t), cudaMemcpyHostToDevice,
-                                  stream_->get()),
+    const auto used = batch_layout_->fill(batch, tokens, std::span<std::int32_t>(h, batch_host_.size()));
+    for (int s = 0; s < BatchLayout::section_count; ++s) {
+        const std::size_t off = batch_layout_->offset(static_cast<BatchLayout::Section>(s));
+        if (used[static_cast<std::size_t>(s)] > 0)
+            check(cudaMemcpyAsync(batch_device_ + off, h + off, used[static_cast<std::size_t>(s)] * sizeof(std::int32_t),
+                                  cudaMemcpyHostToDevice, stream_->get()),
                   "cudaMemcpyAsync (batch)");
     }
 }
@@ -315,7 +274,7 @@ void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch)
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size;
     const auto td = static_cast<std::size_t>(t * d);
-    embedding(embed_, batch_device_ + section_offset(ids), t, d, stream_a_, stream_->get());
+    embedding(embed_, batch_device_ + batch_layout_->offset(BatchLayout::ids), t, d, stream_a_, stream_->get());
     bfloat16 *in = stream_a_, *out = stream_b_;
     index_t in_streams = 1;
     for (auto& layer : layers_) {
@@ -408,7 +367,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     }
 
     stage(batch, tokens);
-    const DeviceBatch db = device_batch(batch);
+    const DeviceBatch db = batch_layout_->view(batch_device_, batch);
     // A graph only for a pure decode step: every sequence exactly one token (a zero-length chunk
     // would change the sequence count, which the graph bakes in).
     const bool decode_step = db.max_new_tokens == 1 && batch.tokens() == batch.sequences();
