@@ -17,9 +17,11 @@
 #include <fstream>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "foe/io/config_json.hpp"
@@ -187,6 +189,66 @@ constexpr std::string_view olmoe_1b_7b_config = R"({
   "vocab_size": 50304
 }
 )";
+
+/// What transformers 5.25's save_pretrained writes for an OlmoeForCausalLM, verbatim: the RoPE
+/// base is under rope_parameters, there is no top-level rope_theta, and torch_dtype is now dtype.
+constexpr std::string_view olmoe_transformers5_config = R"({
+  "architectures": [
+    "OlmoeForCausalLM"
+  ],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": null,
+  "clip_qkv": null,
+  "dtype": "float32",
+  "eos_token_id": 2,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "initializer_range": 0.02,
+  "intermediate_size": 32,
+  "max_position_embeddings": 64,
+  "model_type": "olmoe",
+  "norm_topk_prob": false,
+  "num_attention_heads": 4,
+  "num_experts": 8,
+  "num_experts_per_tok": 2,
+  "num_hidden_layers": 2,
+  "num_key_value_heads": 2,
+  "output_router_logits": false,
+  "pad_token_id": 1,
+  "rms_norm_eps": 1e-05,
+  "rope_parameters": {
+    "rope_theta": 500000.0,
+    "rope_type": "default"
+  },
+  "router_aux_loss_coef": 0.01,
+  "tie_word_embeddings": false,
+  "transformers_version": "5.25.0",
+  "use_cache": true,
+  "vocab_size": 300
+}
+)";
+
+/// olmoe_transformers5_config with key set to value (or removed when value is absent).
+std::string transformers5_config_with(std::string_view key, std::optional<json::Value> value)
+{
+    json::Value v = json::parse(olmoe_transformers5_config, "config.json");
+    if (value)
+        v.set(key, std::move(*value));
+    else
+        std::erase_if(v.as_object(), [&](const auto& member) { return member.first == key; });
+    return json::dump(v);
+}
+
+/// A RoPE dict {type_key: type, extra...} as transformers writes one for a scaled RoPE.
+json::Value rope_dict(std::string_view type_key, std::string_view type,
+                      std::initializer_list<std::pair<std::string_view, json::Value>> extra = {})
+{
+    json::Value d(json::Object{});
+    d.set(type_key, json::Value(type));
+    for (const auto& [k, v] : extra) d.set(k, v);
+    return d;
+}
 
 /// The smallest FoE config.json: required keys only.
 constexpr std::string_view minimal_foe_config = R"({
@@ -1255,11 +1317,202 @@ TEST_CASE("config.json: negative sizes are left to validate()")
                 "num_attention_heads (0) must be positive");
 }
 
-TEST_CASE("config.json: rejects rope_scaling")
+TEST_CASE("config.json: reads transformers 5's rope_parameters")
 {
-    const json::Value scaling(json::Object{{"type", json::Value("linear")}, {"factor", json::Value(2.0)}});
-    CHECK_ERROR(foe::FormatError, foe::parse_config_json(tiny_config_with("rope_scaling", scaling), "config.json"),
-                "config.json", "rope_scaling {\"type\":\"linear\",\"factor\":2.0} is not supported", "plain RoPE");
+    // The bug this guards against: the base under rope_parameters was not read, and foe silently
+    // used 10000 for a model trained with 500000.
+    const foe::ModelConfig c = foe::parse_config_json(olmoe_transformers5_config, "hf5/config.json");
+    CHECK(c.rope_theta == 500000.0);
+    CHECK(c.architecture == foe::Architecture::olmoe);
+    CHECK(c.num_key_value_heads == 2);
+    CHECK(c.head_dim == 16);
+    CHECK(c.num_experts == 8);
+    CHECK(c.vocab_size == 300);
+    CHECK(c.max_position_embeddings == 64);
+
+    // rope_type may be missing (default), and the base too (transformers' default_theta).
+    json::Value only_theta(json::Object{});
+    only_theta.set("rope_theta", 250000);
+    CHECK(foe::parse_config_json(transformers5_config_with("rope_parameters", only_theta), "config.json").rope_theta ==
+          250000.0);
+    CHECK(foe::parse_config_json(transformers5_config_with("rope_parameters", rope_dict("rope_type", "default")),
+                                 "config.json")
+              .rope_theta == 10000.0);
+    CHECK(foe::parse_config_json(transformers5_config_with("rope_parameters", nullptr), "config.json").rope_theta ==
+          10000.0);
+    // transformers 4's older "type" for "rope_type".
+    CHECK(foe::parse_config_json(transformers5_config_with("rope_parameters",
+                                                           rope_dict("type", "default", {{"rope_theta", 3.0}})),
+                                 "config.json")
+              .rope_theta == 3.0);
+}
+
+TEST_CASE("config.json: reads transformers 4's rope_theta and rope_scaling")
+{
+    json::Value v = json::parse(olmoe_transformers5_config, "config.json");
+    std::erase_if(v.as_object(), [](const auto& member) { return member.first == "rope_parameters"; });
+    v.set("rope_theta", 500000.0).set("rope_scaling", nullptr);
+    CHECK(foe::parse_config_json(json::dump(v), "hf4/config.json").rope_theta == 500000.0);
+    // A rope_scaling dict is read as transformers 5 reads it: as rope_parameters.
+    v.set("rope_scaling", rope_dict("rope_type", "default", {{"rope_theta", 500000.0}}));
+    CHECK(foe::parse_config_json(json::dump(v), "hf4/config.json").rope_theta == 500000.0);
+}
+
+TEST_CASE("config.json: both RoPE spellings must agree")
+{
+    json::Value v = json::parse(olmoe_transformers5_config, "config.json");
+    v.set("rope_theta", 500000.0).set("rope_scaling", nullptr);
+    CHECK(foe::parse_config_json(json::dump(v), "config.json").rope_theta == 500000.0);
+    v.set("rope_theta", 500000);  // an integer literal is the same number
+    CHECK(foe::parse_config_json(json::dump(v), "config.json").rope_theta == 500000.0);
+
+    v.set("rope_theta", 10000.0);
+    CHECK_ERROR(foe::ConfigError, foe::parse_config_json(json::dump(v), "both/config.json"), "both/config.json",
+                "rope_theta 10000.0 and rope_parameters.rope_theta 5e+05 disagree");
+
+    v.set("rope_theta", nullptr).set("rope_scaling", rope_dict("type", "default", {{"rope_theta", 1000.0}}));
+    CHECK_ERROR(foe::ConfigError, foe::parse_config_json(json::dump(v), "config.json"),
+                "rope_scaling.rope_theta 1000.0 and rope_parameters.rope_theta 5e+05 disagree");
+}
+
+TEST_CASE("config.json: refuses every RoPE type but \"default\", under either spelling, naming it")
+{
+    for (const char* type : {"linear", "dynamic", "yarn", "longrope", "llama3"}) {
+        INFO(type);
+        const auto scaled = [&](std::string_view type_key) {
+            return rope_dict(type_key, type, {{"factor", 4.0}, {"rope_theta", 500000.0}});
+        };
+        // transformers 5
+        CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("rope_parameters",
+                                                                                       scaled("rope_type")),
+                                                             "config.json"),
+                    "config.json: rope_parameters.rope_type \"" + std::string(type) + "\" is not supported",
+                    "only RoPE type \"default\"");
+        // transformers 4, with the newer and the older key of the type
+        for (const char* type_key : {"rope_type", "type"}) {
+            json::Value v = json::parse(olmoe_transformers5_config, "config.json");
+            std::erase_if(v.as_object(), [](const auto& member) { return member.first == "rope_parameters"; });
+            v.set("rope_theta", 500000.0).set("rope_scaling", scaled(type_key));
+            CHECK_ERROR(foe::FormatError, foe::parse_config_json(json::dump(v), "config.json"),
+                        "rope_scaling." + std::string(type_key) + " \"" + std::string(type) + "\" is not supported",
+                        "only RoPE type \"default\"");
+        }
+    }
+    // The foe-written (transformers 4) layout too.
+    CHECK_ERROR(foe::FormatError,
+                foe::parse_config_json(tiny_config_with("rope_scaling", rope_dict("type", "linear", {{"factor", 2.0}})),
+                                       "config.json"),
+                "config.json", "rope_scaling.type \"linear\" is not supported");
+}
+
+TEST_CASE("config.json: refuses RoPE parameters that RoPE type \"default\" does not have")
+{
+    CHECK_ERROR(foe::FormatError,
+                foe::parse_config_json(transformers5_config_with("rope_parameters",
+                                                                 rope_dict("rope_type", "default", {{"factor", 4.0}})),
+                                       "config.json"),
+                "rope_parameters.factor 4.0 is not supported", "only rope_type and rope_theta");
+    // Nested per layer type (a layout transformers 5 has for other models) is not OLMoE's.
+    const json::Value nested(json::Object{{"full_attention", rope_dict("rope_type", "default")}});
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("rope_parameters", nested), "config.json"),
+                "rope_parameters.full_attention {\"rope_type\":\"default\"} is not supported");
+    CHECK_ERROR(foe::FormatError,
+                foe::parse_config_json(transformers5_config_with("rope_parameters", "default"), "config.json"),
+                "rope_parameters must be an object or null, got \"default\"");
+    CHECK_ERROR(foe::FormatError,
+                foe::parse_config_json(transformers5_config_with("rope_parameters", rope_dict("rope_type", "default",
+                                                                                              {{"rope_theta", "1e4"}})),
+                                       "config.json"),
+                "rope_parameters.rope_theta must be a number, got \"1e4\"");
+}
+
+TEST_CASE("config.json: refuses a partial rotary factor other than 1")
+{
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("partial_rotary_factor", 0.5),
+                                                         "config.json"),
+                "partial_rotary_factor 0.5 is not supported", "rotates every dimension");
+    CHECK_ERROR(foe::FormatError,
+                foe::parse_config_json(transformers5_config_with(
+                                           "rope_parameters",
+                                           rope_dict("rope_type", "default", {{"partial_rotary_factor", 0.25}})),
+                                       "config.json"),
+                "rope_parameters.partial_rotary_factor 0.25 is not supported");
+    CHECK(foe::parse_config_json(transformers5_config_with("partial_rotary_factor", 1.0), "config.json").rope_theta ==
+          500000.0);
+}
+
+TEST_CASE("config.json: refuses a model_type of another model")
+{
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("model_type", "qwen2_moe"),
+                                                         "config.json"),
+                "model_type \"qwen2_moe\" is not supported", "OlmoeForCausalLM has model_type \"olmoe\"");
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(tiny_config_with("model_type", "olmoe"), "config.json"),
+                "model_type \"olmoe\" is not supported", "FoeForCausalLM has model_type \"foe\"");
+    CHECK_NOTHROW((void)foe::parse_config_json(transformers5_config_with("model_type", std::nullopt), "config.json"));
+}
+
+TEST_CASE("config.json: dtype and torch_dtype: float types accepted, others refused, spellings must agree")
+{
+    for (const char* ok : {"float32", "bfloat16", "float16"}) {
+        INFO(ok);
+        CHECK_NOTHROW((void)foe::parse_config_json(transformers5_config_with("dtype", ok), "config.json"));
+        json::Value v = json::parse(transformers5_config_with("dtype", std::nullopt), "config.json");
+        v.set("torch_dtype", ok);
+        CHECK_NOTHROW((void)foe::parse_config_json(json::dump(v), "config.json"));
+        v.set("dtype", ok);  // both spellings, the same value
+        CHECK_NOTHROW((void)foe::parse_config_json(json::dump(v), "config.json"));
+    }
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("dtype", "float8_e4m3fn"),
+                                                         "config.json"),
+                "dtype \"float8_e4m3fn\" is not supported", "\"float32\", \"bfloat16\", \"float16\"");
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("torch_dtype", "float64"),
+                                                         "config.json"),
+                "torch_dtype \"float64\" is not supported");
+    CHECK_ERROR(foe::ConfigError, foe::parse_config_json(transformers5_config_with("torch_dtype", "bfloat16"),
+                                                         "config.json"),
+                "dtype \"float32\" and torch_dtype \"bfloat16\" disagree");
+}
+
+TEST_CASE("config.json: num_local_experts is another spelling of num_experts")
+{
+    json::Value v = json::parse(olmoe_transformers5_config, "config.json");
+    std::erase_if(v.as_object(), [](const auto& member) { return member.first == "num_experts"; });
+    v.set("num_local_experts", 8);
+    CHECK(foe::parse_config_json(json::dump(v), "config.json").num_experts == 8);
+    v.set("num_experts", 16);
+    CHECK_ERROR(foe::ConfigError, foe::parse_config_json(json::dump(v), "config.json"),
+                "num_experts 16 and num_local_experts 8 disagree");
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("num_experts", std::nullopt),
+                                                         "config.json"),
+                "missing required key \"num_experts\" (or \"num_local_experts\")");
+}
+
+TEST_CASE("config.json: refuses sliding_window and quantization_config")
+{
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("sliding_window", 4096),
+                                                         "config.json"),
+                "sliding_window 4096 is not supported", "every earlier position");
+    CHECK_NOTHROW((void)foe::parse_config_json(transformers5_config_with("sliding_window", nullptr), "config.json"));
+    const json::Value quant(json::Object{{"quant_method", json::Value("fp8")}});
+    CHECK_ERROR(foe::FormatError, foe::parse_config_json(transformers5_config_with("quantization_config", quant),
+                                                         "config.json"),
+                "quantization_config {\"quant_method\":\"fp8\"} is not supported", "unquantized");
+}
+
+TEST_CASE("config.json: keys that cannot change an inference result are accepted with any value")
+{
+    // Training-only, generation-loop or bookkeeping keys: foe computes the same logits whatever
+    // they say (README "config.json keys").
+    const std::pair<std::string_view, json::Value> keys[] = {
+        {"attention_dropout", 0.1},      {"router_aux_loss_coef", 0.5}, {"output_router_logits", true},
+        {"initializer_range", 1.0},      {"use_cache", false},          {"pad_token_id", 0},
+        {"bos_token_id", 5},             {"eos_token_id", json::Array{2, 3}}, {"transformers_version", "6.0.0"},
+    };
+    for (const auto& key_value : keys) {  // not a structured binding: INFO captures it in a lambda
+        INFO(key_value.first);
+        CHECK(foe::parse_config_json(transformers5_config_with(key_value.first, key_value.second), "config.json")
+                  .rope_theta == 500000.0);
+    }
 }
 
 TEST_CASE("config.json: rejects clip_qkv")

@@ -131,6 +131,16 @@ void config_corpus(const fs::path& dir)
 "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0",
 "use_cache": true, "vocab_size": 50304}
 )");
+    // What transformers 5's save_pretrained writes: the RoPE base under rope_parameters, "dtype".
+    write(dir / "olmoe_transformers5.json", R"({"architectures": ["OlmoeForCausalLM"], "attention_bias": false,
+"attention_dropout": 0.0, "bos_token_id": null, "clip_qkv": null, "dtype": "float32", "eos_token_id": 2,
+"hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 16,
+"max_position_embeddings": 64, "model_type": "olmoe", "norm_topk_prob": false, "num_attention_heads": 4,
+"num_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_key_value_heads": 2,
+"output_router_logits": false, "pad_token_id": 1, "rms_norm_eps": 1e-05,
+"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "router_aux_loss_coef": 0.01,
+"tie_word_embeddings": false, "transformers_version": "5.25.0", "use_cache": true, "vocab_size": 256}
+)");
     write(dir / "minimal_foe.json", R"({"architectures": ["FoeForCausalLM"], "hidden_size": 64, "intermediate_size": 32,
 "num_attention_heads": 8, "num_hidden_layers": 2, "num_experts": 16, "num_experts_per_tok": 8, "vocab_size": 97})");
 
@@ -145,6 +155,11 @@ void config_corpus(const fs::path& dir)
     write(dir / "hostile_rope_scaling.json", R"({"architectures": ["FoeForCausalLM"], "rope_scaling": {"type": "linear", "factor": 2.0},
 "hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 8, "num_hidden_layers": 2,
 "num_experts": 16, "num_experts_per_tok": 8, "vocab_size": 97})");
+    write(dir / "hostile_rope_conflict.json", R"({"architectures": ["OlmoeForCausalLM"], "rope_theta": 10000.0,
+"rope_scaling": {"type": "default", "rope_theta": 1000.0}, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+"rope_theta": 500000.0}, "num_experts": 8, "num_local_experts": 16, "dtype": "bfloat16", "torch_dtype": "float8_e4m3fn",
+"hidden_size": 64, "intermediate_size": 16, "num_attention_heads": 4, "num_hidden_layers": 2,
+"num_experts_per_tok": 2, "vocab_size": 256})");
     write(dir / "hostile_float_extents.json", R"({"architectures": ["FoeForCausalLM"], "hidden_size": 64.0,
 "intermediate_size": 1e400, "num_attention_heads": 8, "rope_theta": -0.0, "rms_norm_eps": 1e-400})");
     write(dir / "hostile_deep_nesting.json", "{\"architectures\": " + std::string(300, '[') + std::string(300, ']') + "}");

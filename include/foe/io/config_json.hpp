@@ -2,15 +2,27 @@
 // Hugging Face config.json <-> foe::ModelConfig.
 //
 // The keys are those of Hugging Face's OlmoeConfig, so that an OLMoE checkpoint's config.json
-// loads as is, plus three FoE keys (num_expert_groups, qk_norm, scoring_func) for
-// "FoeForCausalLM". Defaults follow Hugging Face: num_key_value_heads defaults to
-// num_attention_heads, head_dim to hidden_size / num_attention_heads; a null value means the
-// default, as None does in Python.
+// loads as is, whether transformers 4 or 5 wrote it, plus three FoE keys (num_expert_groups,
+// qk_norm, scoring_func) for "FoeForCausalLM". Defaults follow Hugging Face: num_key_value_heads
+// defaults to num_attention_heads, head_dim to hidden_size / num_attention_heads, the RoPE base
+// to 10000 (transformers' default_theta); a null value means the default, as None does in Python.
 //
-// The reader is strict where leniency would silently change the model's math: options foe does
-// not implement (rope_scaling, clip_qkv, attention or MLP biases, an activation other than silu)
-// are rejected, not ignored. Keys foe has no use for (token ids, dropout, initializer_range,
-// torch_dtype, ...) are ignored, since real configs carry many. The result is validated with
+// The reader is strict where leniency would silently change the model's math. Every key of
+// transformers 5's OlmoeConfig (and of what its save_pretrained writes) is either honoured or,
+// for a value foe does not implement, refused with a message naming the key, the value and what
+// foe supports: a RoPE type other than "default", clip_qkv, attention or MLP biases, an
+// activation other than silu, partial rotary, a sliding window, quantization, a model_type of
+// another model. Keys that cannot change an inference result are ignored: token ids (foe does
+// not stop generating at EOS), dropout, initializer_range, router_aux_loss_coef,
+// output_router_logits, use_cache, transformers_version, and unknown keys, since real configs
+// carry many. README.md ("config.json keys") lists them all.
+//
+// Where transformers renamed a key (rope_theta/rope_scaling -> rope_parameters, torch_dtype ->
+// dtype, num_experts has the alias num_local_experts) both spellings are read, and a file that
+// gives both with different values is refused: which one wins differs between readers.
+//
+// FormatError for malformed input and unsupported options; ConfigError for values that cannot
+// work together (including two spellings that disagree). The result is validated with
 // ModelConfig::validate(); its ConfigErrors are re-thrown with the file's name in front.
 
 #include <cstdint>
@@ -19,6 +31,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "foe/core/config.hpp"
 #include "foe/core/error.hpp"
@@ -122,6 +135,28 @@ public:
         if (boolean(key, false)) unsupported(key, *get(key), why);
     }
 
+    /// A key under either of its two spellings (transformers renamed some keys; a file may carry
+    /// both). nullptr when both are absent or null; ConfigError naming both values when both are
+    /// given and differ, since readers disagree on which one wins.
+    [[nodiscard]] const json::Value* either(std::string_view key, std::string_view alias) const
+    {
+        const json::Value* a = get(key);
+        const json::Value* b = get(alias);
+        if (a != nullptr && b != nullptr && !(*a == *b))
+            raise<ConfigError>(src_, ": ", key, " ", json::detail::describe(*a), " and ", alias, " ",
+                               json::detail::describe(*b), " disagree (two spellings of one key: give one, or the "
+                               "same value in both)");
+        return a != nullptr ? a : b;
+    }
+
+    /// A required integer under either of two spellings.
+    [[nodiscard]] index_t integer_either(std::string_view key, std::string_view alias) const
+    {
+        const json::Value* v = either(key, alias);
+        if (v == nullptr) raise<FormatError>(src_, ": missing required key \"", key, "\" (or \"", alias, "\")");
+        return as_integer(get(key) != nullptr ? key : alias, *v);
+    }
+
     [[nodiscard]] std::string_view source() const noexcept { return src_; }
 
 private:
@@ -167,6 +202,105 @@ private:
                        " is not one of \"softmax\", \"sigmoid\"");
 }
 
+/// A partial_rotary_factor must mean "rotate the whole head": foe's RoPE (and transformers'
+/// default RoPE for OLMoE, which does not read it) rotates every dimension, so a checkpoint that
+/// asks for less was trained with something neither computes.
+inline void require_full_rotation(const Reader& r, std::string_view key, const json::Value& v)
+{
+    if (!v.is_number()) r.wrong_type(key, v, "a number");
+    if (v.as_double() != 1.0)
+        r.unsupported(key, v, "foe rotates every dimension of a head; it must be 1.0, null or absent");
+}
+
+/// RoPE's base from every spelling Hugging Face has used, refusing any RoPE variant foe does not
+/// compute. transformers 4 writes a top-level rope_theta and rope_scaling (null for plain RoPE,
+/// else {"type" or "rope_type": "linear", "factor": ...}); transformers 5 writes rope_parameters
+/// {"rope_type": "default", "rope_theta": ...} and no top-level rope_theta, and reads the old
+/// spelling too (rope_scaling winning over rope_parameters, the dict's rope_theta over the
+/// top-level one). foe takes the base only when every spelling present gives the same value, so
+/// that no file reads one way here and another way there. Neither present: 10000, transformers'
+/// default_theta.
+[[nodiscard]] inline double parse_rope_theta(const Reader& r)
+{
+    struct Theta {
+        std::string key;
+        const json::Value* value;
+    };
+    std::vector<Theta> thetas;
+    if (const json::Value* v = r.get("rope_theta")) {
+        if (!v->is_number()) r.wrong_type("rope_theta", *v, "a number");
+        thetas.push_back({"rope_theta", v});
+    }
+    if (const json::Value* v = r.get("partial_rotary_factor")) require_full_rotation(r, "partial_rotary_factor", *v);
+
+    for (const std::string_view dict : {std::string_view("rope_scaling"), std::string_view("rope_parameters")}) {
+        const json::Value* d = r.get(dict);
+        if (d == nullptr) continue;
+        if (!d->is_object()) r.wrong_type(dict, *d, "an object or null");
+        // The type first, so that {"rope_type": "linear", "factor": 4.0} is refused for "linear",
+        // the cause, not for "factor". "type" is transformers 4's older name of "rope_type".
+        for (const std::string_view type_key : {std::string_view("rope_type"), std::string_view("type")}) {
+            const json::Value* t = d->find(type_key);
+            if (t == nullptr || t->is_null()) continue;
+            const std::string name = detail::concat(dict, ".", type_key);
+            if (!t->is_string()) r.wrong_type(name, *t, "a string");
+            if (t->as_string() != "default")
+                r.unsupported(name, *t,
+                              "foe implements only RoPE type \"default\", without scaling; it must be "
+                              "\"default\", null or absent");
+        }
+        for (const auto& [member, value] : d->as_object()) {
+            if (member == "rope_type" || member == "type" || value.is_null()) continue;
+            const std::string name = detail::concat(dict, ".", member);
+            if (member == "rope_theta") {
+                if (!value.is_number()) r.wrong_type(name, value, "a number");
+                thetas.push_back({name, &value});
+            } else if (member == "partial_rotary_factor") {
+                require_full_rotation(r, name, value);
+            } else {
+                r.unsupported(name, value,
+                              "RoPE type \"default\" takes only rope_type and rope_theta; foe implements no "
+                              "other RoPE parameter");
+            }
+        }
+    }
+    if (thetas.empty()) return 10000.0;
+    for (const Theta& t : thetas)
+        if (t.value->as_double() != thetas.front().value->as_double())
+            raise<ConfigError>(r.source(), ": ", thetas.front().key, " ", json::detail::describe(*thetas.front().value),
+                               " and ", t.key, " ", json::detail::describe(*t.value),
+                               " disagree (the transformers 4 and 5 spellings of RoPE's base: give one, or the "
+                               "same value in both)");
+    return thetas.front().value->as_double();
+}
+
+/// model_type, when given, must name the architecture's model: transformers builds the model
+/// that model_type names (architectures is only a hint), so another value is another model.
+inline void check_model_type(const Reader& r, Architecture a)
+{
+    const std::string_view expected = a == Architecture::olmoe ? "olmoe" : "foe";
+    if (const auto type = r.string("model_type"); type && *type != expected)
+        r.unsupported("model_type", *r.get("model_type"),
+                      detail::concat(to_string(a), " has model_type \"", expected,
+                                     "\"; another model_type is another model, which foe does not implement"));
+}
+
+/// dtype (transformers 5) or torch_dtype (transformers 4): the precision transformers computes
+/// in. foe reads each tensor in the dtype its safetensors header states and computes in fp32
+/// whatever this says, so it accepts the float types it can read and refuses others (fp8, int8,
+/// float64: another computation than foe's).
+inline void check_dtype(const Reader& r)
+{
+    for (const std::string_view key : {std::string_view("dtype"), std::string_view("torch_dtype")}) {
+        const auto name = r.string(key);
+        if (name && *name != "float32" && *name != "bfloat16" && *name != "float16")
+            r.unsupported(key, *r.get(key),
+                          "foe reads float32, bfloat16 or float16 weights and computes in float32; it must be one of "
+                          "\"float32\", \"bfloat16\", \"float16\", null or absent");
+    }
+    (void)r.either("dtype", "torch_dtype");
+}
+
 }  // namespace detail::config_json
 
 inline ModelConfig parse_config_json(std::string_view text, std::string_view source_name)
@@ -180,24 +314,29 @@ inline ModelConfig parse_config_json(std::string_view text, std::string_view sou
     ModelConfig c;
     c.architecture = detail::config_json::parse_architecture(r);
 
+    detail::config_json::check_model_type(r, c.architecture);
+
     // Options that would change the math if they were ignored.
-    r.require_null("rope_scaling", "foe implements plain RoPE; it must be null or absent");
     r.require_null("clip_qkv", "foe does not clip q/k/v; it must be null or absent");
-    r.require_false("attention_bias", "foe's attention projections have no bias");
-    r.require_false("mlp_bias", "foe's expert projections have no bias");
+    r.require_false("attention_bias", "foe's attention projections have no bias; it must be false or absent");
+    r.require_false("mlp_bias", "foe's expert projections have no bias; it must be false or absent");
     if (const auto act = r.string("hidden_act"); act && *act != "silu")
-        r.unsupported("hidden_act", *r.get("hidden_act"), "foe's experts are SwiGLU with silu");
+        r.unsupported("hidden_act", *r.get("hidden_act"), "foe's experts are SwiGLU with silu; it must be \"silu\"");
+    r.require_null("sliding_window", "foe's attention sees every earlier position; it must be null or absent");
+    r.require_null("quantization_config",
+                   "foe reads unquantized float32, bfloat16 or float16 weights; it must be null or absent");
+    detail::config_json::check_dtype(r);
 
     c.hidden_size = r.integer("hidden_size");
     c.intermediate_size = r.integer("intermediate_size");
     c.num_attention_heads = r.integer("num_attention_heads");
     c.num_key_value_heads = r.integer("num_key_value_heads", c.num_attention_heads);
     c.num_hidden_layers = r.integer("num_hidden_layers");
-    c.num_experts = r.integer("num_experts");
+    c.num_experts = r.integer_either("num_experts", "num_local_experts");  // OlmoeConfig's attribute_map
     c.num_experts_per_tok = r.integer("num_experts_per_tok");
     c.vocab_size = r.integer("vocab_size");
     c.max_position_embeddings = r.integer("max_position_embeddings", 4096);
-    c.rope_theta = r.number("rope_theta", 10000.0);
+    c.rope_theta = detail::config_json::parse_rope_theta(r);
     c.rms_norm_eps = r.number("rms_norm_eps", 1e-5);
     c.norm_topk_prob = r.boolean("norm_topk_prob", false);
     c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
