@@ -7,12 +7,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <set>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "oracle.hpp"
 #include "test_util.hpp"
@@ -69,7 +74,8 @@ std::vector<float> dense_f(MatrixView<const float> m)
 }  // namespace
 
 // =============================================================================================
-// GEMM: C = A B^T (+ C), Portable always, Cblas when the build found one.
+// GEMM: C = A B^T (+ C), BatchInvariant always (with the kernels this CPU runs and with the
+// portable ones), Cblas when the build found one.
 // =============================================================================================
 
 namespace {
@@ -78,10 +84,21 @@ struct GemmShape {
     index_t m, n, k;
 };
 
-// 1x1x1, odd sizes, sizes off the 8-lane and 64-column blocks, K < 8, and a few larger ones.
-const GemmShape gemm_shapes[] = {{1, 1, 1},   {5, 7, 3},    {3, 5, 7},   {2, 3, 5},    {4, 9, 7},
-                                 {3, 70, 1},  {17, 64, 8},  {1, 200, 9}, {33, 65, 129}, {65, 129, 33},
-                                 {129, 33, 65}, {64, 64, 64}};
+// 1x1x1, odd sizes, sizes off the 8-lane and 64-column blocks, K < 8, a few larger ones, and
+// shapes past BatchInvariant's blocks (6 x 16 register tiles, 96 rows, 128 columns, 256 of K).
+const GemmShape gemm_shapes[] = {{1, 1, 1},     {5, 7, 3},      {3, 5, 7},     {2, 3, 5},     {4, 9, 7},
+                                 {3, 70, 1},    {17, 64, 8},    {1, 200, 9},   {33, 65, 129}, {65, 129, 33},
+                                 {129, 33, 65}, {64, 64, 64},   {7, 17, 600},  {100, 150, 300},
+                                 {1, 300, 513}, {197, 261, 257}};
+
+/// BatchInvariant forced onto its portable kernels (std::fma), whatever this CPU has.
+struct BatchInvariantPortable {
+    static void nt(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c, bool accumulate)
+    {
+        foe::gemm::detail::bi::nt(foe::gemm::detail::bi::portable_kernels, a, b, c, accumulate);
+    }
+};
+static_assert(foe::gemm::GemmPolicy<BatchInvariantPortable>);
 
 template <class G>
 void check_gemm_dense(GemmShape s, bool accumulate, std::uint64_t seed)
@@ -167,14 +184,113 @@ void check_gemm_bad_shapes(const char* policy)
 
 }  // namespace
 
-TEST_CASE("GEMM Portable matches the float64 oracle: dense and strided views, overwrite and accumulate")
+TEST_CASE("GEMM BatchInvariant matches the float64 oracle: dense and strided views, overwrite and accumulate")
 {
-    check_gemm_policy<foe::gemm::Portable>("Portable");
+    check_gemm_policy<foe::gemm::BatchInvariant>(foe::gemm::BatchInvariant::kernel_name());
+    check_gemm_policy<BatchInvariantPortable>("portable kernels");
 }
 
-TEST_CASE("GEMM Portable rejects bad shapes with InvalidArgument")
+TEST_CASE("GEMM BatchInvariant rejects bad shapes with InvalidArgument")
 {
-    check_gemm_bad_shapes<foe::gemm::Portable>("Portable");
+    check_gemm_bad_shapes<foe::gemm::BatchInvariant>("BatchInvariant");
+}
+
+namespace {
+
+/// BatchInvariant's contract, written out: one sequential chain of fused multiply-adds per output.
+std::vector<float> fma_chains(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& c0,
+                              index_t m, index_t n, index_t k, bool accumulate)
+{
+    std::vector<float> c(sz(m * n));
+    for (index_t i = 0; i < m; ++i)
+        for (index_t j = 0; j < n; ++j) {
+            float acc = accumulate ? c0[sz(i * n + j)] : 0.0f;
+            for (index_t p = 0; p < k; ++p) acc = std::fma(a[sz(i * k + p)], b[sz(j * k + p)], acc);
+            c[sz(i * n + j)] = acc;
+        }
+    return c;
+}
+
+bool same_bits(const float* a, const float* b, std::size_t n) { return n == 0 || std::memcmp(a, b, n * sizeof(float)) == 0; }
+
+}  // namespace
+
+TEST_CASE("GEMM BatchInvariant gives every output the bits of its own FMA chain, on this CPU's kernels and the portable ones")
+{
+    CAPTURE(foe::gemm::BatchInvariant::kernel_name());
+    std::uint64_t seed = 500;
+    for (const auto& s : gemm_shapes)
+        for (bool accumulate : {false, true}) {
+            const index_t m = s.m, n = s.n, k = s.k;
+            CAPTURE(m);
+            CAPTURE(n);
+            CAPTURE(k);
+            CAPTURE(accumulate);
+            const auto a = test::random_floats(sz(m * k), seed += 3), b = test::random_floats(sz(n * k), seed + 1);
+            const auto c0 = test::random_floats(sz(m * n), seed + 2);
+            const auto want = fma_chains(a, b, c0, m, n, k, accumulate);
+            auto fast = c0, portable = c0;
+            foe::gemm::BatchInvariant::nt({a.data(), {m, k}}, {b.data(), {n, k}}, {fast.data(), {m, n}}, accumulate);
+            BatchInvariantPortable::nt({a.data(), {m, k}}, {b.data(), {n, k}}, {portable.data(), {m, n}}, accumulate);
+            CHECK(same_bits(fast.data(), want.data(), want.size()));
+            CHECK(same_bits(portable.data(), want.data(), want.size()));
+        }
+}
+
+TEST_CASE("GEMM BatchInvariant: a row's bits do not depend on M, on the rows around it or on the thread count")
+{
+    // 203 rows: three 96-row blocks, the last partial, and 6-row tiles with every remainder; 261
+    // columns (two 128-column panels and a 5-column edge, or narrower panels for few rows); K 700
+    // (three blocks of 256).
+    const index_t m = 203, n = 261, k = 700;
+    const auto a = test::random_floats(sz(m * k), 61), b = test::random_floats(sz(n * k), 62);
+    const auto c0 = test::random_floats(sz(m * n), 63);
+    for (bool accumulate : {false, true}) {
+        CAPTURE(accumulate);
+        auto whole = c0;
+        foe::gemm::BatchInvariant::nt({a.data(), {m, k}}, {b.data(), {n, k}}, {whole.data(), {m, n}}, accumulate);
+        // Row blocks of other sizes at other offsets: every size 1..13, and some larger ones.
+        struct Rows {
+            index_t begin, count;
+        };
+        std::vector<Rows> blocks;
+        for (index_t count = 1; count <= 13; ++count) blocks.push_back({(count * 37) % (m - count), count});
+        blocks.push_back({5, 96});
+        blocks.push_back({1, 150});
+        blocks.push_back({m - 1, 1});
+        for (const auto& r : blocks) {
+            CAPTURE(r.begin);
+            CAPTURE(r.count);
+            std::vector<float> part(c0.begin() + r.begin * n, c0.begin() + (r.begin + r.count) * n);
+            foe::gemm::BatchInvariant::nt({a.data() + r.begin * k, {r.count, k}}, {b.data(), {n, k}},
+                                          {part.data(), {r.count, n}}, accumulate);
+            CHECK(same_bits(part.data(), whole.data() + r.begin * n, part.size()));
+        }
+        // Columns: a block of rows of B gives the same bits as those columns of the whole product.
+        std::vector<float> cols(sz(m * 21));
+        for (index_t i = 0; i < m; ++i) std::copy_n(c0.begin() + i * n + 130, 21, cols.begin() + i * 21);
+        foe::gemm::BatchInvariant::nt({a.data(), {m, k}}, {b.data() + 130 * k, {21, k}}, {cols.data(), {m, 21}},
+                                      accumulate);
+        bool columns_same = true;
+        for (index_t i = 0; i < m; ++i)
+            columns_same = columns_same && same_bits(cols.data() + i * 21, whole.data() + i * n + 130, 21);
+        CHECK(columns_same);
+#if defined(_OPENMP)
+        const int saved = omp_get_max_threads();
+        for (int threads : {1, 2, 3, 5}) {
+            CAPTURE(threads);
+            omp_set_num_threads(threads);
+            auto again = c0;
+            foe::gemm::BatchInvariant::nt({a.data(), {m, k}}, {b.data(), {n, k}}, {again.data(), {m, n}}, accumulate);
+            auto one_row = std::vector<float>(c0.begin() + 17 * n, c0.begin() + 18 * n);
+            foe::gemm::BatchInvariant::nt({a.data() + 17 * k, {1, k}}, {b.data(), {n, k}}, {one_row.data(), {1, n}},
+                                          accumulate);
+            CHECK(same_bits(again.data(), whole.data(), whole.size()));
+            CHECK(same_bits(one_row.data(), whole.data() + 17 * n, one_row.size()));
+        }
+        omp_set_num_threads(saved);
+#endif
+    }
 }
 
 #if defined(FOE_WITH_CBLAS)
@@ -186,6 +302,23 @@ TEST_CASE("GEMM Cblas matches the float64 oracle: dense and strided views, overw
 TEST_CASE("GEMM Cblas rejects bad shapes with InvalidArgument")
 {
     check_gemm_bad_shapes<foe::gemm::Cblas>("Cblas");
+}
+
+TEST_CASE("GEMM Cblas: a row computed alone or in another batch agrees within 1e-6 relative, not bit for bit")
+{
+    // What a vendor BLAS gives: OpenBLAS picks kernels per CPU and per M, so a row's bits may
+    // change with the batch around it (on Zen they do). The bound is fp32 rounding over K = 700.
+    const index_t m = 203, n = 261, k = 700;
+    const auto a = test::random_floats(sz(m * k), 61), b = test::random_floats(sz(n * k), 62);
+    std::vector<float> whole(sz(m * n));
+    foe::gemm::Cblas::nt({a.data(), {m, k}}, {b.data(), {n, k}}, {whole.data(), {m, n}}, false);
+    for (index_t count : {1, 2, 5, 64}) {
+        CAPTURE(count);
+        std::vector<float> part(sz(count * n));
+        foe::gemm::Cblas::nt({a.data() + 11 * k, {count, k}}, {b.data(), {n, k}}, {part.data(), {count, n}}, false);
+        const std::vector<float> same_rows(whole.begin() + 11 * n, whole.begin() + (11 + count) * n);
+        CHECK(oracle::relative_error(part, oracle::to_double(same_rows)) < 1e-6);
+    }
 }
 #endif
 
@@ -997,9 +1130,9 @@ TEST_CASE("SwiGluExperts combine matches the float64 weighted sum over a slot ra
 }
 
 // =============================================================================================
-// GEMM edge case: empty extents. Last in the file on purpose: until Portable stops indexing
-// element (i, 0) of a K = 0 operand, this case fails an assertion and aborts the executable (UB
-// under NDEBUG), and doctest runs test cases in file order.
+// GEMM edge case: empty extents. Last in the file on purpose: a policy that indexes element
+// (i, 0) of a K = 0 operand fails an assertion here and aborts the executable (UB under NDEBUG),
+// and doctest runs test cases in file order.
 // =============================================================================================
 
 namespace {
@@ -1035,7 +1168,8 @@ TEST_CASE("GEMM Cblas with an empty extent: K = 0 gives C = 0 or leaves C as it 
 }
 #endif
 
-TEST_CASE("GEMM Portable with an empty extent: K = 0 gives C = 0 or leaves C as it was")
+TEST_CASE("GEMM BatchInvariant with an empty extent: K = 0 gives C = 0 or leaves C as it was")
 {
-    check_gemm_empty<foe::gemm::Portable>("Portable");
+    check_gemm_empty<foe::gemm::BatchInvariant>("BatchInvariant");
+    check_gemm_empty<BatchInvariantPortable>("portable kernels");
 }

@@ -3,9 +3,16 @@
 
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "foe/foe.hpp"
+
+// The tests that compare results bit for bit (batch against alone, thread counts, twins, FoE with
+// H = 1 against MoE) rely on it: models and layers built without naming a GEMM policy use foe's
+// batch-invariant GEMM. Tests of the Cblas policy name it and assert a tolerance instead.
+static_assert(std::is_same_v<foe::gemm::Default, foe::gemm::BatchInvariant>,
+              "the exact-equality tests assume the default GEMM policy is foe::gemm::BatchInvariant");
 
 namespace test {
 

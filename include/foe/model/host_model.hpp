@@ -26,16 +26,19 @@ using HostMoeLayer = MoeLayer<attention::GqaAttention<Gemm>, routing::Router<Sco
                               experts::SwiGluExperts<Gemm>, parallel::LocalExperts>;
 
 /// The host model for the weights' config: OlmoeForCausalLM -> standard MoE layers,
-/// FoeForCausalLM -> FoE layers with the config's score function.
-[[nodiscard]] inline std::unique_ptr<ModelInterface> make_model(std::shared_ptr<const ModelWeights> weights,
-                                                                const ModelOptions& options = {})
+/// FoeForCausalLM -> FoE layers with the config's score function. Every dense product (the
+/// projections, the router, the experts and the LM head) goes through Gemm.
+template <gemm::GemmPolicy Gemm = gemm::Default>
+[[nodiscard]] std::unique_ptr<ModelInterface> make_model(std::shared_ptr<const ModelWeights> weights,
+                                                         const ModelOptions& options = {})
 {
     const ModelConfig& c = weights->config;
     c.validate();
-    if (c.architecture == Architecture::olmoe) return std::make_unique<Model<HostMoeLayer<>>>(std::move(weights), options);
+    if (c.architecture == Architecture::olmoe)
+        return std::make_unique<Model<HostMoeLayer<routing::Softmax, Gemm>, Gemm>>(std::move(weights), options);
     if (c.scoring_func == ScoreFunction::sigmoid)
-        return std::make_unique<Model<HostFoeLayer<routing::Sigmoid>>>(std::move(weights), options);
-    return std::make_unique<Model<HostFoeLayer<routing::Softmax>>>(std::move(weights), options);
+        return std::make_unique<Model<HostFoeLayer<routing::Sigmoid, Gemm>, Gemm>>(std::move(weights), options);
+    return std::make_unique<Model<HostFoeLayer<routing::Softmax, Gemm>, Gemm>>(std::move(weights), options);
 }
 
 }  // namespace foe

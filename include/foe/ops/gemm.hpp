@@ -1,83 +1,30 @@
 #pragma once
-// Dense GEMM policies of the host backend: C = A * B^T (+ C).
+// The host GEMM policies foe ships, and gemm::Default, the one its layers use unless told.
 //
-// Every projection in the model multiplies activations [M, K] by a weight stored as Hugging Face
-// does, [out, in] row-major, so the one operation needed is "NT": C[M, N] = A[M, K] * B[N, K]^T.
-// A GEMM policy is a type with a static nt(); layers take it as a template argument so a user
-// can swap in their own BLAS. Both policies are deterministic: the same inputs give the same bits
-// whatever the thread count (threads split rows of C, never the K reduction).
+//   BatchInvariant  foe's own (batch_invariant_gemm.hpp): every output one fixed chain of FMAs,
+//                   so the same bits whatever the batch, the thread count or the CPU.
+//   Cblas           a vendor CBLAS sgemm (OpenBLAS when found): deterministic run to run for the
+//                   same shapes and threads, but not bit for bit across shapes, thread counts or
+//                   CPUs; equal to BatchInvariant within fp32 rounding.
+//
+// Default, what layers and models use unless told otherwise, is BatchInvariant: the strongest
+// promise at about OpenBLAS's speed on foe's shapes (bench_kernels: gemm_nt/*). Cblas exists
+// when the consumer defines FOE_WITH_CBLAS and links a CBLAS (foe's CMake target foe::cblas
+// does); name it as a layer's or model's GEMM policy to use it.
 
 #include <algorithm>
-#include <concepts>
 
 #include "foe/core/error.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/core/types.hpp"
+#include "foe/ops/batch_invariant_gemm.hpp"
+#include "foe/ops/gemm_policy.hpp"
 
 #if defined(FOE_WITH_CBLAS)
 #include <cblas.h>
 #endif
 
 namespace foe::gemm {
-
-/// What a GEMM policy provides.
-template <class G>
-concept GemmPolicy = requires(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c, bool acc) {
-    { G::nt(a, b, c, acc) } -> std::same_as<void>;
-};
-
-namespace detail {
-
-inline void check_nt_shapes(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c)
-{
-    require(a.extent(1) == b.extent(1), "GEMM inner dimensions differ: A is [", a.extent(0), ", ", a.extent(1),
-            "], B is [", b.extent(0), ", ", b.extent(1), "]");
-    require(c.extent(0) == a.extent(0) && c.extent(1) == b.extent(0), "GEMM output is [", c.extent(0), ", ",
-            c.extent(1), "] but A * B^T is [", a.extent(0), ", ", b.extent(0), "]");
-    require(a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
-            "GEMM operands must have unit stride along their rows");
-}
-
-/// Dot product with 8 independent partial sums, so the compiler vectorises it without
-/// reassociating (no -ffast-math), and the summation order is fixed.
-inline float dot(const float* x, const float* y, index_t n) noexcept
-{
-    float lanes[8] = {};
-    index_t k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; ++l) lanes[l] += x[k + l] * y[k + l];
-    float tail = 0.0f;
-    for (; k < n; ++k) tail += x[k] * y[k];
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
-}
-
-}  // namespace detail
-
-/// Plain C++ GEMM; the fallback when no BLAS is available. The output is cut into tiles of one
-/// row by up to 64 columns (64 rows of B, which stay in cache while they are used) and OpenMP
-/// shares out the tiles, so a decode step (one row) is as parallel as a prefill.
-struct Portable {
-    static void nt(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c, bool accumulate)
-    {
-        detail::check_nt_shapes(a, b, c);
-        const index_t m = a.extent(0), n = b.extent(0), k = a.extent(1);
-        constexpr index_t tile_n = 64;
-        const index_t tiles_n = (n + tile_n - 1) / tile_n;
-        // Tiles ordered column block first: consecutive tiles share their block of B.
-        FOE_OMP_PARALLEL_FOR
-        for (index_t tile = 0; tile < m * tiles_n; ++tile) {
-            const index_t i = tile % m, j0 = tile / m * tile_n, j1 = std::min(n, j0 + tile_n);
-            // Pointer arithmetic, not a(i, 0): with K = 0 there is no element 0 to index.
-            const float* ai = a.data() + i * a.stride(0);
-            float* ci = c.data() + i * c.stride(0);
-            for (index_t j = j0; j < j1; ++j) {
-                const float v = detail::dot(ai, b.data() + j * b.stride(0), k);
-                ci[j] = accumulate ? ci[j] + v : v;
-            }
-        }
-    }
-};
-static_assert(GemmPolicy<Portable>);
 
 #if defined(FOE_WITH_CBLAS)
 /// CBLAS sgemm (OpenBLAS when found); the consumer links a CBLAS and defines FOE_WITH_CBLAS.
@@ -104,9 +51,8 @@ struct Cblas {
     }
 };
 static_assert(GemmPolicy<Cblas>);
-using Default = Cblas;
-#else
-using Default = Portable;
 #endif
+
+using Default = BatchInvariant;
 
 }  // namespace foe::gemm
