@@ -159,6 +159,50 @@ TEST_CASE("cuda: TcGemm matches cuBLASLt's LtGemm on the same shapes")
             }
 }
 
+TEST_CASE("cuda: TcGemm gives a row the same bits alone, in any batch and with either tile; cuBLASLt only within fp32 rounding")
+{
+    // What foe promises on the device (README, determinism table): TcGemm adds each output's
+    // k-tiles of 32 in one fixed order whatever the block tile, the grid or M, so a token's
+    // projection does not depend on the batch around it. cuBLASLt picks its algorithm (and may
+    // split K, most likely for few rows and a long K) per shape: equal within fp32 rounding only.
+    if (!have_device()) return;
+    std::mt19937_64 rng(21);
+    const index_t m = 1000, n = 768, k = 2048;
+    const auto a = random_bf16(sz(m * k), rng);
+    const auto b = random_bf16(sz(n * k), rng);
+    auto da = fc::upload(a.bits);
+    auto db = fc::upload(b.bits);
+    fc::DeviceBuffer<float> whole(sz(m * n));
+    fc::TcGemm(fc::TcTileChoice::large).nt(da.data(), db.data(), whole.data(), fc::OutType::fp32, m, n, k, nullptr);
+    const auto tc_whole = fc::download(whole);
+    fc::LtGemm lt;
+    lt.nt(da.data(), db.data(), whole.data(), fc::OutType::fp32, m, n, k, nullptr);
+    const auto lt_whole = fc::download(whole);
+    struct Rows {
+        index_t begin, count;
+    };
+    for (const Rows r : {Rows{0, 1}, Rows{17, 1}, Rows{999, 1}, Rows{5, 3}, Rows{100, 64}, Rows{1, 130}, Rows{0, 1000}}) {
+        CAPTURE(r.begin);
+        CAPTURE(r.count);
+        const auto first = tc_whole.begin() + r.begin * n, last = first + r.count * n;
+        const std::vector<float> tc_want(first, last);
+        const std::vector<float> lt_want(lt_whole.begin() + r.begin * n, lt_whole.begin() + (r.begin + r.count) * n);
+        fc::DeviceBuffer<float> part(sz(r.count * n));
+        for (auto tile : {fc::TcTileChoice::automatic, fc::TcTileChoice::large, fc::TcTileChoice::small}) {
+            fc::fill_bytes(part, 0xff);
+            fc::TcGemm(tile).nt(da.data() + r.begin * k, db.data(), part.data(), fc::OutType::fp32, r.count, n, k, nullptr);
+            const auto got = fc::download(part);
+            CHECK_MESSAGE(same_bits(got, tc_want), first_mismatch(got, tc_want));
+        }
+        fc::fill_bytes(part, 0xff);
+        lt.nt(da.data() + r.begin * k, db.data(), part.data(), fc::OutType::fp32, r.count, n, k, nullptr);
+        const auto got = fc::download(part);
+        CHECK(rel_error(got, lt_want) < 1e-5);
+        MESSAGE("cuBLASLt, rows [", r.begin, ", ", r.begin + r.count, ") alone: ",
+                same_bits(got, lt_want) ? "the same bits" : "other bits", " than inside the 1000-row product");
+    }
+}
+
 TEST_CASE("cuda: TcGemm with K = 0 gives C = beta C; bad shapes and misaligned pointers throw InvalidArgument")
 {
     if (!have_device()) return;
