@@ -1,11 +1,15 @@
 // Host kernels, one at a time, on the foe-1b shapes (d 768, head_dim 96, E 64, k 8, f 384):
-// dense projection GEMM (foe's portable kernel and the CBLAS policy), the grouped SwiGLU experts
+// dense projection GEMM (foe's batch-invariant kernel and the CBLAS policy, and the two paired on
+// every GEMM shape of foe-1b and moe-1b as a ratio), the grouped SwiGLU experts
 // next to OpenBLAS sgemm doing the same FLOPs as three large GEMMs, router + top-k, the
 // permutation of rows by expert, the weighted combine, attention prefill and decode, RMSNorm.
 //
 //   build/bench/bench_kernels --benchmark_counters_tabular=true
 
 #include "bench_util.hpp"
+
+#include <algorithm>
+#include <chrono>
 
 #if defined(FOE_WITH_CBLAS)
 #include <cblas.h>
@@ -38,9 +42,57 @@ void projection_shapes(benchmark::internal::Benchmark* b)
     for (index_t t : {1, 128, 2048}) b->Args({t, d, d});
     b->ArgNames({"M", "N", "K"})->UseRealTime();
 }
-BENCHMARK(gemm_nt<foe::gemm::Portable>)->Name("gemm_nt/portable")->Apply(projection_shapes);
+BENCHMARK(gemm_nt<foe::gemm::BatchInvariant>)->Name("gemm_nt/batch_invariant")->Apply(projection_shapes);
 #if defined(FOE_WITH_CBLAS)
 BENCHMARK(gemm_nt<foe::gemm::Cblas>)->Name("gemm_nt/cblas")->Apply(projection_shapes);
+
+/// BatchInvariant and OpenBLAS sgemm on the same operands, alternating inside every iteration so
+/// both see the same machine state; the benchmark's time is BatchInvariant's, and the counters
+/// give both rates and "vs OpenBLAS" = OpenBLAS time / BatchInvariant time (above 1: foe faster).
+void gemm_pair(benchmark::State& state)
+{
+    const index_t m = state.range(0), n = state.range(1), k = state.range(2);
+    const auto a = bench::random(static_cast<std::size_t>(m * k), 1), b = bench::random(static_cast<std::size_t>(n * k), 2);
+    std::vector<float> c(static_cast<std::size_t>(m * n));
+    const MatrixView<const float> av(a.data(), {m, k}), bv(b.data(), {n, k});
+    const MatrixView<float> cv(c.data(), {m, n});
+    double foe_seconds = 0.0, blas_seconds = 0.0;
+    using clock = std::chrono::steady_clock;
+    for (auto _ : state) {
+        const auto t0 = clock::now();
+        foe::gemm::BatchInvariant::nt(av, bv, cv, false);
+        benchmark::DoNotOptimize(c.data());
+        const auto t1 = clock::now();
+        foe::gemm::Cblas::nt(av, bv, cv, false);
+        benchmark::DoNotOptimize(c.data());
+        const auto t2 = clock::now();
+        const double foe_s = std::chrono::duration<double>(t1 - t0).count();
+        foe_seconds += foe_s;
+        blas_seconds += std::chrono::duration<double>(t2 - t1).count();
+        state.SetIterationTime(foe_s);
+    }
+    const double flops = 2.0 * static_cast<double>(m * n * k) * static_cast<double>(state.iterations());
+    state.counters["foe GFLOP/s"] = flops / foe_seconds * 1e-9;
+    state.counters["OpenBLAS GFLOP/s"] = flops / blas_seconds * 1e-9;
+    state.counters["vs OpenBLAS"] = blas_seconds / foe_seconds;
+}
+/// Every GEMM shape of one foe-1b / moe-1b layer (d 768, 8 heads of 96, 64 experts of 384, top-8)
+/// at 1 token (decode), 128 and 2048 tokens, and the LM head (vocab 50304) for one row.
+void foe_1b_shapes(benchmark::internal::Benchmark* b)
+{
+    for (index_t t : {1, 128, 2048}) {
+        const index_t expert_rows = std::max<index_t>(1, t * top_k / experts_count);
+        b->Args({t, d, d});                       // MoE q/k/v/o projection
+        b->Args({t, head_dim, d});                // FoE group's q, k or v slice
+        b->Args({t, d, head_dim});                // FoE group's o_proj slice
+        b->Args({t, experts_count, d});           // MoE router
+        b->Args({expert_rows, f, d});             // expert gate / up
+        b->Args({expert_rows, d, f});             // expert down
+    }
+    b->Args({1, 50304, d});                       // LM head, last position
+    b->ArgNames({"M", "N", "K"})->UseManualTime();
+}
+BENCHMARK(gemm_pair)->Name("gemm_pair/batch_invariant_vs_openblas")->Apply(foe_1b_shapes);
 #endif
 
 // --- grouped SwiGLU experts, against sgemm of the same FLOPs -----------------------------------------
@@ -91,7 +143,7 @@ void experts_swiglu(benchmark::State& state)
     }
     bench::set_rates(state, expert_flops(t), 4.0 * static_cast<double>(experts_count * 3 * d * f));
 }
-BENCHMARK(experts_swiglu<foe::gemm::Portable>)->Name("experts_swiglu/portable")->Arg(128)->Arg(2048)->ArgName("T")->UseRealTime();
+BENCHMARK(experts_swiglu<foe::gemm::BatchInvariant>)->Name("experts_swiglu/batch_invariant")->Arg(128)->Arg(2048)->ArgName("T")->UseRealTime();
 #if defined(FOE_WITH_CBLAS)
 BENCHMARK(experts_swiglu<foe::gemm::Cblas>)->Name("experts_swiglu/cblas")->Arg(128)->Arg(2048)->ArgName("T")->UseRealTime();
 

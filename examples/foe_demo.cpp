@@ -120,12 +120,8 @@ int main(int argc, char** argv)
 #if defined(_OPENMP)
         threads = omp_get_max_threads();
 #endif
-#if defined(FOE_WITH_CBLAS)
-        const char* gemm = "CBLAS";
-#else
-        const char* gemm = "portable C++";
-#endif
-        std::printf("foe demo: host backend, %d thread(s), %s GEMM; prompt %lld tokens, %lld generated, median of %d\n\n",
+        const char* gemm = foe::gemm::BatchInvariant::kernel_name();
+        std::printf("foe demo: host backend, %d thread(s), batch-invariant GEMM (%s); prompt %lld tokens, %lld generated, median of %d\n\n",
                     threads, gemm, static_cast<long long>(prompt_len), static_cast<long long>(new_tokens), repeats);
         std::printf("%-10s %12s %4s %4s %12s %12s   %s\n", "model", "parameters", "H", "k/H", "TTFT (ms)",
                     "TPOT (ms)", "first generated tokens");

@@ -1,16 +1,17 @@
 // foe_run: run a model directory (config.json + model.safetensors) on the host, or write a
 // seeded random one.
 //
-//   foe_run --model DIR [--backend host|cuda] [--gemm cublaslt|foe] [--tokens 1,2,3]
+//   foe_run --model DIR [--backend host|cuda] [--gemm foe|cblas|cublaslt] [--tokens 1,2,3]
 //           [--max-new-tokens N] [--logits-out FILE]
 //       prints {"prompt": [...], "generated": [...]} as one JSON line on stdout; --logits-out
 //       writes a safetensors file with the float32 tensor "logits" [prompt_len, vocab_size]
 //   foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]
 //       writes a random model directory of a named configuration (foe-1b, moe-tiny, ...)
 //
-// --backend cuda runs the model on the current GPU (foe::cuda::CudaModel, bf16; examples/
-// foe_run_cuda.cu, built when nvcc is found), with cuBLASLt or foe's own tensor-core GEMM for the
-// dense projections (--gemm). Under mpirun (when built with MPI) the model is spread over the ranks: an FoE model by its
+// --gemm picks the dense GEMM policy: on the host foe's batch-invariant GEMM (foe, the default) or
+// CBLAS (cblas, when built with it). --backend cuda runs the model on the current GPU
+// (foe::cuda::CudaModel, bf16; examples/foe_run_cuda.cu, built when nvcc is found), with cuBLASLt
+// (cublaslt, the default) or foe's own tensor-core GEMM (foe) for the dense projections. Under mpirun (when built with MPI) the model is spread over the ranks: an FoE model by its
 // groups (foe::parallel::Strategy::foe), a standard MoE by expert parallelism with data-parallel
 // attention; rank 0 prints. --ranks-per-node defaults to the launcher's local size.
 //
@@ -40,13 +41,14 @@ namespace {
 
 constexpr std::string_view usage_text =
     "usage:\n"
-    "  foe_run --model DIR [--backend host|cuda] [--gemm cublaslt|foe] [--tokens 1,2,3] [--max-new-tokens N]\n"
+    "  foe_run --model DIR [--backend host|cuda] [--gemm G] [--tokens 1,2,3] [--max-new-tokens N]\n"
     "          [--logits-out FILE]\n"
     "  foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]\n"
     "\n"
     "  --model DIR           model directory with config.json and model.safetensors\n"
     "  --backend B           host (fp32, default) or cuda (bf16 on the current GPU; one process)\n"
-    "  --gemm G              with --backend cuda: dense GEMMs by cublaslt (default) or foe (own tensor-core kernel)\n"
+    "  --gemm G              dense GEMMs: host foe (batch-invariant, default) or cblas;\n"
+    "                        cuda cublaslt (default) or foe (own tensor-core kernel)\n"
     "  --tokens LIST         prompt token ids, comma separated (default: 0)\n"
     "  --max-new-tokens N    tokens to generate greedily (default: 8)\n"
     "  --logits-out FILE     write the prompt's logits as safetensors tensor \"logits\" [prompt, vocab]\n"
@@ -68,7 +70,7 @@ struct Options {
     foe::DType dtype = foe::DType::f32;
     int ranks_per_node = 0;  // 0: from the launcher
     bool cuda = false;
-    bool foe_gemm = false;   // --gemm foe
+    std::string gemm;        // --gemm; empty: the backend's default
 };
 
 template <class T>
@@ -116,9 +118,7 @@ Options parse_args(int argc, char** argv)
                 throw UsageError(foe::detail::concat("--backend: \"", value, "\" is not one of host, cuda"));
             o.cuda = value == "cuda";
         } else if (flag == "--gemm") {
-            if (value != "cublaslt" && value != "foe")
-                throw UsageError(foe::detail::concat("--gemm: \"", value, "\" is not one of cublaslt, foe"));
-            o.foe_gemm = value == "foe";
+            o.gemm = std::string(value);
         } else if (flag == "--ranks-per-node") {
             o.ranks_per_node = parse_number<int>(value, flag);
             if (o.ranks_per_node <= 0) throw UsageError("--ranks-per-node must be positive");
@@ -135,7 +135,16 @@ Options parse_args(int argc, char** argv)
     }
     if (o.model.has_value() == o.init.has_value()) throw UsageError("give exactly one of --model and --init");
     if (o.init && !o.out) throw UsageError("--init needs --out DIR");
-    if (o.foe_gemm && !o.cuda) throw UsageError("--gemm chooses the CUDA backend's GEMM: it needs --backend cuda");
+    if (o.cuda && !o.gemm.empty() && o.gemm != "cublaslt" && o.gemm != "foe")
+        throw UsageError(foe::detail::concat("--gemm: \"", o.gemm, "\" is not one of cublaslt, foe (--backend cuda)"));
+#if defined(FOE_WITH_CBLAS)
+    if (!o.cuda && !o.gemm.empty() && o.gemm != "foe" && o.gemm != "cblas")
+        throw UsageError(foe::detail::concat("--gemm: \"", o.gemm, "\" is not one of foe, cblas (--backend host)"));
+#else
+    if (!o.cuda && !o.gemm.empty() && o.gemm != "foe")
+        throw UsageError(foe::detail::concat("--gemm: \"", o.gemm, "\" is not one of foe (--backend host; this "
+                                             "foe_run was built without CBLAS)"));
+#endif
     return o;
 }
 
@@ -187,13 +196,16 @@ int run_model(const Options& o)
     std::unique_ptr<foe::ModelInterface> model;
     if (o.cuda) {
 #if defined(FOE_WITH_CUDA)
-        model = make_cuda_model(weights, options.cache_capacity, o.foe_gemm);
+        model = make_cuda_model(weights, options.cache_capacity, o.gemm == "foe");
 #else
         throw foe::InvalidArgument("--backend cuda: this foe_run was built without CUDA (no nvcc was found when it "
                                    "was configured)");
 #endif
     } else {
-        model = foe::make_model(weights, options);
+#if defined(FOE_WITH_CBLAS)
+        if (o.gemm == "cblas") model = foe::make_model<foe::gemm::Cblas>(weights, options);
+#endif
+        if (!model) model = foe::make_model(weights, options);
     }
     foe::Tensor<float> logits;
     const auto generated = model->generate(o.tokens, o.max_new_tokens, 0, &logits);
@@ -276,6 +288,8 @@ int main(int argc, char** argv)
             const Options o = parse_args(argc, argv);
             if (o.cuda && world.size() > 1)
                 throw UsageError("--backend cuda runs in one process; under mpirun use the host backend");
+            if (o.gemm == "cblas" && world.size() > 1 && !o.init)
+                throw UsageError("--gemm cblas runs in one process; under mpirun the model uses foe's GEMM");
             if (world.size() == 1 || o.init) return world.rank() == 0 ? (o.init ? init_model(o) : run_model(o)) : 0;
             return run_model_distributed(o, world);
         } catch (const UsageError& e) {
