@@ -301,6 +301,50 @@ TEST_CASE("communication: the cost model predicts the bytes CountingComm measure
     if (g > 1) CHECK(mean * payload_share == doctest::Approx(predicted_fp32).epsilon(0.15));
 }
 
+TEST_CASE("MpiComm: ranks passing different counts get a CommError on every rank, no overrun, and the communicator stays usable")
+{
+    // Before, a rank with a longer all-reduce made Open MPI write past the shorter ranks' buffers
+    // (heap overflow under ASan). Each collective now checks its sizes across the ranks first.
+    auto w = world();
+    const int g = w.size(), me = w.rank();
+    const auto message_of = [](auto&& f) {
+        try {
+            f();
+        } catch (const foe::CommError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    const auto last_rank_longer = static_cast<std::size_t>(me == g - 1 && g > 1 ? 9 : 8);
+    std::vector<float> buf(last_rank_longer, 1.0f);
+    const std::string reduce = message_of([&] { w.all_reduce_sum(buf); });
+    if (g > 1) {
+        CHECK(reduce.find("the ranks pass different counts (8 to 9 elements") != std::string::npos);
+        CHECK(std::all_of(buf.begin(), buf.end(), [](float x) { return x == 1.0f; }));  // untouched
+    } else {
+        CHECK(reduce == "no error");
+    }
+
+    std::vector<float> all(last_rank_longer * static_cast<std::size_t>(g));
+    const std::string gather = message_of([&] { w.all_gather(buf, all); });
+    CHECK((g > 1 ? gather.find("all_gather") != std::string::npos : gather == "no error"));
+
+    // all_to_all_v: rank 0 expects one element more from the last rank than it sends.
+    std::vector<index_t> send_counts(static_cast<std::size_t>(g), 2), recv_counts(static_cast<std::size_t>(g), 2);
+    if (me == 0) recv_counts.back() = 3;
+    std::vector<float> send(static_cast<std::size_t>(2 * g), 1.0f), recv(static_cast<std::size_t>(2 * g + 1), 5.0f);
+    const std::string a2a = message_of([&] { w.all_to_all_v(send, send_counts, recv, recv_counts); });
+    if (g > 1) {
+        CHECK(a2a.find("rank 0 expects another number of elements") != std::string::npos);
+        if (me == 0) CHECK(a2a.find("this rank expects 3 from rank " + std::to_string(g - 1) + ", which sends 2") != std::string::npos);
+    }
+
+    // The errors were agreed (every rank threw the same verdict): the communicator still works.
+    std::vector<float> one{1.0f};
+    w.all_reduce_sum(one);
+    CHECK(one[0] == static_cast<float>(g));
+}
+
 TEST_CASE("a bad placement fails on every rank with the same message")
 {
     auto w = world();

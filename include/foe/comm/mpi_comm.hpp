@@ -6,6 +6,11 @@
 // naming the call and MPI's own text: MpiSession sets MPI_ERRORS_RETURN on MPI_COMM_WORLD, and
 // split communicators inherit it.
 //
+// Every collective first checks that the ranks agree on its sizes (one small MPI_Iallreduce, and
+// for all_to_all_v an MPI_Ialltoall of the counts too): ranks that pass different counts get a
+// CommError on every rank naming the counts, instead of MPI writing past a buffer (what a
+// mismatched MPI_Iallreduce does) or waiting forever. A size error leaves the communicator usable.
+//
 // Failures end in an error on every rank, never in a hang. A rank that fails while the others
 // wait in a blocking MPI collective would leave them waiting forever, so every collective here is
 // non-blocking (MPI_Iallreduce, MPI_Ialltoallv, MPI_Iallgather, MPI_Ibarrier) and waits in a
@@ -17,7 +22,8 @@
 //     CommError that names the collective (MPI cannot tell which rank did not join).
 // Either leaves the process failed: the ranks no longer agree on which collective comes next, so
 // every later collective of any MpiComm throws the same CommError at once, and ~MpiSession
-// finalises without waiting for the abandoned collectives. An abandoned collective keeps its
+// finalises without waiting for the abandoned collectives; if a peer never reaches MPI_Finalize
+// (it hangs), a failed process exits with status 1 after a grace period instead of waiting. An abandoned collective keeps its
 // buffers (collectives run on internal copies), so MPI never writes into memory the caller has
 // freed when the collective progresses late.
 //
@@ -39,6 +45,8 @@
 #include <chrono>
 #include <climits>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
 #include <span>
@@ -170,8 +178,24 @@ public:
         // After a failure the channel may hold unreceived messages and the abandoned collectives
         // unmatched requests: freeing it could wait on them, so it is left to MPI_Finalize.
         if (owns_channel_ && ch.failure.empty() && ch.comm != MPI_COMM_NULL) MPI_Comm_free(&ch.comm);
-        if (owns_) MPI_Finalize();
+        if (!owns_) return;
+        if (!ch.failure.empty()) {
+            // MPI_Finalize synchronises with every process of the job: a peer that hangs (stopped,
+            // or stuck outside collectives) would keep this one waiting forever (Open MPI spins
+            // in ompi_mpi_finalize). A failed process gives it a grace period, then exits with
+            // status 1 without finalising; the launcher then ends the job's other processes.
+            std::thread([grace = finalize_grace_] {
+                std::this_thread::sleep_for(grace);
+                std::fflush(nullptr);
+                std::_Exit(1);
+            }).detach();
+        }
+        MPI_Finalize();
     }
+
+    /// How long a failed process waits in MPI_Finalize for its peers before it exits with status 1
+    /// (default 5 s). A process that has not failed finalises without a limit.
+    void set_finalize_grace(std::chrono::duration<double> grace) { finalize_grace_ = grace; }
 
     /// The number of ranks of MPI_COMM_WORLD.
     [[nodiscard]] static int world_size()
@@ -184,6 +208,7 @@ public:
 private:
     bool owns_ = false;
     bool owns_channel_ = false;
+    std::chrono::duration<double> finalize_grace_{5.0};
 };
 
 class MpiComm {
@@ -215,6 +240,7 @@ public:
     {
         detail::throw_if_failed();
         const int n = detail::checked_int(static_cast<index_t>(buf.size()), "all_reduce_sum count");
+        require_same_count(n, "all_reduce_sum");
         auto op = std::make_shared<detail::PendingCollective>();
         op->recv.assign(buf.begin(), buf.end());
         detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, op->recv.data(), n, MPI_FLOAT, MPI_SUM, native(), &op->request),
@@ -249,6 +275,7 @@ public:
                            "all_to_all_v counts (", s_off, " sent, ", r_off, " received) exceed the buffers (",
                            send.size(), ", ", recv.size(), ")");
         detail::throw_if_failed();
+        require_matching_counts(sc, rc);
         op->send.assign(send.begin(), send.begin() + s_off);
         op->recv.resize(static_cast<std::size_t>(r_off));
         detail::check_mpi(MPI_Ialltoallv(op->send.data(), sc, sd, MPI_FLOAT, op->recv.data(), rc, rd, MPI_FLOAT,
@@ -264,6 +291,7 @@ public:
                            out.size(), " elements, expected ", in.size(), " x ", size_, " ranks");
         const int n = detail::checked_int(static_cast<index_t>(in.size()), "all_gather count");
         detail::throw_if_failed();
+        require_same_count(n, "all_gather");
         auto op = std::make_shared<detail::PendingCollective>();
         op->send.assign(in.begin(), in.end());
         op->recv.resize(out.size());
@@ -362,6 +390,56 @@ private:
         } catch (...) {
             return "this rank failed";
         }
+    }
+
+    /// Collective: throws CommError on every rank when the ranks pass different counts to the
+    /// collective `what` (the minimum and maximum over the ranks, and this rank's, are named).
+    void require_same_count(int count, std::string_view what) const
+    {
+        auto op = std::make_shared<detail::PendingCollective>();
+        op->counts_and_offsets = {count, -count};  // one MPI_MAX gives the maximum and the minimum
+        detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, op->counts_and_offsets.data(), 2, MPI_INT, MPI_MAX, native(),
+                                         &op->request),
+                          "MPI_Iallreduce");
+        wait(op, foe::detail::concat(what, "'s count check (MPI_Iallreduce)"));
+        const int most = op->counts_and_offsets[0], least = -op->counts_and_offsets[1];
+        require<CommError>(most == least, "MpiComm ", what, " on ", size_, " ranks: the ranks pass different counts (",
+                           least, " to ", most, " elements; rank ", rank_, " passes ", count,
+                           "): every rank must pass the same count");
+    }
+
+    /// Collective: throws CommError on every rank unless what each rank sends to each other
+    /// equals what that one expects to receive (send_counts[q] on rank p == recv_counts[p] on q).
+    void require_matching_counts(const int* send_counts, const int* recv_counts) const
+    {
+        const auto p = static_cast<std::size_t>(size_);
+        auto exchange = std::make_shared<detail::PendingCollective>();
+        exchange->counts_and_offsets.assign(send_counts, send_counts + p);
+        exchange->counts_and_offsets.resize(2 * p);
+        int* incoming = exchange->counts_and_offsets.data() + p;
+        detail::check_mpi(MPI_Ialltoall(exchange->counts_and_offsets.data(), 1, MPI_INT, incoming, 1, MPI_INT, native(),
+                                        &exchange->request),
+                          "MPI_Ialltoall");
+        wait(exchange, "all_to_all_v's count check (MPI_Ialltoall)");
+        int sender = -1;
+        for (std::size_t q = 0; q < p && sender < 0; ++q)
+            if (incoming[q] != recv_counts[q]) sender = static_cast<int>(q);
+        // The lowest rank that found a mismatch, so that every rank names the same one.
+        auto verdict = std::make_shared<detail::PendingCollective>();
+        verdict->counts_and_offsets = {sender >= 0 ? INT_MAX - rank_ : -1};
+        detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, verdict->counts_and_offsets.data(), 1, MPI_INT, MPI_MAX,
+                                         native(), &verdict->request),
+                          "MPI_Iallreduce");
+        wait(verdict, "all_to_all_v's count check (MPI_Iallreduce)");
+        if (verdict->counts_and_offsets[0] < 0) return;
+        const int receiver = INT_MAX - verdict->counts_and_offsets[0];
+        raise<CommError>("MpiComm all_to_all_v on ", size_, " ranks: the ranks' counts do not match: rank ", receiver,
+                         " expects another number of elements from some rank than that rank sends",
+                         sender >= 0 && receiver == rank_
+                             ? foe::detail::concat(" (this rank expects ", recv_counts[sender], " from rank ", sender,
+                                                   ", which sends ", incoming[sender], ")")
+                             : std::string(),
+                         "; every rank's send_counts[q] must equal rank q's recv_counts for it");
     }
 
     /// Waits for op, polling the error channel and the clock. On a peer's failure or the timeout
