@@ -15,9 +15,25 @@
 // groups (foe::parallel::Strategy::foe), a standard MoE by expert parallelism with data-parallel
 // attention; rank 0 prints. --ranks-per-node defaults to the launcher's local size.
 //
+// Generation checks every hidden state and the logits for NaN and infinity (--check-finite on,
+// the default): the first one found is an error naming its layer and position, never a run of
+// garbage tokens.
+//
+// Under mpirun every rank parses the same command line, and the ranks agree before any work: a
+// usage error on any rank is reported by rank 0 naming that rank; a request that differs between
+// ranks (--tokens, --max-new-tokens, --gemm, --check-finite) is an error naming the flag and the
+// ranks. A collective that waits longer than --comm-timeout seconds (default 60) fails the job;
+// a failed job ends (MpiSession gives MPI_Finalize a few seconds, then exits). Unless
+// OMP_NUM_THREADS is set, each rank uses its share of the node's cores for OpenMP.
+// FOE_RUN_FAULT_STOP_RANK=R (tests only) makes rank R stop itself with SIGSTOP before its first
+// forward, as a hung rank would.
+//
 // Errors go to stderr with exit status 1 (2 for a usage error).
 
+#include <algorithm>
 #include <charconv>
+#include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -33,8 +49,15 @@
 #include "foe_run_cuda.hpp"
 #endif
 #if defined(FOE_WITH_MPI)
+#include <sched.h>
+
+#include <thread>
+
 #include "foe/comm/mpi_comm.hpp"
 #include "foe/model/distributed.hpp"
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
 #endif
 
 namespace {
@@ -42,7 +65,7 @@ namespace {
 constexpr std::string_view usage_text =
     "usage:\n"
     "  foe_run --model DIR [--backend host|cuda] [--gemm G] [--tokens 1,2,3] [--max-new-tokens N]\n"
-    "          [--logits-out FILE]\n"
+    "          [--logits-out FILE] [--check-finite on|off] [--comm-timeout S]\n"
     "  foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]\n"
     "\n"
     "  --model DIR           model directory with config.json and model.safetensors\n"
@@ -56,7 +79,9 @@ constexpr std::string_view usage_text =
     "  --out DIR             where --init writes\n"
     "  --seed S              seed of the random weights (default: 0)\n"
     "  --dtype T             storage type of the written weights (default: f32)\n"
-    "  --ranks-per-node R    under mpirun: ranks per node (default: the launcher's local size)\n";
+    "  --check-finite on|off check hidden states and logits for NaN/infinity (default: on)\n"
+    "  --ranks-per-node R    under mpirun: ranks per node (default: the launcher's local size)\n"
+    "  --comm-timeout S      under mpirun: seconds a rank waits in one collective (default: 60)\n";
 
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -71,6 +96,9 @@ struct Options {
     int ranks_per_node = 0;  // 0: from the launcher
     bool cuda = false;
     std::string gemm;        // --gemm; empty: the backend's default
+    bool check_finite = true;
+    double comm_timeout = 60.0;  // seconds
+    bool help = false;
 };
 
 template <class T>
@@ -89,8 +117,8 @@ Options parse_args(int argc, char** argv)
     for (int i = 1; i < argc; ++i) {
         const std::string_view flag = argv[i];
         if (flag == "--help" || flag == "-h") {
-            std::cout << usage_text;
-            std::exit(0);
+            o.help = true;
+            return o;
         }
         if (i + 1 >= argc) throw UsageError(foe::detail::concat(flag, " needs a value (or is unknown)"));
         const std::string_view value = argv[++i];
@@ -119,6 +147,14 @@ Options parse_args(int argc, char** argv)
             o.cuda = value == "cuda";
         } else if (flag == "--gemm") {
             o.gemm = std::string(value);
+        } else if (flag == "--check-finite") {
+            if (value != "on" && value != "off")
+                throw UsageError(foe::detail::concat("--check-finite: \"", value, "\" is not one of on, off"));
+            o.check_finite = value == "on";
+        } else if (flag == "--comm-timeout") {
+            o.comm_timeout = parse_number<double>(value, flag);
+            if (!(o.comm_timeout > 0.0 && o.comm_timeout <= 1e6))
+                throw UsageError(foe::detail::concat("--comm-timeout (", value, ") must be in (0, 1e6] seconds"));
         } else if (flag == "--ranks-per-node") {
             o.ranks_per_node = parse_number<int>(value, flag);
             if (o.ranks_per_node <= 0) throw UsageError("--ranks-per-node must be positive");
@@ -161,8 +197,9 @@ int init_model(const Options& o)
 /// on every rank before any collective.
 foe::ModelOptions request_options(const Options& o, const foe::ModelConfig& c)
 {
-    const auto needed = static_cast<foe::index_t>(o.tokens.size()) + o.max_new_tokens;
-    if (needed > c.max_position_embeddings)
+    // Compared without adding first: --max-new-tokens may be anything up to INT64_MAX.
+    const auto prompt = static_cast<foe::index_t>(o.tokens.size());
+    if (prompt > c.max_position_embeddings || o.max_new_tokens > c.max_position_embeddings - prompt)
         throw foe::CapacityError(foe::detail::concat("prompt (", o.tokens.size(), " tokens) plus --max-new-tokens (",
                                                      o.max_new_tokens, ") exceed max_position_embeddings (",
                                                      c.max_position_embeddings, ")"));
@@ -171,7 +208,8 @@ foe::ModelOptions request_options(const Options& o, const foe::ModelConfig& c)
             throw foe::InvalidArgument(foe::detail::concat("token id ", o.tokens[i], " (at position ", i,
                                                            " of --tokens) is outside the vocabulary [0, ", c.vocab_size, ")"));
     foe::ModelOptions options;
-    options.cache_capacity = needed;  // sized for this request only
+    options.cache_capacity = prompt + o.max_new_tokens;  // sized for this request only
+    options.check_finite = o.check_finite;
     return options;
 }
 
@@ -217,9 +255,25 @@ int run_model(const Options& o)
 /// The same request on the ranks of an mpirun. Every step that can fail on one rank only (reading
 /// files) ends in foe::agree, so a failure is reported by every rank instead of leaving the others
 /// waiting in a collective.
+/// A digest of the bytes of v (for agree_on).
+template <class T>
+std::uint64_t digest_of(const std::vector<T>& v)
+{
+    return foe::stream_id(std::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T)));
+}
+
 int run_model_distributed(const Options& o, foe::comm::MpiComm world)
 {
     using foe::parallel::Strategy;
+    // The request first: ranks given another prompt would run collectives of other sizes.
+    const foe::AgreedValue request[] = {
+        {"--tokens", digest_of(o.tokens)},
+        {"--max-new-tokens", static_cast<std::uint64_t>(o.max_new_tokens)},
+        {"--gemm", foe::stream_id(o.gemm)},
+        {"--check-finite", o.check_finite ? 1u : 0u},
+    };
+    foe::agree_on(world, "the request", request);
+
     const std::filesystem::path dir(*o.model);
     foe::ModelConfig config;
     std::string error;
@@ -236,7 +290,14 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     const Strategy strategy = config.architecture == foe::Architecture::foe ? Strategy::foe : Strategy::moe_data_parallel;
     foe::agree(world, error.empty() ? foe::model_digest(config, strategy, ranks_per_node) : 0, error);
 
-    const auto options = request_options(o, config);  // the same verdict on every rank
+    // The same verdict on every rank; agreed, so that rank 0 alone reports it.
+    foe::ModelOptions options;
+    try {
+        options = request_options(o, config);
+    } catch (const foe::Error& e) {
+        error = e.what();
+    }
+    foe::agree(world, 0, error);
     const auto placement = foe::parallel::Placement::make(strategy, config, world.size(), ranks_per_node, world.rank());
     std::shared_ptr<const foe::ModelWeights> weights;
     try {
@@ -246,6 +307,8 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     }
     foe::agree(world, foe::model_digest(config, strategy, ranks_per_node), error);
     auto dm = foe::make_distributed_model(world, placement, weights, options);
+    if (const char* stop = std::getenv("FOE_RUN_FAULT_STOP_RANK"); stop != nullptr && std::atoi(stop) == world.rank())
+        std::raise(SIGSTOP);  // a hung rank, for the fault tests
 
     // The one sequence runs on every rank (FoE, G <= H) or on shard 0 (FoE G > H, the MoE
     // baseline); the other ranks join every step with an empty batch.
@@ -276,6 +339,27 @@ bool under_mpi_launcher()
            std::getenv("PMIX_RANK") != nullptr;
 }
 
+#if defined(FOE_WITH_MPI)
+/// Unless the user set OMP_NUM_THREADS, each of the node's ranks gets its share of the cores this
+/// process may run on (oversubscribed OpenMP threads made a 3 s run take 209 s on 2 cores).
+void share_cores_between_local_ranks()
+{
+#if defined(_OPENMP)
+    if (std::getenv("OMP_NUM_THREADS") != nullptr) return;
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    const int local_ranks = local != nullptr ? std::max(1, std::atoi(local)) : 1;
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    const int cores = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus)
+                                                                     : static_cast<int>(std::thread::hardware_concurrency());
+    // Open MPI binds each rank to a core or a socket by default; the affinity mask then already
+    // holds the rank's share, and dividing again would undercount.
+    const int per_rank = cores >= static_cast<int>(std::thread::hardware_concurrency()) ? cores / local_ranks : cores;
+    omp_set_num_threads(std::max(1, per_rank));
+#endif
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv)
@@ -284,17 +368,36 @@ int main(int argc, char** argv)
     if (under_mpi_launcher()) {
         foe::comm::MpiSession session(&argc, &argv);
         auto world = foe::comm::MpiComm::world();
+        share_cores_between_local_ranks();
         try {
-            const Options o = parse_args(argc, argv);
-            if (o.cuda && world.size() > 1)
-                throw UsageError("--backend cuda runs in one process; under mpirun use the host backend");
-            if (o.gemm == "cblas" && world.size() > 1 && !o.init)
-                throw UsageError("--gemm cblas runs in one process; under mpirun the model uses foe's GEMM");
+            // Every rank parses its own command line; a usage error on any of them reaches all
+            // (agree), so no rank waits for one that has already returned.
+            Options o;
+            std::string usage_error;
+            try {
+                o = parse_args(argc, argv);
+                if (o.cuda && world.size() > 1 && !o.init && !o.help)
+                    throw UsageError("--backend cuda runs in one process; under mpirun use the host backend");
+                if (o.gemm == "cblas" && world.size() > 1 && !o.init && !o.help)
+                    throw UsageError("--gemm cblas runs in one process; under mpirun the model uses foe's GEMM");
+            } catch (const UsageError& e) {
+                usage_error = e.what();
+            }
+            world.set_timeout(std::chrono::duration<double>(o.comm_timeout));
+            try {
+                foe::agree(world, o.help ? 1 : 0, usage_error);
+            } catch (const foe::CommError& e) {
+                const std::string what = e.what();
+                // "rank R failed: <usage error>" or "ranks disagree": one rank asked for --help.
+                if (world.rank() == 0) std::cerr << "foe_run: usage error: " << what << "\n\n" << usage_text;
+                return 2;
+            }
+            if (o.help) {
+                if (world.rank() == 0) std::cout << usage_text;
+                return 0;
+            }
             if (world.size() == 1 || o.init) return world.rank() == 0 ? (o.init ? init_model(o) : run_model(o)) : 0;
             return run_model_distributed(o, world);
-        } catch (const UsageError& e) {
-            if (world.rank() == 0) std::cerr << "foe_run: " << e.what() << "\n\n" << usage_text;
-            return 2;
         } catch (const foe::CommError& e) {  // agreed failures are the same on every rank: rank 0 reports
             // A failure a peer reported (then this is a no-op), an agreed one (every rank knows;
             // the messages go unread), or a timeout here, which the ranks still waiting must hear.
@@ -315,6 +418,10 @@ int main(int argc, char** argv)
 #endif
     try {
         const Options o = parse_args(argc, argv);
+        if (o.help) {
+            std::cout << usage_text;
+            return 0;
+        }
         return o.init ? init_model(o) : run_model(o);
     } catch (const UsageError& e) {
         std::cerr << "foe_run: " << e.what() << "\n\n" << usage_text;

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <string>
@@ -246,6 +247,54 @@ TEST_CASE("foe_run: errors go to stderr with a non-zero exit status")
         CHECK(r.status == 2);
         CHECK(r.output.find("usage:") != std::string::npos);
     }
+}
+
+TEST_CASE("foe_run: --max-new-tokens near INT64_MAX is refused, not wrapped around")
+{
+    TempDir dir("runner-overflow");
+    REQUIRE(run("--init foe-tiny --out " + (dir.path / "m").string()).status == 0);
+    for (const char* n : {"9223372036854775807", "9223372036854775806", "9223372036854775744"}) {
+        CAPTURE(n);
+        const auto r = run("--model " + (dir.path / "m").string() + " --tokens 1,2 --max-new-tokens " + n);
+        CHECK(r.status == 1);
+        CHECK(r.output.find("exceed max_position_embeddings (64)") != std::string::npos);
+    }
+}
+
+TEST_CASE("foe_run: a NaN in the weights is an error naming where it appeared; --check-finite off lets it through")
+{
+    TempDir dir("runner-nan");
+    const auto c = foe::named_config("foe-tiny");
+    auto w = foe::random_weights(c, 3);
+    w.tensors.at("model.layers.1.mlp.experts.2.down_proj.weight").values()[5] = std::nanf("");
+    foe::save_model_dir(dir.path / "m", w);
+    // Expert 2's row 5 is used by the tokens routed to it; over 20 tokens some are.
+    const std::string args = "--model " + (dir.path / "m").string() +
+                             " --tokens 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20 --max-new-tokens 2";
+    const auto checked = run(args);
+    CHECK(checked.status == 1);
+    CHECK_MESSAGE(checked.output.find("after layer 1") != std::string::npos, checked.output);
+    CHECK(checked.output.find("position") != std::string::npos);
+    const auto unchecked = run(args + " --check-finite off");
+    CHECK(unchecked.status == 0);
+}
+
+TEST_CASE("foe_run: a rope_theta whose RoPE frequencies overflow is refused when the model is read")
+{
+    TempDir dir("runner-rope");
+    REQUIRE(run("--init foe-tiny --out " + (dir.path / "m").string()).status == 0);
+    const auto config = dir.path / "m" / "config.json";
+    std::ifstream in(config);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    in.close();
+    const auto at = text.find("\"rope_theta\"");
+    REQUIRE(at != std::string::npos);
+    const auto value = text.find(':', at) + 1, end = text.find_first_of(",}", value);
+    text.replace(value, end - value, " 1e-300");
+    std::ofstream(config) << text;
+    const auto r = run("--model " + (dir.path / "m").string() + " --tokens 1,2");
+    CHECK(r.status == 1);
+    CHECK_MESSAGE(r.output.find("rope_theta (1e-300) gives RoPE inverse frequency") != std::string::npos, r.output);
 }
 
 TEST_CASE("foe_run --backend cuda runs the model on a GPU, or says why it cannot")

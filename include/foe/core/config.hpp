@@ -214,6 +214,17 @@ inline void ModelConfig::validate() const
                          ") must not exceed num_experts (", num_experts, ")");
     require<ConfigError>(std::isfinite(rope_theta) && rope_theta > 0.0, "rope_theta (", rope_theta,
                          ") must be a positive finite number");
+    // RoPE's inverse frequencies, formed as ops/rope.hpp forms them (float32): a base so small or
+    // so large that one overflows or vanishes gives NaN rotations (or none) at every position.
+    for (index_t j = 0; j < head_dim / 2; ++j) {
+        const float exponent = static_cast<float>(2 * j) / static_cast<float>(head_dim);
+        const auto inv_freq = static_cast<float>(1.0 / std::pow(rope_theta, static_cast<double>(exponent)));
+        require<ConfigError>(std::isfinite(inv_freq) && inv_freq > 0.0f &&
+                                 std::isfinite(inv_freq * static_cast<float>(max_position_embeddings)),
+                             "rope_theta (", rope_theta, ") gives RoPE inverse frequency ", j, " of ", head_dim / 2,
+                             " = ", inv_freq, ", which is not a positive finite float32 over ", max_position_embeddings,
+                             " positions (OLMoE-style models use 10000 to 500000)");
+    }
     require<ConfigError>(std::isfinite(rms_norm_eps) && rms_norm_eps > 0.0, "rms_norm_eps (", rms_norm_eps,
                          ") must be a positive finite number");
 

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -59,6 +60,20 @@ struct DistributedModel {
 /// bad file or a mismatched launch becomes an error on every rank instead of a hang.
 template <comm::Comm C>
 void agree(C& world, std::uint64_t digest, std::string_view error);
+
+/// A named value every rank must hold alike (its digest), for agree_on().
+struct AgreedValue {
+    std::string_view name;  ///< how the user sets it, e.g. "--tokens"
+    std::uint64_t digest;
+};
+
+/// Collective: every rank passes the same names in the same order (at most 16). If any value's
+/// digest differs from rank 0's, every rank throws the same CommError naming each differing value
+/// and the ranks that differ ("ranks disagree on the request: --tokens differs on rank(s) 2 from
+/// rank 0"), so that a launch with mismatched per-rank options fails before the first collective
+/// of the work, on every rank alike.
+template <comm::Comm C>
+void agree_on(C& world, std::string_view subject, std::span<const AgreedValue> values);
 
 /// The tensors rank `placement` holds: every non-expert tensor, and its own experts.
 [[nodiscard]] TensorFilter held_tensors(const parallel::Placement& placement);
@@ -136,6 +151,36 @@ void agree(C& world, std::uint64_t digest, std::string_view error)
     require<CommError>(differ.empty(), "ranks disagree on the model: rank(s) ", differ,
                        " have a different config, strategy, ranks per node or weight shapes than rank 0 (launch "
                        "every rank with the same model and options)");
+}
+
+template <comm::Comm C>
+void agree_on(C& world, std::string_view subject, std::span<const AgreedValue> values)
+{
+    constexpr std::size_t max_values = 16;
+    require(values.size() <= max_values, "agree_on takes at most ", max_values, " values, got ", values.size());
+    // 4 x 16 bits of each digest: integers below 2^16 are exact in float.
+    const std::size_t width = 4 * values.size();
+    std::vector<float> mine(width);
+    for (std::size_t v = 0; v < values.size(); ++v)
+        for (std::size_t i = 0; i < 4; ++i)
+            mine[4 * v + i] = static_cast<float>((values[v].digest >> (16 * i)) & 0xffffu);
+    std::vector<float> all(width * static_cast<std::size_t>(world.size()));
+    world.all_gather(mine, all, typename C::stream_type{});
+    std::string differences;
+    for (std::size_t v = 0; v < values.size(); ++v) {
+        std::string ranks;
+        for (int r = 1; r < world.size(); ++r)
+            for (std::size_t i = 0; i < 4; ++i)
+                if (all[static_cast<std::size_t>(r) * width + 4 * v + i] != all[4 * v + i]) {
+                    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+                    break;
+                }
+        if (!ranks.empty())
+            differences += detail::concat(differences.empty() ? "" : "; ", values[v].name, " differs on rank(s) ",
+                                          ranks, " from rank 0");
+    }
+    require<CommError>(differences.empty(), "ranks disagree on ", subject, ": ", differences,
+                       " (every rank must be given the same)");
 }
 
 inline TensorFilter held_tensors(const parallel::Placement& p)
