@@ -2,9 +2,12 @@
 // seeded random one.
 //
 //   foe_run --model DIR [--backend host|cuda] [--gemm foe|cblas|cublaslt] [--tokens 1,2,3]
-//           [--max-new-tokens N] [--logits-out FILE]
+//           [--max-new-tokens N] [--logits-out FILE] [--temperature T --top-k K --top-p P --seed S]
+//           [--threads N] [--timings] [--ignore-eos]
 //       prints {"prompt": [...], "generated": [...]} as one JSON line on stdout; --logits-out
-//       writes a safetensors file with the float32 tensor "logits" [prompt_len, vocab_size]
+//       writes a safetensors file with the float32 tensor "logits" [prompt_len, vocab_size].
+//       Greedy by default; generation stops after the config's eos_token_id unless --ignore-eos.
+//       --timings prints load time, prefill and decode tokens/s and peak RSS on stderr.
 //   foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]
 //       writes a random model directory of a named configuration (foe-1b, moe-tiny, ...)
 //
@@ -32,18 +35,26 @@
 
 #include <algorithm>
 #include <charconv>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <optional>
+#include <sys/resource.h>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "foe/foe.hpp"
 #include "foe/io/model_dir.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(FOE_WITH_CUDA)
 #include "foe_run_cuda.hpp"
@@ -56,16 +67,14 @@
 #include "foe/comm/mpi_comm.hpp"
 #include "foe/model/distributed.hpp"
 #endif
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace {
 
 constexpr std::string_view usage_text =
     "usage:\n"
     "  foe_run --model DIR [--backend host|cuda] [--gemm G] [--tokens 1,2,3] [--max-new-tokens N]\n"
-    "          [--logits-out FILE] [--check-finite on|off] [--comm-timeout S]\n"
+    "          [--logits-out FILE] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos]\n"
+    "          [--threads N] [--timings] [--check-finite on|off] [--comm-timeout S]\n"
     "  foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]\n"
     "\n"
     "  --model DIR           model directory with config.json and model.safetensors\n"
@@ -73,11 +82,17 @@ constexpr std::string_view usage_text =
     "  --gemm G              dense GEMMs: host foe (batch-invariant, default) or cblas;\n"
     "                        cuda cublaslt (default) or foe (own tensor-core kernel)\n"
     "  --tokens LIST         prompt token ids, comma separated (default: 0)\n"
-    "  --max-new-tokens N    tokens to generate greedily (default: 8)\n"
+    "  --max-new-tokens N    tokens to generate at most (default: 8)\n"
+    "  --temperature T       sampling temperature (default: 0, greedy)\n"
+    "  --top-k K             sample among the K most likely tokens (default: 0, all)\n"
+    "  --top-p P             sample among the most likely tokens whose probability reaches P (default: 1)\n"
+    "  --ignore-eos          generate --max-new-tokens even past the config's eos_token_id\n"
+    "  --threads N           OpenMP threads (default: OMP_NUM_THREADS, else every core; under mpirun a share)\n"
+    "  --timings             print load time, prefill and decode tokens/s and peak RSS on stderr\n"
     "  --logits-out FILE     write the prompt's logits as safetensors tensor \"logits\" [prompt, vocab]\n"
     "  --init NAME           write a random model of a named configuration\n"
     "  --out DIR             where --init writes\n"
-    "  --seed S              seed of the random weights (default: 0)\n"
+    "  --seed S              with --init the weights' seed, with --model the sampling seed (default: 0)\n"
     "  --dtype T             storage type of the written weights (default: f32)\n"
     "  --check-finite on|off check hidden states and logits for NaN/infinity (default: on)\n"
     "  --ranks-per-node R    under mpirun: ranks per node (default: the launcher's local size)\n"
@@ -99,6 +114,10 @@ struct Options {
     bool check_finite = true;
     double comm_timeout = 60.0;  // seconds
     bool help = false;
+    foe::SamplingOptions sampling;  // its seed is --seed
+    bool ignore_eos = false;
+    int threads = 0;  // 0: OpenMP's default
+    bool timings = false;
 };
 
 template <class T>
@@ -120,6 +139,10 @@ Options parse_args(int argc, char** argv)
             o.help = true;
             return o;
         }
+        if (flag == "--timings" || flag == "--ignore-eos") {  // switches without a value
+            (flag == "--timings" ? o.timings : o.ignore_eos) = true;
+            continue;
+        }
         if (i + 1 >= argc) throw UsageError(foe::detail::concat(flag, " needs a value (or is unknown)"));
         const std::string_view value = argv[++i];
         if (flag == "--model") {
@@ -129,7 +152,10 @@ Options parse_args(int argc, char** argv)
             std::size_t begin = 0;
             while (begin <= value.size()) {
                 const std::size_t comma = std::min(value.find(',', begin), value.size());
-                o.tokens.push_back(parse_number<std::int32_t>(value.substr(begin, comma - begin), "--tokens"));
+                std::string_view item = value.substr(begin, comma - begin);  // "1, 2, 3" is fine too
+                while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+                while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+                o.tokens.push_back(parse_number<std::int32_t>(item, "--tokens"));
                 begin = comma + 1;
             }
         } else if (flag == "--max-new-tokens") {
@@ -147,6 +173,15 @@ Options parse_args(int argc, char** argv)
             o.cuda = value == "cuda";
         } else if (flag == "--gemm") {
             o.gemm = std::string(value);
+        } else if (flag == "--temperature") {
+            o.sampling.temperature = parse_number<double>(value, flag);
+        } else if (flag == "--top-k") {
+            o.sampling.top_k = parse_number<foe::index_t>(value, flag);
+        } else if (flag == "--top-p") {
+            o.sampling.top_p = parse_number<double>(value, flag);
+        } else if (flag == "--threads") {
+            o.threads = parse_number<int>(value, flag);
+            if (o.threads <= 0 || o.threads > 4096) throw UsageError("--threads must be in [1, 4096]");
         } else if (flag == "--check-finite") {
             if (value != "on" && value != "off")
                 throw UsageError(foe::detail::concat("--check-finite: \"", value, "\" is not one of on, off"));
@@ -170,6 +205,12 @@ Options parse_args(int argc, char** argv)
         }
     }
     if (o.model.has_value() == o.init.has_value()) throw UsageError("give exactly one of --model and --init");
+    o.sampling.seed = o.seed;
+    try {
+        o.sampling.validate();
+    } catch (const foe::InvalidArgument& e) {
+        throw UsageError(e.what());
+    }
     if (o.init && !o.out) throw UsageError("--init needs --out DIR");
     if (o.cuda && !o.gemm.empty() && o.gemm != "cublaslt" && o.gemm != "foe")
         throw UsageError(foe::detail::concat("--gemm: \"", o.gemm, "\" is not one of cublaslt, foe (--backend cuda)"));
@@ -227,9 +268,85 @@ void print_result(const Options& o, const std::vector<std::int32_t>& generated, 
     std::cout << "{\"prompt\": " << list(o.tokens) << ", \"generated\": " << list(generated) << "}" << std::endl;
 }
 
+/// While a model loads for more than two seconds, a line on stderr every five saying so.
+class LoadProgress {
+public:
+    LoadProgress(std::string what, bool enabled) : what_(std::move(what))
+    {
+        if (!enabled) return;
+        thread_ = std::thread([this] {
+            std::unique_lock lock(mutex_);
+            auto next = std::chrono::seconds(2);
+            while (!done_cv_.wait_for(lock, next - elapsed(), [this] { return done_; })) {
+                std::cerr << "foe_run: loading " << what_ << " (" << std::chrono::duration_cast<std::chrono::seconds>(elapsed()).count()
+                          << " s)\n";
+                next += std::chrono::seconds(5);
+            }
+        });
+    }
+    LoadProgress(const LoadProgress&) = delete;
+    LoadProgress& operator=(const LoadProgress&) = delete;
+    ~LoadProgress()
+    {
+        {
+            std::lock_guard lock(mutex_);
+            done_ = true;
+        }
+        done_cv_.notify_all();
+        if (thread_.joinable()) thread_.join();
+    }
+
+private:
+    [[nodiscard]] std::chrono::steady_clock::duration elapsed() const { return std::chrono::steady_clock::now() - start_; }
+
+    std::string what_;
+    std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+    std::mutex mutex_;
+    std::condition_variable done_cv_;
+    bool done_ = false;
+    std::thread thread_;
+};
+
+using clock_type = std::chrono::steady_clock;
+double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
+
+/// --timings: what llama.cpp's tools print, on stderr.
+void print_timings(double load_s, foe::index_t prompt, double prefill_s, foe::index_t decoded, double decode_s)
+{
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    std::fprintf(stderr, "foe_run: load %.3f s; prefill %lld tokens in %.3f s (%.1f tokens/s); decode %lld tokens in %.3f s "
+                         "(%.2f tokens/s, %.2f ms/token); peak RSS %.1f MB\n",
+                 load_s, static_cast<long long>(prompt), prefill_s, static_cast<double>(prompt) / prefill_s,
+                 static_cast<long long>(decoded), decode_s, decoded > 0 ? static_cast<double>(decoded) / decode_s : 0.0,
+                 decoded > 0 ? 1e3 * decode_s / static_cast<double>(decoded) : 0.0,
+                 static_cast<double>(usage.ru_maxrss) / 1024.0);
+}
+
+/// The tokens that end this generation: the config's EOS ids unless --ignore-eos.
+std::vector<std::int32_t> stop_tokens(const Options& o, const foe::ModelConfig& c)
+{
+    return o.ignore_eos ? std::vector<std::int32_t>{} : c.eos_token_ids;
+}
+
+/// --threads, over OMP_NUM_THREADS and the share of the cores under mpirun.
+void apply_threads(const Options& o)
+{
+#if defined(_OPENMP)
+    if (o.threads > 0) omp_set_num_threads(o.threads);
+#else
+    (void)o;
+#endif
+}
+
 int run_model(const Options& o)
 {
-    auto weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model));
+    const auto load_start = clock_type::now();
+    std::shared_ptr<const foe::ModelWeights> weights;
+    {
+        const LoadProgress progress(*o.model, true);
+        weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model));
+    }
     const auto options = request_options(o, weights->config);
     std::unique_ptr<foe::ModelInterface> model;
     if (o.cuda) {
@@ -245,9 +362,28 @@ int run_model(const Options& o)
 #endif
         if (!model) model = foe::make_model(weights, options);
     }
-    foe::Tensor<float> logits;
-    const auto generated = model->generate(o.tokens, o.max_new_tokens, 0, &logits);
+    const double load_s = seconds_since(load_start);
+
+    // generate(), spelled out so that prefill and decode are timed apart.
+    const auto stops = stop_tokens(o, weights->config);
+    foe::Sampler sampler(o.sampling);
+    const auto prefill_start = clock_type::now();
+    const foe::Tensor<float> logits = model->prefill(o.tokens);
+    const double prefill_s = seconds_since(prefill_start);
+    const auto vocab = static_cast<std::size_t>(weights->config.vocab_size);
+    std::vector<float> last(logits.values().end() - static_cast<std::ptrdiff_t>(vocab), logits.values().end());
+    std::vector<std::int32_t> generated;
+    const auto decode_start = clock_type::now();
+    foe::index_t decoded = 0;
+    for (foe::index_t n = 0; n < o.max_new_tokens; ++n) {
+        generated.push_back(sampler.next(last));
+        if (std::find(stops.begin(), stops.end(), generated.back()) != stops.end() || n + 1 == o.max_new_tokens) break;
+        last = model->decode(generated.back());
+        ++decoded;
+    }
+    const double decode_s = seconds_since(decode_start);
     print_result(o, generated, logits);
+    if (o.timings) print_timings(load_s, static_cast<foe::index_t>(o.tokens.size()), prefill_s, decoded, decode_s);
     return 0;
 }
 
@@ -274,6 +410,7 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     };
     foe::agree_on(world, "the request", request);
 
+    const auto load_start = clock_type::now();
     const std::filesystem::path dir(*o.model);
     foe::ModelConfig config;
     std::string error;
@@ -301,6 +438,7 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     const auto placement = foe::parallel::Placement::make(strategy, config, world.size(), ranks_per_node, world.rank());
     std::shared_ptr<const foe::ModelWeights> weights;
     try {
+        const LoadProgress progress(*o.model, world.rank() == 0);
         weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(dir, foe::held_tensors(placement)));
     } catch (const foe::Error& e) {
         error = e.what();
@@ -311,23 +449,43 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
         std::raise(SIGSTOP);  // a hung rank, for the fault tests
 
     // The one sequence runs on every rank (FoE, G <= H) or on shard 0 (FoE G > H, the MoE
-    // baseline); the other ranks join every step with an empty batch.
+    // baseline); the other ranks join every step with an empty batch. World rank 0 always runs
+    // it and chooses each token; one small all-reduce gives its choice (and whether it ends the
+    // generation) to every rank, so the ranks never disagree on what comes next.
     const bool runs = strategy == Strategy::foe ? placement.shard == 0 : world.rank() == 0;
     const auto n = static_cast<foe::index_t>(o.tokens.size());
+    const auto stops = stop_tokens(o, config);
+    foe::Sampler sampler(o.sampling);
+    const double load_s = seconds_since(load_start);
+    const auto prefill_start = clock_type::now();
     foe::Tensor<float> logits = dm.model->forward(runs ? foe::Batch::single(0, n) : foe::Batch(),
                                                   runs ? std::span<const std::int32_t>(o.tokens) : std::span<const std::int32_t>{});
+    const double prefill_s = seconds_since(prefill_start);
     std::vector<std::int32_t> generated;
     std::vector<float> last;
     if (runs && o.max_new_tokens > 0) last.assign(logits.values().end() - config.vocab_size, logits.values().end());
+    const auto decode_start = clock_type::now();
+    foe::index_t decoded = 0;
     for (foe::index_t step = 0; step < o.max_new_tokens; ++step) {
-        if (runs) generated.push_back(static_cast<std::int32_t>(std::max_element(last.begin(), last.end()) - last.begin()));
-        if (step + 1 == o.max_new_tokens) break;
-        const std::int32_t token[1] = {runs ? generated.back() : 0};
+        std::vector<float> choice{0.0f, 0.0f};  // token id (< 2^24, exact in float), stop
+        if (world.rank() == 0) {
+            const std::int32_t token = sampler.next(last);
+            choice = {static_cast<float>(token), std::find(stops.begin(), stops.end(), token) != stops.end() ? 1.0f : 0.0f};
+        }
+        world.all_reduce_sum(choice);
+        generated.push_back(static_cast<std::int32_t>(choice[0]));
+        if (choice[1] != 0.0f || step + 1 == o.max_new_tokens) break;
+        const std::int32_t token[1] = {generated.back()};
         const auto next = dm.model->forward(runs ? foe::Batch::single(n + step, 1) : foe::Batch(),
                                             runs ? std::span<const std::int32_t>(token) : std::span<const std::int32_t>{});
         if (runs) last = next.values();
+        ++decoded;
     }
-    if (world.rank() == 0) print_result(o, generated, logits);
+    const double decode_s = seconds_since(decode_start);
+    if (world.rank() == 0) {
+        print_result(o, generated, logits);
+        if (o.timings) print_timings(load_s, n, prefill_s, decoded, decode_s);
+    }
     return 0;
 }
 #endif
@@ -396,6 +554,7 @@ int main(int argc, char** argv)
                 if (world.rank() == 0) std::cout << usage_text;
                 return 0;
             }
+            apply_threads(o);
             if (world.size() == 1 || o.init) return world.rank() == 0 ? (o.init ? init_model(o) : run_model(o)) : 0;
             return run_model_distributed(o, world);
         } catch (const foe::CommError& e) {  // agreed failures are the same on every rank: rank 0 reports
@@ -422,6 +581,7 @@ int main(int argc, char** argv)
             std::cout << usage_text;
             return 0;
         }
+        apply_threads(o);
         return o.init ? init_model(o) : run_model(o);
     } catch (const UsageError& e) {
         std::cerr << "foe_run: " << e.what() << "\n\n" << usage_text;

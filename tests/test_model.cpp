@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <span>
 #include <vector>
 
@@ -246,4 +247,91 @@ TEST_CASE("weights: random init is a pure function of (seed, tensor name)")
         const auto& values = entry.second.values();
         CHECK_MESSAGE(std::none_of(values.begin(), values.end(), [](float v) { return v == 0.0f; }), entry.first);
     }
+}
+
+// =============================================================================================
+// Sampling
+// =============================================================================================
+
+TEST_CASE("sampling: temperature 0 and top-k 1 are greedy; a seed reproduces its tokens, another seed differs")
+{
+    const auto c = test::tiny();
+    const auto w = test::weights(c);
+    const auto prompt = test::random_tokens(5, c.vocab_size, 6);
+    const auto greedy = foe::make_model(w)->generate(prompt, 8);
+    foe::GenerateOptions zero_t;
+    zero_t.sampling.temperature = 0.0;
+    zero_t.sampling.top_k = 5;
+    CHECK(foe::make_model(w)->generate(prompt, 8, zero_t) == greedy);
+    foe::GenerateOptions top1;
+    top1.sampling.temperature = 1.5;
+    top1.sampling.top_k = 1;
+    top1.sampling.seed = 99;
+    CHECK(foe::make_model(w)->generate(prompt, 8, top1) == greedy);
+
+    foe::GenerateOptions hot;
+    hot.sampling.temperature = 2.0;  // flat enough that two seeds surely differ over 8 draws
+    hot.sampling.seed = 1;
+    const auto a = foe::make_model(w)->generate(prompt, 8, hot);
+    CHECK(foe::make_model(w)->generate(prompt, 8, hot) == a);
+    hot.sampling.seed = 2;
+    CHECK(foe::make_model(w)->generate(prompt, 8, hot) != a);
+}
+
+TEST_CASE("sampling: draws follow softmax(logits / T); top-k and top-p cut the tail; NaN is never drawn")
+{
+    const std::vector<float> logits{1.0f, 3.0f, std::nanf(""), 2.0f, 0.0f};
+    const double t = 1.5;
+    std::vector<double> p(logits.size(), 0.0);
+    double total = 0.0;
+    for (std::size_t i = 0; i < logits.size(); ++i)
+        if (!std::isnan(logits[i])) total += p[i] = std::exp(logits[i] / t);
+    for (auto& x : p) x /= total;
+
+    const auto histogram = [&](foe::SamplingOptions o) {
+        foe::Sampler s(o);
+        std::vector<double> h(logits.size(), 0.0);
+        constexpr int draws = 40000;
+        for (int i = 0; i < draws; ++i) h[static_cast<std::size_t>(s.next(logits))] += 1.0 / draws;
+        return h;
+    };
+    foe::SamplingOptions o;
+    o.temperature = t;
+    o.seed = 5;
+    const auto all = histogram(o);
+    for (std::size_t i = 0; i < p.size(); ++i) {
+        CAPTURE(i);
+        CHECK(std::abs(all[i] - p[i]) < 0.01);
+    }
+    CHECK(all[2] == 0.0);  // the NaN
+
+    o.top_k = 2;  // tokens 1 and 3 only, in the ratio of their probabilities
+    const auto top2 = histogram(o);
+    CHECK(top2[0] + top2[2] + top2[4] == 0.0);
+    CHECK(top2[1] / top2[3] == doctest::Approx(p[1] / p[3]).epsilon(0.05));
+
+    o.top_k = 0;
+    o.top_p = p[1] + 0.01;  // token 1 alone is short of top_p: tokens 1 and 3 reach it
+    const auto nucleus = histogram(o);
+    CHECK(nucleus[0] + nucleus[2] + nucleus[4] == 0.0);
+    CHECK(nucleus[1] > 0.0);
+    CHECK(nucleus[3] > 0.0);
+
+    CHECK(foe::argmax(std::vector<float>{std::nanf(""), 1.0f, 1.0f}) == 1);  // NaN last, ties to the lower id
+    CHECK_THROWS_WITH_AS(foe::Sampler({.temperature = -1.0}), doctest::Contains("temperature (-1)"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS(foe::Sampler({.top_p = 0.0}), doctest::Contains("top_p (0)"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS(foe::Sampler({.top_k = -2}), doctest::Contains("top_k (-2)"), foe::InvalidArgument);
+}
+
+TEST_CASE("generate stops after a stop token, which it keeps")
+{
+    const auto c = test::tiny();
+    const auto w = test::weights(c);
+    const auto prompt = test::random_tokens(5, c.vocab_size, 6);
+    const auto greedy = foe::make_model(w)->generate(prompt, 8);
+    foe::GenerateOptions stop;
+    stop.stop_tokens = {greedy[2], -1};
+    const auto until = foe::make_model(w)->generate(prompt, 8, stop);
+    const auto first = std::find(greedy.begin(), greedy.end(), greedy[2]);
+    CHECK(until == std::vector<std::int32_t>(greedy.begin(), first + 1));
 }

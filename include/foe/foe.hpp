@@ -49,6 +49,7 @@
 #include "foe/model/distributed.hpp"
 #include "foe/model/host_model.hpp"
 #include "foe/model/model.hpp"
+#include "foe/model/sampling.hpp"
 #include "foe/model/weights.hpp"
 
 #include "foe/io/config_json.hpp"

@@ -68,6 +68,9 @@ struct ModelConfig {
     bool tie_word_embeddings = false;     ///< LM head shares the embedding matrix
     QkNorm qk_norm = QkNorm::full_width;
     ScoreFunction scoring_func = ScoreFunction::softmax;
+    /// Token ids that end a generation (config.json's eos_token_id: one id or a list). Not part of
+    /// the model's math: runners stop at them unless told not to.
+    std::vector<std::int32_t> eos_token_ids;
 
     /// Number of expert groups H, which is also the number of residual streams.
     [[nodiscard]] constexpr index_t groups() const noexcept

@@ -28,6 +28,7 @@
 #include "foe/core/tensor.hpp"
 #include "foe/layer/batch.hpp"
 #include "foe/layer/layer_options.hpp"
+#include "foe/model/sampling.hpp"
 #include "foe/model/weights.hpp"
 #include "foe/ops/gemm.hpp"
 #include "foe/ops/rmsnorm.hpp"
@@ -46,6 +47,12 @@ struct ModelOptions {
     /// (never to other sequences of the batch), and into the logits; routing stays well defined
     /// (routing::top_k ranks a NaN key below every number, and Softmax gives a NaN logit score 0).
     bool check_finite = false;
+};
+
+/// What generate() does beyond greedy decoding to a fixed length.
+struct GenerateOptions {
+    SamplingOptions sampling;               ///< default: greedy
+    std::vector<std::int32_t> stop_tokens;  ///< generation ends after any of these (e.g. the config's EOS ids)
 };
 
 class ModelInterface {
@@ -82,8 +89,18 @@ public:
     [[nodiscard]] std::vector<std::int32_t> generate(std::span<const std::int32_t> prompt, index_t max_new_tokens,
                                                      index_t slot = 0, Tensor<float>* prefill_logits = nullptr)
     {
+        return generate(prompt, max_new_tokens, GenerateOptions{}, slot, prefill_logits);
+    }
+
+    /// Generation with a sampler and stop tokens: as above, each token chosen by a Sampler made
+    /// from options.sampling; it ends early after a token of options.stop_tokens (which is kept).
+    [[nodiscard]] std::vector<std::int32_t> generate(std::span<const std::int32_t> prompt, index_t max_new_tokens,
+                                                     const GenerateOptions& options, index_t slot = 0,
+                                                     Tensor<float>* prefill_logits = nullptr)
+    {
         require(!prompt.empty(), "generate needs a prompt of at least one token");
         require(max_new_tokens >= 0, "max_new_tokens (", max_new_tokens, ") must not be negative");
+        Sampler sampler(options.sampling);
         std::vector<std::int32_t> out;
         Tensor<float> logits = prefill(prompt, slot);
         if (prefill_logits != nullptr) *prefill_logits = logits;
@@ -91,7 +108,9 @@ public:
         const index_t vocab = config().vocab_size;
         std::vector<float> last(logits.values().end() - vocab, logits.values().end());
         for (index_t n = 0; n < max_new_tokens; ++n) {
-            out.push_back(static_cast<std::int32_t>(std::max_element(last.begin(), last.end()) - last.begin()));
+            out.push_back(sampler.next(last));
+            if (std::find(options.stop_tokens.begin(), options.stop_tokens.end(), out.back()) != options.stop_tokens.end())
+                break;
             if (n + 1 < max_new_tokens) last = decode(out.back(), slot);
         }
         return out;
