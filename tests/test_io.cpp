@@ -19,10 +19,13 @@
 #include <limits>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include <sys/resource.h>
 
 #include "foe/io/config_json.hpp"
 #include "foe/io/json.hpp"
@@ -740,7 +743,7 @@ TEST_CASE("safetensors: reads a file laid out as Hugging Face writes it")
     CHECK(file.tensors()[0].name == "b");
     CHECK(file.read_float("a").values() == std::vector<float>{-1.0f, 10.0f});
     CHECK(file.read_float("b").values() == std::vector<float>{1.0f, -2.0f});
-    CHECK(file.bytes(*file.find("b")).size() == 4);
+    CHECK(file.read_bytes(*file.find("b")).size() == 4);
 }
 
 TEST_CASE("safetensors: a file without tensors is valid")
@@ -1015,11 +1018,11 @@ TEST_CASE("safetensors: read_float with an expected shape rejects a different sh
     CHECK(file.read_float("w", {4, 8}).size() == 32);
 }
 
-TEST_CASE("safetensors: bytes() rejects a TensorInfo of another file")
+TEST_CASE("safetensors: read_bytes() rejects a TensorInfo of another file")
 {
     const auto file = load_raw(R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 4);
     foe::TensorInfo foreign{"x", foe::DType::f32, {4}, 0, 16};
-    CHECK_ERROR(foe::InvalidArgument, (void)file.bytes(foreign), "model.safetensors", "tensor \"x\"",
+    CHECK_ERROR(foe::InvalidArgument, (void)file.read_bytes(foreign), "model.safetensors", "tensor \"x\"",
                 "not a tensor of this file");
 }
 
@@ -1139,6 +1142,181 @@ TEST_CASE("safetensors: random corruption of a valid file is read or rejected, n
         }
     }
     CHECK(accepted > 0);
+}
+
+// --- reading only what is needed: the cost of a file is set by its header and the tensors read --
+
+namespace {
+
+/// Bytes this process has read through read() and similar calls so far (/proc/self/io's rchar),
+/// or nullopt where the kernel does not say.
+std::optional<std::uint64_t> bytes_read_so_far()
+{
+    std::ifstream io("/proc/self/io");
+    std::string key;
+    std::uint64_t value = 0;
+    while (io >> key >> value)
+        if (key == "rchar:") return value;
+    return std::nullopt;
+}
+
+/// The peak resident set of this process in bytes (getrusage).
+std::uint64_t peak_rss_bytes()
+{
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    return static_cast<std::uint64_t>(usage.ru_maxrss) * 1024;  // kilobytes on Linux
+}
+
+/// Writes the bytes of a safetensors file, then extends the file to `size` bytes without writing
+/// (a sparse file: no disk, no page cache). False where the file system cannot hold that size.
+bool write_sparse(const fs::path& path, const std::vector<std::byte>& head, std::uint64_t size)
+{
+    {
+        std::ofstream out(path, std::ios::binary | std::ios::trunc);
+        out.write(reinterpret_cast<const char*>(head.data()), static_cast<std::streamsize>(head.size()));
+    }
+    std::error_code ec;
+    fs::resize_file(path, size, ec);
+    return !ec;
+}
+
+/// What a read of f costs: the bytes read from files and the growth of the peak resident set.
+struct Cost {
+    std::optional<std::uint64_t> bytes_read;
+    std::uint64_t rss_growth = 0;
+};
+template <class F>
+Cost cost_of(F&& f)
+{
+    const auto read_before = bytes_read_so_far();
+    const std::uint64_t rss_before = peak_rss_bytes();
+    f();
+    const auto read_after = bytes_read_so_far();
+    Cost c;
+    if (read_before && read_after) c.bytes_read = *read_after - *read_before;
+    c.rss_growth = peak_rss_bytes() - rss_before;
+    return c;
+}
+
+constexpr std::uint64_t six_gib = std::uint64_t{6} << 30;
+
+}  // namespace
+
+TEST_CASE("safetensors: open of a 6 GiB file with a bad header reads the header only")
+{
+    // Before, the whole file was read first: 6 GB of memory and 42 s for "invalid JSON at byte 0".
+    const TempPath tmp(".safetensors");
+    if (!write_sparse(tmp.path(), raw_safetensors("xx", 0), six_gib)) {
+        MESSAGE("skipped: the temporary directory's file system holds no sparse 6 GiB file");
+        return;
+    }
+    const Cost c = cost_of([&] {
+        CHECK_ERROR(foe::FormatError, foe::SafetensorsFile::open(tmp.path()), tmp.path().string(),
+                    "invalid JSON at byte 0");
+    });
+    CHECK(c.rss_growth < (std::uint64_t{64} << 20));
+    if (c.bytes_read) CHECK(*c.bytes_read < (std::uint64_t{1} << 20));
+}
+
+TEST_CASE("safetensors: open reads no tensor; read_float reads only the tensor asked for")
+{
+    // A valid file whose second tensor is 6 GiB of sparse zeros: only its header and the
+    // small tensor are ever read.
+    const std::vector<float> small{1.0f, 2.0f, 3.0f, 4.0f};
+    const std::uint64_t big_bytes = six_gib;
+    const std::string header = R"({"small": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, )"
+                               R"("big": {"dtype": "F32", "shape": [)" +
+                               std::to_string(big_bytes / 4) + R"(], "data_offsets": [16, )" +
+                               std::to_string(16 + big_bytes) + "]}}";
+    std::vector<std::byte> head = raw_safetensors(header, 0);
+    const auto values = std::as_bytes(std::span(small));
+    head.insert(head.end(), values.begin(), values.end());
+    const TempPath tmp(".safetensors");
+    if (!write_sparse(tmp.path(), head, head.size() + big_bytes)) {
+        MESSAGE("skipped: the temporary directory's file system holds no sparse 6 GiB file");
+        return;
+    }
+    std::optional<foe::SafetensorsFile> file;
+    const Cost open_cost = cost_of([&] { file.emplace(foe::SafetensorsFile::open(tmp.path())); });
+    REQUIRE(file->tensors().size() == 2);
+    CHECK(file->at("big").byte_size() == static_cast<index_t>(big_bytes));
+    const Cost read_cost = cost_of([&] { CHECK(file->read_float("small", {4}).values() == small); });
+    CHECK(open_cost.rss_growth + read_cost.rss_growth < (std::uint64_t{64} << 20));
+    if (open_cost.bytes_read) CHECK(*open_cost.bytes_read < (std::uint64_t{1} << 20));
+    if (read_cost.bytes_read) CHECK(*read_cost.bytes_read < (std::uint64_t{1} << 20));
+}
+
+TEST_CASE("safetensors: open refuses a header length past the end of the file or above the cap, reading nothing")
+{
+    const TempPath tmp(".safetensors");
+    const auto write = [&](const std::vector<std::byte>& bytes) {
+        std::ofstream out(tmp.path(), std::ios::binary | std::ios::trunc);
+        out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    };
+    write(raw_safetensors("{}", 0, 3000));
+    CHECK_ERROR(foe::FormatError, foe::SafetensorsFile::open(tmp.path()), tmp.path().string(), "header length 3000",
+                "past the end of the file", "only 2 bytes follow");
+    write(raw_safetensors("{}", 0, 100'000'001));
+    CHECK_ERROR(foe::FormatError, foe::SafetensorsFile::open(tmp.path()), tmp.path().string(),
+                "header length 100000001", "limit of 100000000 bytes");
+    write(raw_safetensors("{}", 0, std::numeric_limits<std::uint64_t>::max()));
+    CHECK_ERROR(foe::FormatError, foe::SafetensorsFile::open(tmp.path()), "header length 18446744073709551615");
+    write(to_bytes("abc"));
+    CHECK_ERROR(foe::FormatError, foe::SafetensorsFile::open(tmp.path()), "file is 3 bytes");
+}
+
+TEST_CASE("safetensors: a huge header of small JSON values costs a small multiple of its size")
+{
+    // 32 MB of "0," under one key: as a JSON tree that was 40 bytes per 2 of text (over 1 GB at
+    // the peak); walked, it is refused holding little more than the header text.
+    constexpr std::size_t zeros = 16'000'000;
+    std::string header = R"({"a": [)";
+    header.reserve(header.size() + 2 * zeros + 2);
+    for (std::size_t i = 0; i < zeros; ++i) header += "0,";
+    header += "0]}";
+    const TempPath tmp(".safetensors");
+    {
+        const auto bytes = raw_safetensors(header, 0);
+        std::ofstream out(tmp.path(), std::ios::binary);
+        out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    }
+    const std::size_t header_bytes = header.size();
+    header = std::string();  // only the file holds it now
+    const Cost c = cost_of([&] {
+        CHECK_ERROR(foe::FormatError, foe::SafetensorsFile::open(tmp.path()), "tensor \"a\"",
+                    "entry must be an object", "[0,0,0,");
+    });
+    CHECK(c.rss_growth < 3 * header_bytes);
+
+    // The same zeros as the extents of a valid tensor's shape: kept as 8-byte extents, read twice
+    // (check, then a vector of the right size), never as a tree.
+    std::string shape_header = R"({"a": {"dtype": "F32", "data_offsets": [0, 0], "shape": [)";
+    for (std::size_t i = 0; i < zeros / 4; ++i) shape_header += "0,";
+    shape_header += "0]}}";
+    const auto file = foe::SafetensorsFile::from_bytes(raw_safetensors(shape_header, 0), "zeros.safetensors");
+    CHECK(file.at("a").shape.size() == zeros / 4 + 1);
+    CHECK(file.at("a").byte_size() == 0);
+}
+
+TEST_CASE("safetensors: __metadata__ holds at most 65536 entries")
+{
+    std::string header = R"({"__metadata__": {)";
+    for (std::size_t i = 0; i <= foe::safetensors_max_metadata_entries; ++i)
+        header += (i ? ",\"" : "\"") + std::to_string(i) + "\": \"\"";
+    header += "}}";
+    CHECK_ERROR(foe::FormatError, load_raw(header, 0), "model.safetensors", "__metadata__ holds more than 65536 entries");
+    CHECK_ERROR(foe::FormatError, load_raw(R"({"__metadata__": {"k": "a", "k": "b"}})", 0),
+                "model.safetensors (header)", "duplicate object key \"k\"");
+    CHECK_ERROR(foe::FormatError, load_raw(R"({"__metadata__": {}, "__metadata__": {}})", 0),
+                "duplicate object key \"__metadata__\"");
+}
+
+TEST_CASE("safetensors: a field given twice in a tensor entry is a duplicate key")
+{
+    CHECK_ERROR(foe::FormatError,
+                load_raw(R"({"w": {"dtype": "F32", "shape": [1], "dtype": "F16", "data_offsets": [0, 4]}})", 4),
+                "model.safetensors (header)", "invalid JSON at byte 37", "duplicate object key \"dtype\"");
 }
 
 // =============================================================================================

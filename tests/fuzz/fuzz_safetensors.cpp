@@ -51,7 +51,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         check(file->find(t.name) == &t);
         check(t.byte_size() == t.numel() * foe::dtype_size(t.dtype));
         total += t.byte_size();
-        check(static_cast<foe::index_t>(file->bytes(t).size()) == t.byte_size());
+        check(static_cast<foe::index_t>(file->read_bytes(t).size()) == t.byte_size());
         values.push_back(file->read_float(t.name, t.shape));
         check(values.back().size() == t.numel());
     }

@@ -114,6 +114,23 @@ void safetensors_corpus(const fs::path& dir)
           raw_safetensors(R"({"__metadata__": )" + std::string(200, '[') + std::string(200, ']') + "}", 0));
     write(dir / "hostile_negative_offset.safetensors",
           raw_safetensors(R"({"x": {"dtype": "F32", "shape": [0], "data_offsets": [-8, -8]}})", 0));
+    // The header reader walks the JSON instead of building a tree: its own paths.
+    write(dir / "hostile_duplicate_field.safetensors",
+          raw_safetensors(R"({"x": {"dtype": "F32", "shape": [2], "dtype": "F16", "data_offsets": [0, 8]}})", 8));
+    write(dir / "hostile_duplicate_metadata.safetensors",
+          raw_safetensors(R"({"__metadata__": {"k": "a", "k": "b"}, "__metadata__": null})", 0));
+    write(dir / "hostile_three_offsets.safetensors",
+          raw_safetensors(R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}})", 8));
+    write(dir / "hostile_nested_extent.safetensors",
+          raw_safetensors(R"({"x": {"dtype": "F32", "shape": [[2], {"a": 1}], "data_offsets": [0, 8]}})", 8));
+    std::string zeros = "0";
+    for (int i = 1; i < 1000; ++i) zeros += ",0";
+    write(dir / "hostile_zeros_array.safetensors", raw_safetensors(R"({"a": [)" + zeros + "]}", 0));
+    write(dir / "rank_1000_zeros.safetensors",
+          raw_safetensors(R"({"x": {"dtype": "F32", "shape": [)" + zeros + R"(], "data_offsets": [0, 0]}})", 0));
+    write(dir / "hostile_control_names.safetensors",
+          raw_safetensors(R"({"\u001b[31m\u0007\r\n\u0000\u009b\u202e": {"dtype": "\u001bF32", "shape": [0],)"
+                          R"( "data_offsets": [0, 0]}})", 0));
 }
 
 void config_corpus(const fs::path& dir)

@@ -139,9 +139,17 @@ namespace detail {
 /// UTF-16 surrogates and code points above U+10FFFF are invalid).
 [[nodiscard]] std::size_t utf8_sequence_length(std::string_view s) noexcept;
 
-/// s quoted for an error message: escaped like JSON, invalid bytes shown as \xNN, and cut to
-/// about max_bytes so that hostile input cannot make a message huge.
+/// s quoted for an error message: escaped like JSON, invalid bytes shown as \xNN, characters a
+/// terminal would act on or not show (C1 controls, bidirectional overrides, zero-width marks)
+/// as \uNNNN, and cut after about max_bytes of output with its length appended,
+/// "\"abc...\" (52428800 bytes)", so that hostile input can neither drive the terminal that
+/// shows the message nor make it huge.
 [[nodiscard]] std::string describe_text(std::string_view s, std::size_t max_bytes = 120);
+
+/// A file name or path for a message: escaped like describe_text() but without quotes, and
+/// with the middle cut out when the result would pass max_bytes (the file name at the end is
+/// what a reader needs). Plain paths come out unchanged.
+[[nodiscard]] std::string describe_path(std::string_view path, std::size_t max_bytes = 1024);
 
 /// v written compactly for an error message, cut to about max_bytes.
 [[nodiscard]] std::string describe(const Value& v, std::size_t max_bytes = 120);
@@ -285,19 +293,40 @@ inline bool append_escape(std::string& out, char c)
     return true;
 }
 
-/// Appends s as a quoted JSON string. Invalid UTF-8 throws InvalidArgument, unless lenient, where
-/// each invalid byte is written as \xNN (only for messages: that is not JSON).
-inline void append_quoted(std::string& out, std::string_view s, bool lenient, std::size_t max_bytes)
+/// The code point of the valid UTF-8 sequence of n bytes at s[0].
+[[nodiscard]] inline std::uint32_t utf8_code_point(std::string_view s, std::size_t n) noexcept
 {
-    out += '"';
+    const auto byte = [&](std::size_t i) { return static_cast<std::uint32_t>(static_cast<unsigned char>(s[i])); };
+    if (n == 1) return byte(0);
+    std::uint32_t cp = byte(0) & (0x7fu >> n);
+    for (std::size_t i = 1; i < n; ++i) cp = (cp << 6) | (byte(i) & 0x3fu);
+    return cp;
+}
+
+/// Valid characters that a message must not carry raw: C1 controls (a terminal acts on U+009B
+/// as on ESC [), and characters that hide or reorder what is shown (zero-width marks, line and
+/// paragraph separators, bidirectional embeddings, overrides and isolates, the byte-order mark),
+/// with which a name can pass for another.
+[[nodiscard]] constexpr bool hidden_or_control(std::uint32_t cp) noexcept
+{
+    return (cp >= 0x80 && cp <= 0x9f) || cp == 0x061c || (cp >= 0x200b && cp <= 0x200f) ||
+           (cp >= 0x2028 && cp <= 0x202e) || (cp >= 0x2060 && cp <= 0x2069) || cp == 0xfeff;
+}
+
+/// Appends s escaped: JSON escapes for quotes, backslashes and ASCII controls; with lenient, also
+/// \xNN for each byte that is not UTF-8 and \uNNNN for hidden_or_control() characters (only for
+/// messages: \xNN is not JSON). Without lenient, invalid UTF-8 throws InvalidArgument. Stops once
+/// the output has grown by max_bytes and returns false; true when all of s was written.
+inline bool append_escaped(std::string& out, std::string_view s, bool lenient, bool escape_quotes,
+                           std::size_t max_bytes)
+{
+    constexpr char hex[] = "0123456789abcdef";
+    const std::size_t start = out.size();
     std::size_t i = 0;
     while (i < s.size()) {
-        if (i >= max_bytes) {
-            out += "...";
-            break;
-        }
+        if (out.size() - start >= max_bytes) return false;
         const char c = s[i];
-        if (append_escape(out, c)) {
+        if ((escape_quotes || (c != '"' && c != '\\')) && append_escape(out, c)) {
             ++i;
             continue;
         }
@@ -305,7 +334,6 @@ inline void append_quoted(std::string& out, std::string_view s, bool lenient, st
         if (n == 0) {
             if (!lenient)
                 raise<InvalidArgument>("cannot write the string ", describe_text(s), " as JSON: it is not valid UTF-8");
-            constexpr char hex[] = "0123456789abcdef";
             const auto u = static_cast<unsigned char>(c);
             out += "\\x";
             out += hex[u >> 4];
@@ -313,10 +341,29 @@ inline void append_quoted(std::string& out, std::string_view s, bool lenient, st
             ++i;
             continue;
         }
-        out.append(s.substr(i, n));
+        if (const std::uint32_t cp = utf8_code_point(s.substr(i), n); lenient && hidden_or_control(cp)) {
+            out += "\\u";
+            for (int shift = 12; shift >= 0; shift -= 4) out += hex[(cp >> shift) & 0xf];
+        } else {
+            out.append(s.substr(i, n));
+        }
         i += n;
     }
+    return true;
+}
+
+/// Appends s as a quoted JSON string (see append_escaped()). When max_bytes cuts it, the quote
+/// closes after "..." and the string's length follows: "abc..." (52428800 bytes).
+inline void append_quoted(std::string& out, std::string_view s, bool lenient, std::size_t max_bytes)
+{
     out += '"';
+    const bool whole = append_escaped(out, s, lenient, /*escape_quotes=*/true, max_bytes);
+    out += whole ? "\"" : "...\"";
+    if (!whole) {
+        out += " (";
+        out += std::to_string(s.size());
+        out += " bytes)";
+    }
 }
 
 inline std::string describe_text(std::string_view s, std::size_t max_bytes)
@@ -324,6 +371,24 @@ inline std::string describe_text(std::string_view s, std::size_t max_bytes)
     std::string out;
     append_quoted(out, s, /*lenient=*/true, max_bytes);
     return out;
+}
+
+inline std::string describe_path(std::string_view path, std::size_t max_bytes)
+{
+    // Quotes and backslashes stay as they are: the path is not quoted, and a Windows path keeps
+    // its separators.
+    std::string out;
+    if (append_escaped(out, path, /*lenient=*/true, /*escape_quotes=*/false, max_bytes)) return out;
+    // Too long: keep the head and the tail, cut between whole UTF-8 characters.
+    std::string tail;
+    const std::size_t keep = max_bytes / 2;
+    std::size_t from = path.size() > keep ? path.size() - keep : 0;
+    while (from < path.size() && (static_cast<unsigned char>(path[from]) & 0xc0) == 0x80) ++from;  // whole characters
+    (void)append_escaped(tail, path.substr(from), /*lenient=*/true, /*escape_quotes=*/false, max_bytes);
+    std::size_t cut = keep;
+    while (cut > 0 && (static_cast<unsigned char>(out[cut]) & 0xc0) == 0x80) --cut;
+    out.resize(cut);
+    return out + "...(" + std::to_string(path.size()) + " bytes)..." + tail;
 }
 
 inline void append_double(std::string& out, double d)
@@ -401,9 +466,20 @@ inline std::string describe(const Value& v, std::size_t max_bytes)
 }
 
 /// Recursive-descent parser over a string_view; pos_ is the byte offset used in messages.
+///
+/// document() builds a Value tree. The token-level interface below it is for readers that know
+/// the shape of their document (a safetensors header, a model index): check_document() checks
+/// the syntax of the whole text without building anything, then members(), elements() and the
+/// scalar readers walk it and keep only what the reader needs. A tree costs far more than its
+/// text (a Value is 40 bytes, so an array of one-digit numbers costs 20 times its text), which a
+/// reader of untrusted files cannot afford: walking keeps memory within a small multiple of
+/// what is kept.
 class Parser {
 public:
-    Parser(std::string_view text, std::string_view source) : text_(text), source_(source) {}
+    Parser(std::string_view text, std::string_view source, std::size_t pos = 0)
+        : text_(text), source_(source), pos_(pos)
+    {
+    }
 
     Value document()
     {
@@ -414,15 +490,48 @@ public:
         return v;
     }
 
-private:
+    /// Checks that the whole text is one JSON document, as document() would, but builds nothing
+    /// (duplicate keys are the caller's to find: that needs the keys). The number of members of
+    /// the top level when it is an object, else 0.
+    std::size_t check_document()
+    {
+        skip_whitespace();
+        std::size_t members_at_top = 0;
+        if (!at_end() && peek() == '{') {
+            members(1, [&](std::string_view, std::size_t) {
+                ++members_at_top;
+                skip(1);
+            });
+        } else {
+            skip(0);
+        }
+        skip_whitespace();
+        if (pos_ != text_.size()) fail(pos_, "unexpected ", here(), " after the end of the document");
+        return members_at_top;
+    }
+
+    // --- token level ----------------------------------------------------------------------------
+
+    /// A parser of the same text at byte offset pos (for a second look at a value).
+    [[nodiscard]] Parser at(std::size_t pos) const { return Parser(text_, source_, pos); }
+
+    [[nodiscard]] std::size_t pos() const noexcept { return pos_; }
+    [[nodiscard]] bool at_end() const noexcept { return pos_ >= text_.size(); }
+    /// The byte at pos(); only when !at_end().
+    [[nodiscard]] char peek() const noexcept { return text_[pos_]; }
+    /// True when a value of that kind starts at pos(): '{', '[', '"', 'n' or a number's first byte.
+    [[nodiscard]] bool at_object() const noexcept { return !at_end() && peek() == '{'; }
+    [[nodiscard]] bool at_array() const noexcept { return !at_end() && peek() == '['; }
+    [[nodiscard]] bool at_string() const noexcept { return !at_end() && peek() == '"'; }
+    [[nodiscard]] bool at_null() const noexcept { return !at_end() && peek() == 'n'; }
+    [[nodiscard]] bool at_number() const noexcept { return !at_end() && (peek() == '-' || digit()); }
+
+    /// Throws FormatError "<source>: invalid JSON at byte <at>: <args>".
     template <class... Args>
     [[noreturn]] void fail(std::size_t at, Args&&... args) const
     {
         raise<FormatError>(source_, ": invalid JSON at byte ", at, ": ", std::forward<Args>(args)...);
     }
-
-    [[nodiscard]] bool at_end() const noexcept { return pos_ >= text_.size(); }
-    [[nodiscard]] char peek() const noexcept { return text_[pos_]; }
 
     /// The byte at pos_, for messages.
     [[nodiscard]] std::string here() const
@@ -439,211 +548,125 @@ private:
         while (!at_end() && (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r')) ++pos_;
     }
 
-    void expect(char c, std::string_view context)
-    {
-        if (at_end() || peek() != c) fail(pos_, "expected '", c, "' ", context, ", got ", here());
-        ++pos_;
-    }
-
+    /// The value at pos_, built (depth: the nesting of the container it is in, 0 at the top).
     Value value(int depth)
     {
         if (at_end()) fail(pos_, "expected a value, got end of input");
         switch (peek()) {
-        case '{': return object(depth + 1);
-        case '[': return array(depth + 1);
+        case '{': {
+            Object items;
+            std::vector<std::size_t> key_offsets;
+            members(depth + 1, [&](std::string_view key, std::size_t key_offset) {
+                std::string name(key);  // before value(): the key's buffer is reused by nested objects
+                key_offsets.push_back(key_offset);
+                Value v = value(depth + 1);
+                items.emplace_back(std::move(name), std::move(v));
+            });
+            check_unique_keys(items, key_offsets);
+            return Value(std::move(items));
+        }
+        case '[': {
+            Array items;
+            elements(depth + 1, [&](std::size_t) { items.push_back(value(depth + 1)); });
+            return Value(std::move(items));
+        }
         case '"': return Value(string());
         case 't': literal("true"); return Value(true);
         case 'f': literal("false"); return Value(false);
         case 'n': literal("null"); return Value();
         default: break;
         }
-        if (peek() == '-' || (peek() >= '0' && peek() <= '9')) return number();
+        if (at_number()) return number();
         fail(pos_, "expected a value, got ", here());
     }
 
-    void literal(std::string_view word)
+    /// Moves past the value at pos_, checking its syntax and building nothing.
+    void skip(int depth)
     {
-        if (text_.substr(pos_, word.size()) != word) fail(pos_, "invalid literal (expected ", word, ")");
-        pos_ += word.size();
+        if (at_end()) fail(pos_, "expected a value, got end of input");
+        switch (peek()) {
+        case '{': members(depth + 1, [&](std::string_view, std::size_t) { skip(depth + 1); }); return;
+        case '[': elements(depth + 1, [&](std::size_t) { skip(depth + 1); }); return;
+        case '"': scan_string(nullptr); return;
+        case 't': literal("true"); return;
+        case 'f': literal("false"); return;
+        case 'n': literal("null"); return;
+        default: break;
+        }
+        if (at_number()) {
+            (void)number();
+            return;
+        }
+        fail(pos_, "expected a value, got ", here());
     }
 
-    void enter(int depth) const
-    {
-        if (depth > max_depth) fail(pos_, "nesting deeper than ", max_depth, " levels");
-    }
-
-    Value object(int depth)
+    /// The object at pos_ ('{'), at nesting depth (its own: 1 for the top level): for each member,
+    /// member(key, key_offset) with pos_ at the value, which member must consume (value(depth),
+    /// skip(depth), string(), ...). key stays valid until then: nested objects reuse its buffer.
+    template <class F>
+    void members(int depth, F&& member)
     {
         enter(depth);
         ++pos_;  // '{'
-        Object members;
-        std::vector<std::size_t> key_offsets;
         skip_whitespace();
         if (!at_end() && peek() == '}') {
             ++pos_;
-            return Value(std::move(members));
+            return;
         }
         for (;;) {
             skip_whitespace();
             if (at_end() || peek() != '"') fail(pos_, "expected a string key, got ", here());
-            key_offsets.push_back(pos_);
-            std::string key = string();
+            const std::size_t key_offset = pos_;
+            key_.clear();
+            scan_string(&key_);
             skip_whitespace();
             expect(':', "after an object key");
             skip_whitespace();
-            members.emplace_back(std::move(key), value(depth));
+            member(std::string_view(key_), key_offset);
             skip_whitespace();
             if (!at_end() && peek() == ',') {
                 ++pos_;
                 continue;
             }
             expect('}', "or ',' in an object");
-            break;
+            return;
         }
-        check_unique_keys(members, key_offsets);
-        return Value(std::move(members));
     }
 
-    /// O(n log n), so that a hostile header with millions of keys cannot make this quadratic.
-    void check_unique_keys(const Object& members, const std::vector<std::size_t>& offsets) const
-    {
-        if (members.size() < 2) return;
-        std::vector<std::size_t> order(members.size());
-        std::iota(order.begin(), order.end(), std::size_t{0});
-        std::stable_sort(order.begin(), order.end(),
-                         [&](std::size_t a, std::size_t b) { return members[a].first < members[b].first; });
-        std::size_t first_duplicate = members.size();
-        for (std::size_t i = 1; i < order.size(); ++i)
-            if (members[order[i]].first == members[order[i - 1]].first)
-                first_duplicate = std::min(first_duplicate, order[i]);  // the later of an equal pair
-        if (first_duplicate < members.size())
-            fail(offsets[first_duplicate], "duplicate object key ", describe_text(members[first_duplicate].first));
-    }
-
-    Value array(int depth)
+    /// The array at pos_ ('['), at nesting depth: element(index) for each element, with pos_ at
+    /// it, which element must consume.
+    template <class F>
+    void elements(int depth, F&& element)
     {
         enter(depth);
         ++pos_;  // '['
-        Array items;
         skip_whitespace();
         if (!at_end() && peek() == ']') {
             ++pos_;
-            return Value(std::move(items));
+            return;
         }
-        for (;;) {
+        for (std::size_t i = 0;; ++i) {
             skip_whitespace();
-            items.push_back(value(depth));
+            element(i);
             skip_whitespace();
             if (!at_end() && peek() == ',') {
                 ++pos_;
                 continue;
             }
             expect(']', "or ',' in an array");
-            break;
-        }
-        return Value(std::move(items));
-    }
-
-    [[nodiscard]] std::uint32_t hex4()
-    {
-        if (text_.size() - pos_ < 4) fail(pos_, "truncated \\u escape");
-        std::uint32_t cp = 0;
-        for (int i = 0; i < 4; ++i) {
-            const char c = text_[pos_];
-            std::uint32_t digit = 0;
-            if (c >= '0' && c <= '9') digit = static_cast<std::uint32_t>(c - '0');
-            else if (c >= 'a' && c <= 'f') digit = static_cast<std::uint32_t>(c - 'a' + 10);
-            else if (c >= 'A' && c <= 'F') digit = static_cast<std::uint32_t>(c - 'A' + 10);
-            else fail(pos_, "expected a hex digit in a \\u escape, got ", here());
-            cp = cp * 16 + digit;
-            ++pos_;
-        }
-        return cp;
-    }
-
-    static void append_utf8(std::string& out, std::uint32_t cp)
-    {
-        const auto put = [&](std::uint32_t b) { out += static_cast<char>(static_cast<unsigned char>(b)); };
-        if (cp < 0x80) {
-            put(cp);
-        } else if (cp < 0x800) {
-            put(0xc0 | (cp >> 6));
-            put(0x80 | (cp & 0x3f));
-        } else if (cp < 0x10000) {
-            put(0xe0 | (cp >> 12));
-            put(0x80 | ((cp >> 6) & 0x3f));
-            put(0x80 | (cp & 0x3f));
-        } else {
-            put(0xf0 | (cp >> 18));
-            put(0x80 | ((cp >> 12) & 0x3f));
-            put(0x80 | ((cp >> 6) & 0x3f));
-            put(0x80 | (cp & 0x3f));
+            return;
         }
     }
 
-    /// A \u escape after the backslash and 'u', with a following low surrogate if it is a high one.
-    void unicode_escape(std::string& out, std::size_t escape_start)
-    {
-        std::uint32_t cp = hex4();
-        if (cp >= 0xdc00 && cp <= 0xdfff)
-            fail(escape_start, "lone low surrogate \\u", text_.substr(escape_start + 2, 4));
-        if (cp >= 0xd800 && cp <= 0xdbff) {
-            if (text_.substr(pos_, 2) != "\\u")
-                fail(escape_start, "high surrogate \\u", text_.substr(escape_start + 2, 4),
-                     " is not followed by a low surrogate escape");
-            const std::size_t low_start = pos_;
-            pos_ += 2;
-            const std::uint32_t low = hex4();
-            if (low < 0xdc00 || low > 0xdfff)
-                fail(low_start, "high surrogate \\u", text_.substr(escape_start + 2, 4),
-                     " is followed by \\u", text_.substr(low_start + 2, 4), ", not by a low surrogate");
-            cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
-        }
-        append_utf8(out, cp);
-    }
-
+    /// The string at pos_ ('"'), decoded.
     std::string string()
     {
-        ++pos_;  // opening quote
         std::string out;
-        for (;;) {
-            if (at_end()) fail(pos_, "unterminated string");
-            const char c = peek();
-            const auto u = static_cast<unsigned char>(c);
-            if (c == '"') {
-                ++pos_;
-                return out;
-            }
-            if (c == '\\') {
-                const std::size_t escape_start = pos_;
-                ++pos_;
-                if (at_end()) fail(pos_, "unterminated string");
-                const char e = peek();
-                ++pos_;
-                switch (e) {
-                case '"': out += '"'; break;
-                case '\\': out += '\\'; break;
-                case '/': out += '/'; break;
-                case 'b': out += '\b'; break;
-                case 'f': out += '\f'; break;
-                case 'n': out += '\n'; break;
-                case 'r': out += '\r'; break;
-                case 't': out += '\t'; break;
-                case 'u': unicode_escape(out, escape_start); break;
-                default: --pos_; fail(escape_start, "invalid escape: backslash followed by ", here());
-                }
-                continue;
-            }
-            if (u < 0x20) fail(pos_, "control ", here(), " in a string must be escaped");
-            const std::size_t n = utf8_sequence_length(text_.substr(pos_));
-            if (n == 0) fail(pos_, "invalid UTF-8 (", here(), ") in a string");
-            out.append(text_.substr(pos_, n));
-            pos_ += n;
-        }
+        scan_string(&out);
+        return out;
     }
 
-    [[nodiscard]] bool digit() const noexcept { return !at_end() && peek() >= '0' && peek() <= '9'; }
-
+    /// The number at pos_: an integer Value when the literal is one that fits in 64 bits.
     Value number()
     {
         const std::size_t start = pos_;
@@ -691,6 +714,216 @@ private:
         fail(start, "malformed number");  // cannot happen: the grammar was checked above
     }
 
+    /// The kind of the value at pos_ (after whitespace), for messages.
+    [[nodiscard]] Kind peek_kind() const
+    {
+        Parser p = at(pos_);
+        p.skip_whitespace();
+        if (p.at_end()) p.fail(p.pos_, "expected a value, got end of input");
+        switch (p.peek()) {
+        case '{': return Kind::object;
+        case '[': return Kind::array;
+        case '"': return Kind::string;
+        case 't':
+        case 'f': return Kind::boolean;
+        case 'n': return Kind::null;
+        default: break;
+        }
+        if (p.at_number()) return p.number().kind();
+        p.fail(p.pos_, "expected a value, got ", p.here());
+    }
+
+    /// The value at pos_ written as describe() writes it, cut to about max_bytes, reading no
+    /// more of it than that takes: a message may quote a 90 MB array, not build it.
+    [[nodiscard]] std::string describe_value(std::size_t max_bytes = 120) const
+    {
+        Parser p = at(pos_);
+        p.skip_whitespace();
+        std::string out;
+        try {
+            if (p.at_string()) return describe_text(p.string(), max_bytes);
+            p.write_compact(out, 0, max_bytes);
+        } catch (const Enough&) {
+        } catch (const FormatError&) {  // invalid text after the part shown
+            out += "...";
+        }
+        if (out.size() > max_bytes) {
+            std::size_t cut = max_bytes;
+            while (cut > 0 && (static_cast<unsigned char>(out[cut]) & 0xc0) == 0x80) --cut;  // whole characters
+            out.resize(cut);
+            out += "...";
+        }
+        return out;
+    }
+
+private:
+    /// Thrown by write_compact() once its output is long enough.
+    struct Enough {};
+
+    void write_compact(std::string& out, int depth, std::size_t limit)
+    {
+        if (out.size() > limit) throw Enough{};
+        if (at_object()) {
+            out += '{';
+            bool first = true;
+            members(depth + 1, [&](std::string_view key, std::size_t) {
+                out += first ? "" : ",";
+                first = false;
+                append_quoted(out, key, /*lenient=*/true, limit);
+                out += ':';
+                write_compact(out, depth + 1, limit);
+            });
+            out += '}';
+        } else if (at_array()) {
+            out += '[';
+            elements(depth + 1, [&](std::size_t i) {
+                out += i > 0 ? "," : "";
+                write_compact(out, depth + 1, limit);
+            });
+            out += ']';
+        } else if (at_string()) {
+            append_quoted(out, string(), /*lenient=*/true, limit);
+        } else {
+            write(out, value(depth), WriteOptions{.indent = -1, .lenient = true, .limit = limit}, 0);
+        }
+    }
+
+    [[nodiscard]] bool digit() const noexcept { return !at_end() && peek() >= '0' && peek() <= '9'; }
+
+    void expect(char c, std::string_view context)
+    {
+        if (at_end() || peek() != c) fail(pos_, "expected '", c, "' ", context, ", got ", here());
+        ++pos_;
+    }
+
+    void literal(std::string_view word)
+    {
+        if (text_.substr(pos_, word.size()) != word) fail(pos_, "invalid literal (expected ", word, ")");
+        pos_ += word.size();
+    }
+
+    void enter(int depth) const
+    {
+        if (depth > max_depth) fail(pos_, "nesting deeper than ", max_depth, " levels");
+    }
+
+    /// O(n log n), so that a hostile header with millions of keys cannot make this quadratic.
+    void check_unique_keys(const Object& members, const std::vector<std::size_t>& offsets) const
+    {
+        if (members.size() < 2) return;
+        std::vector<std::size_t> order(members.size());
+        std::iota(order.begin(), order.end(), std::size_t{0});
+        std::stable_sort(order.begin(), order.end(),
+                         [&](std::size_t a, std::size_t b) { return members[a].first < members[b].first; });
+        std::size_t first_duplicate = members.size();
+        for (std::size_t i = 1; i < order.size(); ++i)
+            if (members[order[i]].first == members[order[i - 1]].first)
+                first_duplicate = std::min(first_duplicate, order[i]);  // the later of an equal pair
+        if (first_duplicate < members.size())
+            fail(offsets[first_duplicate], "duplicate object key ", describe_text(members[first_duplicate].first));
+    }
+
+    [[nodiscard]] std::uint32_t hex4()
+    {
+        if (text_.size() - pos_ < 4) fail(pos_, "truncated \\u escape");
+        std::uint32_t cp = 0;
+        for (int i = 0; i < 4; ++i) {
+            const char c = text_[pos_];
+            std::uint32_t digit = 0;
+            if (c >= '0' && c <= '9') digit = static_cast<std::uint32_t>(c - '0');
+            else if (c >= 'a' && c <= 'f') digit = static_cast<std::uint32_t>(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') digit = static_cast<std::uint32_t>(c - 'A' + 10);
+            else fail(pos_, "expected a hex digit in a \\u escape, got ", here());
+            cp = cp * 16 + digit;
+            ++pos_;
+        }
+        return cp;
+    }
+
+    static void append_utf8(std::string& out, std::uint32_t cp)
+    {
+        const auto put = [&](std::uint32_t b) { out += static_cast<char>(static_cast<unsigned char>(b)); };
+        if (cp < 0x80) {
+            put(cp);
+        } else if (cp < 0x800) {
+            put(0xc0 | (cp >> 6));
+            put(0x80 | (cp & 0x3f));
+        } else if (cp < 0x10000) {
+            put(0xe0 | (cp >> 12));
+            put(0x80 | ((cp >> 6) & 0x3f));
+            put(0x80 | (cp & 0x3f));
+        } else {
+            put(0xf0 | (cp >> 18));
+            put(0x80 | ((cp >> 12) & 0x3f));
+            put(0x80 | ((cp >> 6) & 0x3f));
+            put(0x80 | (cp & 0x3f));
+        }
+    }
+
+    /// A \u escape after the backslash and 'u', with a following low surrogate if it is a high one.
+    void unicode_escape(std::string* out, std::size_t escape_start)
+    {
+        std::uint32_t cp = hex4();
+        if (cp >= 0xdc00 && cp <= 0xdfff)
+            fail(escape_start, "lone low surrogate \\u", text_.substr(escape_start + 2, 4));
+        if (cp >= 0xd800 && cp <= 0xdbff) {
+            if (text_.substr(pos_, 2) != "\\u")
+                fail(escape_start, "high surrogate \\u", text_.substr(escape_start + 2, 4),
+                     " is not followed by a low surrogate escape");
+            const std::size_t low_start = pos_;
+            pos_ += 2;
+            const std::uint32_t low = hex4();
+            if (low < 0xdc00 || low > 0xdfff)
+                fail(low_start, "high surrogate \\u", text_.substr(escape_start + 2, 4),
+                     " is followed by \\u", text_.substr(low_start + 2, 4), ", not by a low surrogate");
+            cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+        }
+        if (out != nullptr) append_utf8(*out, cp);
+    }
+
+    /// The string at pos_ ('"'), checked, and decoded into *out unless out is null.
+    void scan_string(std::string* out)
+    {
+        ++pos_;  // opening quote
+        const auto put = [&](char c) {
+            if (out != nullptr) *out += c;
+        };
+        for (;;) {
+            if (at_end()) fail(pos_, "unterminated string");
+            const char c = peek();
+            const auto u = static_cast<unsigned char>(c);
+            if (c == '"') {
+                ++pos_;
+                return;
+            }
+            if (c == '\\') {
+                const std::size_t escape_start = pos_;
+                ++pos_;
+                if (at_end()) fail(pos_, "unterminated string");
+                const char e = peek();
+                ++pos_;
+                switch (e) {
+                case '"': put('"'); break;
+                case '\\': put('\\'); break;
+                case '/': put('/'); break;
+                case 'b': put('\b'); break;
+                case 'f': put('\f'); break;
+                case 'n': put('\n'); break;
+                case 'r': put('\r'); break;
+                case 't': put('\t'); break;
+                case 'u': unicode_escape(out, escape_start); break;
+                default: --pos_; fail(escape_start, "invalid escape: backslash followed by ", here());
+                }
+                continue;
+            }
+            if (u < 0x20) fail(pos_, "control ", here(), " in a string must be escaped");
+            const std::size_t n = utf8_sequence_length(text_.substr(pos_));
+            if (n == 0) fail(pos_, "invalid UTF-8 (", here(), ") in a string");
+            if (out != nullptr) out->append(text_.substr(pos_, n));
+            pos_ += n;
+        }
+    }
+
     /// For a literal that from_chars reported out of range: true if its magnitude is below the
     /// smallest double (it reads as zero, like Python's json), false if above the largest.
     [[nodiscard]] bool underflows(std::size_t start, std::size_t int_end, std::size_t frac_end) const
@@ -721,6 +954,7 @@ private:
     std::string_view text_;
     std::string_view source_;
     std::size_t pos_ = 0;
+    std::string key_;  ///< the current object key, reused so that walking allocates nothing per key
 };
 
 }  // namespace detail

@@ -1,10 +1,13 @@
 #pragma once
-// Whole-file reads and atomic whole-file writes, shared by the safetensors and config.json code.
+// File reads and atomic whole-file writes, shared by the safetensors and config.json code.
 //
 // Reads check that the path is a regular file before sizing a buffer from it (a FIFO or a
 // device has no meaningful size), and refuse files above a caller-given limit before allocating.
-// Writes go to a temporary file next to the target and are renamed over it, so that a crash or
-// a full disk never leaves a half-written model file under the final name.
+// Weight files are not read whole: ReadOnlyFile reads the byte ranges asked for, so that a
+// reader checks a header before it commits memory to the data behind it. Writes go to a
+// temporary file next to the target and are renamed over it, so that a crash or a full disk
+// never leaves a half-written model file under the final name. Paths in messages go through
+// json::detail::describe_path(): a file name can hold terminal control characters.
 
 #include <atomic>
 #include <cerrno>
@@ -15,6 +18,9 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
 #include <span>
 #include <string>
 #include <string_view>
@@ -23,6 +29,7 @@
 #include <vector>
 
 #include "foe/core/error.hpp"
+#include "foe/io/json.hpp"
 
 namespace foe::detail::io {
 
@@ -37,6 +44,37 @@ namespace foe::detail::io {
 /// the temporary file.
 void write_file_atomically(const std::filesystem::path& path, std::span<const std::byte> bytes);
 
+/// path for a message: escaped and cut (json::detail::describe_path()).
+[[nodiscard]] inline std::string display(const std::filesystem::path& path)
+{
+    return json::detail::describe_path(path.string());
+}
+
+/// A regular file opened for reading byte ranges at given offsets. The size is the opened file's,
+/// so a file replaced after opening is not mixed with its successor. read() is safe to call from
+/// several threads; copies share the open file.
+class ReadOnlyFile {
+public:
+    /// IoError when path is not a regular file or cannot be opened.
+    [[nodiscard]] static std::shared_ptr<const ReadOnlyFile> open(const std::filesystem::path& path);
+
+    /// The path for messages, as display() writes it.
+    [[nodiscard]] const std::string& name() const noexcept { return name_; }
+    [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
+
+    /// Fills out with the bytes at [offset, offset + out.size()). IoError naming the file when
+    /// the range is not inside it or the read comes up short (a file truncated after opening).
+    void read(std::uint64_t offset, std::span<std::byte> out) const;
+
+private:
+    ReadOnlyFile() = default;
+
+    std::string name_;
+    std::uint64_t size_ = 0;
+    mutable std::mutex mutex_;  ///< one seek-and-read at a time on in_
+    mutable std::ifstream in_;
+};
+
 // ---------------------------------------------------------------------------------------------
 
 /// The message of the last OS error, for IoError messages.
@@ -49,7 +87,7 @@ void write_file_atomically(const std::filesystem::path& path, std::span<const st
 inline std::vector<std::byte> read_whole_file(const std::filesystem::path& path, std::uintmax_t max_bytes,
                                               std::string_view what)
 {
-    const std::string name = path.string();
+    const std::string name = display(path);
     std::error_code ec;
     const auto status = std::filesystem::status(path, ec);
     if (ec) raise<IoError>(name, ": cannot open: ", ec.message());
@@ -64,13 +102,58 @@ inline std::vector<std::byte> read_whole_file(const std::filesystem::path& path,
     errno = 0;
     std::ifstream in(path, std::ios::binary);
     if (!in) raise<IoError>(name, ": cannot open for reading: ", last_os_error(errno));
-    std::vector<std::byte> bytes(static_cast<std::size_t>(size));
+    std::vector<std::byte> bytes;
+    try {
+        bytes.resize(static_cast<std::size_t>(size));
+    } catch (const std::bad_alloc&) {
+        raise<IoError>(name, ": out of memory for its ", size, " bytes");
+    }
     // Reading std::byte storage through char* is allowed aliasing.
     in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
     const auto got = in.gcount();
     if (static_cast<std::uintmax_t>(got) != size)
         raise<IoError>(name, ": read only ", got, " of ", size, " bytes (was the file truncated while reading?)");
     return bytes;
+}
+
+inline std::shared_ptr<const ReadOnlyFile> ReadOnlyFile::open(const std::filesystem::path& path)
+{
+    std::shared_ptr<ReadOnlyFile> f(new ReadOnlyFile());
+    f->name_ = display(path);
+    std::error_code ec;
+    const auto status = std::filesystem::status(path, ec);
+    if (ec) raise<IoError>(f->name_, ": cannot open: ", ec.message());
+    if (!std::filesystem::is_regular_file(status)) raise<IoError>(f->name_, ": cannot read: not a regular file");
+    errno = 0;
+    f->in_.open(path, std::ios::binary);
+    if (!f->in_) raise<IoError>(f->name_, ": cannot open for reading: ", last_os_error(errno));
+    f->in_.seekg(0, std::ios::end);
+    const std::streamoff end = f->in_.tellg();
+    if (!f->in_ || end < 0) raise<IoError>(f->name_, ": cannot read its size");
+    f->size_ = static_cast<std::uint64_t>(end);
+    return f;
+}
+
+inline void ReadOnlyFile::read(std::uint64_t offset, std::span<std::byte> out) const
+{
+    if (out.empty()) return;
+    require<IoError>(offset <= size_ && out.size() <= size_ - offset, name_, ": cannot read bytes [", offset, ", ",
+                     offset + out.size(), "): the file holds ", size_, " bytes");
+    const std::lock_guard lock(mutex_);
+    in_.clear();
+    errno = 0;
+    in_.seekg(static_cast<std::streamoff>(offset));
+    // Reading std::byte storage through char* is allowed aliasing.
+    in_.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size()));
+    const auto got = in_.gcount();
+    if (!in_ || static_cast<std::uint64_t>(got) != out.size()) {
+        const int saved = errno;
+        in_.clear();
+        if (saved != 0) raise<IoError>(name_, ": cannot read ", out.size(), " bytes at offset ", offset, ": ",
+                                       last_os_error(saved));
+        raise<IoError>(name_, ": read only ", got, " of the ", out.size(), " bytes at offset ", offset,
+                       " (was the file truncated while reading?)");
+    }
 }
 
 /// A name for the temporary file that no other writer in this or another thread or process is
@@ -96,14 +179,14 @@ inline void write_file_atomically(const std::filesystem::path& path, std::span<c
     {
         errno = 0;
         std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-        if (!out) raise<IoError>(path.string(), ": cannot create the temporary file ", tmp.string(), ": ",
+        if (!out) raise<IoError>(display(path), ": cannot create the temporary file ", display(tmp), ": ",
                                  last_os_error(errno));
         out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
         out.close();
         if (!out) {
             const int saved = errno;
             discard_tmp();
-            raise<IoError>(path.string(), ": writing ", bytes.size(), " bytes to ", tmp.string(),
+            raise<IoError>(display(path), ": writing ", bytes.size(), " bytes to ", display(tmp),
                            " failed: ", last_os_error(saved));
         }
     }
@@ -111,7 +194,7 @@ inline void write_file_atomically(const std::filesystem::path& path, std::span<c
     std::filesystem::rename(tmp, path, ec);
     if (ec) {
         discard_tmp();
-        raise<IoError>(path.string(), ": cannot rename ", tmp.string(), " to it: ", ec.message());
+        raise<IoError>(display(path), ": cannot rename ", display(tmp), " to it: ", ec.message());
     }
 }
 
