@@ -1,4 +1,5 @@
-// Tests of foe/io: the JSON parser and writer, safetensors reader and writer, config.json.
+// Tests of foe/io: the JSON parser and writer, safetensors reader and writer, config.json, model
+// directories.
 //
 // Every hostile input has its own test case and checks both the exception type and the words of
 // its message (file, item, value), since a message that does not say what is wrong is a bug.
@@ -29,7 +30,9 @@
 
 #include "foe/io/config_json.hpp"
 #include "foe/io/json.hpp"
+#include "foe/io/model_dir.hpp"
 #include "foe/io/safetensors.hpp"
+#include "foe/model/weights.hpp"
 
 namespace {
 
@@ -1814,4 +1817,228 @@ TEST_CASE("config.json: save refuses an invalid config and writes nothing")
     c.num_experts_per_tok = 6;
     CHECK_ERROR(foe::ConfigError, foe::save_config_json(tmp.path(), c), "num_experts_per_tok (6)");
     CHECK_FALSE(fs::exists(tmp.path()));
+}
+
+// =============================================================================================
+// Model directories: sharded weights, reading only what a rank holds
+// =============================================================================================
+
+namespace {
+
+/// A model directory with config.json, for tests that write its weights themselves.
+struct ModelDir {
+    TempPath dir{"_model"};
+    foe::ModelConfig config = foe::named_config("foe-tiny");
+
+    ModelDir()
+    {
+        fs::create_directories(dir.path());
+        foe::save_config_json(dir.path() / "config.json", config);
+    }
+    [[nodiscard]] fs::path path(std::string_view file) const { return dir.path() / file; }
+    void write_index(std::string_view text) const
+    {
+        std::ofstream(path("model.safetensors.index.json"), std::ios::binary | std::ios::trunc) << text;
+    }
+};
+
+/// The tensors of weights that pick accepts, as TensorToWrite (views into weights).
+template <class Pick>
+std::vector<foe::TensorToWrite> tensors_of(const foe::ModelWeights& weights, Pick&& pick)
+{
+    std::vector<foe::TensorToWrite> out;
+    for (const auto& spec : foe::expected_tensors(weights.config))
+        if (pick(spec.name)) out.push_back({spec.name, foe::DType::f32, spec.shape, weights.at(spec.name).span()});
+    return out;
+}
+
+bool in_layer_0(std::string_view name)
+{
+    return name.find("layers.") == std::string_view::npos || name.find("layers.0.") != std::string_view::npos;
+}
+
+/// Every byte of s is printable: no ASCII or C1 control reaches a terminal through a message.
+bool printable(std::string_view s)
+{
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        const auto u = static_cast<unsigned char>(s[i]);
+        if (u < 0x20 || u == 0x7f) return false;
+        if (u == 0xc2 && i + 1 < s.size() && static_cast<unsigned char>(s[i + 1]) >= 0x80 &&
+            static_cast<unsigned char>(s[i + 1]) <= 0x9f)
+            return false;
+    }
+    return true;
+}
+
+/// The message of the foe::Error f throws ("no exception" if none).
+template <class F>
+std::string message_of(F&& f)
+{
+    try {
+        f();
+    } catch (const foe::Error& e) {
+        return e.what();
+    }
+    return "no exception";
+}
+
+}  // namespace
+
+TEST_CASE("model directory: a rank reads only the tensors it holds; shards it does not need are not opened")
+{
+    const ModelDir m;
+    const auto weights = foe::random_weights(m.config, 5);
+    // Shard a: what layer 0's rank needs, then a 6 GiB tensor no one needs (sparse zeros). Shard
+    // b: the other layers, but not a safetensors file at all, so opening it would fail.
+    const auto needed = tensors_of(weights, in_layer_0);
+    const std::vector<std::byte> base = foe::serialize_safetensors(needed);
+    std::uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::to_integer<std::uint64_t>(base[static_cast<std::size_t>(i)]);
+    const std::string_view base_header(reinterpret_cast<const char*>(base.data()) + 8, header_len);
+    json::Value header = json::parse(base_header, "base");
+    const auto data_size = static_cast<index_t>(base.size() - 8 - header_len);
+    header.set("unused.big", json::Object{{"dtype", "F32"},
+                                          {"shape", json::Array{static_cast<index_t>(six_gib / 4)}},
+                                          {"data_offsets", json::Array{data_size, data_size + static_cast<index_t>(six_gib)}}});
+    std::vector<std::byte> head = raw_safetensors(json::dump(header), 0);
+    head.insert(head.end(), base.begin() + static_cast<std::ptrdiff_t>(8 + header_len), base.end());
+    if (!write_sparse(m.path("a.safetensors"), head, head.size() + six_gib)) {
+        MESSAGE("skipped: the temporary directory's file system holds no sparse 6 GiB file");
+        return;
+    }
+    std::ofstream(m.path("b.safetensors")) << "not a safetensors file";
+    std::string map;
+    for (const auto& spec : foe::expected_tensors(m.config))
+        map += (map.empty() ? "\"" : ", \"") + spec.name + "\": \"" + (in_layer_0(spec.name) ? "a" : "b") +
+               ".safetensors\"";
+    m.write_index(R"({"metadata": {"total_size": 1}, "weight_map": {)" + map + "}}");
+
+    std::optional<foe::ModelWeights> loaded;
+    const Cost c = cost_of([&] { loaded.emplace(foe::load_model_dir(m.dir.path(), in_layer_0)); });
+    std::uint64_t needed_bytes = 0;
+    for (const auto& t : needed) {
+        CHECK(loaded->at(t.name).values() == weights.at(t.name).values());
+        needed_bytes += 4 * t.values.size();
+    }
+    CHECK(loaded->tensors.size() == needed.size());
+    CHECK(c.rss_growth < (std::uint64_t{64} << 20));
+    // Only the needed bytes, headers, config and index were read (1 MiB covers the rest).
+    if (c.bytes_read) CHECK(*c.bytes_read < needed_bytes + (std::uint64_t{1} << 20));
+
+    // Every rank's share together is the model: the shard b is refused once someone needs it.
+    CHECK_ERROR(foe::FormatError, (void)foe::load_model_dir(m.dir.path()), m.path("b.safetensors").string());
+}
+
+TEST_CASE("model directory: an empty weight_map is refused naming the index, not model.safetensors")
+{
+    const ModelDir m;
+    m.write_index(R"({"metadata": {}, "weight_map": {}})");
+    const std::string message = message_of([&] { (void)foe::load_model_dir(m.dir.path()); });
+    CHECK(message.find(m.path("model.safetensors.index.json").string() + ": weight_map is empty") != std::string::npos);
+    CHECK(message.find("model.safetensors:") == std::string::npos);
+    m.write_index(R"({"metadata": {}})");
+    CHECK_ERROR(foe::FormatError, (void)foe::load_model_dir(m.dir.path()), "model.safetensors.index.json",
+                "\"weight_map\" must be an object");
+    m.write_index(R"({"weight_map": {"a": "a.safetensors"}, "weight_map": {"a": "a.safetensors"}})");
+    CHECK_ERROR(foe::FormatError, (void)foe::load_model_dir(m.dir.path()), "duplicate object key \"weight_map\"");
+    m.write_index(R"({"weight_map": {"model.norm.weight": "a.safetensors", "model.norm.weight": "b.safetensors"}})");
+    CHECK_ERROR(foe::FormatError, (void)foe::load_model_dir(m.dir.path()), "duplicate object key \"model.norm.weight\"");
+}
+
+TEST_CASE("model directory: a shard name must be a plain file name in the directory")
+{
+    const ModelDir m;
+    const std::string index = m.path("model.safetensors.index.json").string();
+    for (const char* bad : {R"("")", R"(".")", R"("..")", R"("../a.safetensors")", R"("sub/a.safetensors")",
+                            R"("/etc/passwd")", R"("a\\b.safetensors")", R"("a.safetensors\u0000.txt")"}) {
+        CAPTURE(bad);
+        m.write_index(std::string(R"({"weight_map": {"model.norm.weight": )") + bad + "}}");
+        const std::string message = message_of([&] { (void)foe::load_model_dir(m.dir.path()); });
+        CHECK(message.find(index + ": weight_map entry \"model.norm.weight\" names ") != std::string::npos);
+        CHECK(message.find("not a plain file name in the model directory") != std::string::npos);
+        CHECK(printable(message));
+    }
+    m.write_index(R"({"weight_map": {"model.norm.weight": "a.safetensors\u0000.txt"}})");
+    CHECK_ERROR(foe::FormatError, (void)foe::load_model_dir(m.dir.path()), "\"a.safetensors\\u0000.txt\"",
+                "NUL character");
+    m.write_index(R"({"weight_map": {"model.norm.weight": ")" + std::string(50'000'000, 'f') + "\"}}");
+    const std::string long_name = message_of([&] { (void)foe::load_model_dir(m.dir.path()); });
+    CHECK(long_name.size() < 2048);
+    CHECK(long_name.find("(50000000 bytes)") != std::string::npos);
+    CHECK(long_name.find("file names are at most 255") != std::string::npos);
+}
+
+TEST_CASE("model directory: names from the index reach messages escaped and cut")
+{
+    const ModelDir m;
+    // ESC, BEL, CR and LF in a shard name: a file the directory lacks, named in an IoError.
+    m.write_index(R"({"weight_map": {"model.embed_tokens.weight": "\u001b]0;owned\u0007\r\n.safetensors"}})");
+    const std::string shard = message_of([&] { (void)foe::load_model_dir(m.dir.path()); });
+    CHECK(printable(shard));
+    CHECK(shard.find("\\u001b]0;owned\\u0007\\r\\n.safetensors: cannot open") != std::string::npos);
+    CHECK(shard.find("maps tensor \"model.embed_tokens.weight\" to it") != std::string::npos);
+
+    // The same in a tensor name, and a NUL, which must be shown, not end the message.
+    m.write_index(R"({"weight_map": {"x\u001b[2J\u0007\r\ny\u0000z": 5}})");
+    const std::string tensor = message_of([&] { (void)foe::load_model_dir(m.dir.path()); });
+    CHECK(printable(tensor));
+    CHECK(tensor.find(R"(weight_map entry "x\u001b[2J\u0007\r\ny\u0000z" must be a file name string, got 5)") !=
+          std::string::npos);
+    CHECK(tensor.find('\0') == std::string::npos);
+
+    // A 50 MB tensor name: the message stays short and says how long the name was.
+    m.write_index(R"({"weight_map": {")" + std::string(50'000'000, 'n') + R"(": 5}})");
+    const std::string long_name = message_of([&] { (void)foe::load_model_dir(m.dir.path()); });
+    CHECK(long_name.size() < 2048);
+    CHECK(long_name.find("nnn...\" (50000000 bytes)") != std::string::npos);
+}
+
+TEST_CASE("safetensors: tensor names reach messages escaped and cut")
+{
+    const std::string entry = R"(": {"dtype": "I64", "shape": [0], "data_offsets": [0, 0]}})";
+    const std::string controls = message_of([&] { (void)load_raw(R"({"w\u001b[31m\u0007\r\n\u009b\u202e)" + entry, 0); });
+    CHECK(printable(controls));
+    CHECK(controls.find(R"(tensor "w\u001b[31m\u0007\r\n\u009b\u202e": dtype "I64")") != std::string::npos);
+
+    const std::string nul = message_of([&] { (void)load_raw(R"({"a\u0000b)" + entry, 0); });
+    CHECK(nul.find(R"(tensor "a\u0000b")") != std::string::npos);
+    CHECK(nul.find('\0') == std::string::npos);
+
+    const std::string long_name = message_of([&] { (void)load_raw("{\"" + std::string(50'000'000, 'n') + entry, 0); });
+    CHECK(long_name.size() < 1024);
+    CHECK(long_name.find("nnn...\" (50000000 bytes): dtype \"I64\"") != std::string::npos);
+
+    // A dtype string and a metadata key are file content too.
+    const std::string dtype = message_of([&] {
+        (void)load_raw(R"({"w": {"dtype": "\u001b[31mF32", "shape": [0], "data_offsets": [0, 0]}})", 0);
+    });
+    CHECK(printable(dtype));
+    CHECK(dtype.find(R"(dtype "\u001b[31mF32" is not supported)") != std::string::npos);
+    const std::string key = message_of([&] { (void)load_raw(R"({"__metadata__": {"\u0007": 1}})", 0); });
+    CHECK(key.find(R"(value of key "\u0007" must be a string)") != std::string::npos);
+}
+
+TEST_CASE("safetensors: a path with control characters is escaped in messages")
+{
+    const TempPath dir("_dir");
+    fs::create_directories(dir.path());
+    const fs::path path = dir.path() / "a\x1b[2J\r.safetensors";
+    const std::string message = message_of([&] { (void)foe::SafetensorsFile::open(path); });
+    CHECK(printable(message));
+    CHECK(message.find("a\\u001b[2J\\r.safetensors: cannot open") != std::string::npos);
+}
+
+TEST_CASE("config.json: keys of the file reach messages escaped and cut")
+{
+    json::Value c = tiny_config_object();
+    c.set("rope_scaling", json::Object{{"\x1b[31mfactor\r\n", 4.0}});
+    const std::string controls = message_of([&] { (void)foe::parse_config_json(json::dump(c), "config.json"); });
+    CHECK(printable(controls));
+    CHECK(controls.find(R"(rope_scaling."\u001b[31mfactor\r\n" 4.0 is not supported)") != std::string::npos);
+    c.set("rope_scaling", json::Object{{std::string(50'000'000, 'k'), 4.0}});
+    const std::string long_key = message_of([&] { (void)foe::parse_config_json(json::dump(c), "config.json"); });
+    CHECK(long_key.size() < 1024);
+    c.set("rope_scaling", json::Object{{"factor", 4.0}});
+    CHECK(message_of([&] { (void)foe::parse_config_json(json::dump(c), "config.json"); })
+              .find("rope_scaling.factor 4.0 is not supported") != std::string::npos);
 }

@@ -25,8 +25,10 @@
 // work together (including two spellings that disagree). The result is validated with
 // ModelConfig::validate(); its ConfigErrors are re-thrown with the file's name in front.
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -170,6 +172,17 @@ private:
     std::string_view src_;
 };
 
+/// "dict.member" for messages, with member quoted and escaped unless it is a plain identifier:
+/// member is a key of the file, so it may hold anything (terminal controls, 50 MB).
+[[nodiscard]] inline std::string member_name(std::string_view dict, std::string_view member)
+{
+    const bool plain = !member.empty() && member.size() <= 64 &&
+                       std::all_of(member.begin(), member.end(), [](char c) {
+                           return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+                       });
+    return detail::concat(dict, ".", plain ? std::string(member) : json::detail::describe_text(member));
+}
+
 [[nodiscard]] inline Architecture parse_architecture(const Reader& r)
 {
     const json::Value& v = r.required("architectures");
@@ -251,7 +264,7 @@ inline void require_full_rotation(const Reader& r, std::string_view key, const j
         }
         for (const auto& [member, value] : d->as_object()) {
             if (member == "rope_type" || member == "type" || value.is_null()) continue;
-            const std::string name = detail::concat(dict, ".", member);
+            const std::string name = member_name(dict, member);
             if (member == "rope_theta") {
                 if (!value.is_number()) r.wrong_type(name, value, "a number");
                 thetas.push_back({name, &value});
@@ -372,9 +385,14 @@ inline ModelConfig parse_config_json(std::string_view text, std::string_view sou
 
 inline ModelConfig load_config_json(const std::filesystem::path& path)
 {
+    const std::string source = detail::io::display(path);
     const auto bytes = detail::io::read_whole_file(path, config_json_max_bytes, "config.json");
     const std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    return parse_config_json(text, path.string());
+    try {
+        return parse_config_json(text, source);
+    } catch (const std::bad_alloc&) {
+        raise<IoError>(source, ": out of memory while parsing its ", bytes.size(), " bytes");
+    }
 }
 
 inline std::string to_config_json(const ModelConfig& c)

@@ -2,13 +2,20 @@
 // A model directory in the Hugging Face layout: config.json and the weights, either one
 // model.safetensors or shards listed by model.safetensors.index.json ("weight_map": name -> file).
 //
-// Loading reads exactly the tensors the config needs (expected_tensors), converts them to fp32,
-// and fails with the file and tensor named when one is missing, has another shape or an
-// unsupported dtype. Tensors the config does not need are ignored, as Hugging Face does.
+// Loading reads exactly the tensors the config needs (expected_tensors) and the caller's filter
+// accepts, converts them to fp32, and fails with the file and tensor named when one is missing,
+// has another shape or an unsupported dtype. Tensors the config does not need are ignored, as
+// Hugging Face does: their bytes are not read, and a shard holding none that are needed is not
+// opened. Shard names from the index must be plain file names in the directory.
 
+#include <algorithm>
+#include <cstddef>
 #include <filesystem>
 #include <map>
+#include <new>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "foe/core/dtype.hpp"
@@ -37,24 +44,82 @@ void save_model_dir(const std::filesystem::path& dir, const ModelWeights& weight
 
 namespace detail {
 
-/// tensor name -> shard file, from model.safetensors.index.json.
-inline std::map<std::string, std::string, std::less<>> read_weight_map(const std::filesystem::path& index_path)
+/// Longest shard file name accepted, in bytes: NAME_MAX of Linux file systems, so no longer name
+/// can be a file there (Hugging Face's shard names are about 30 bytes).
+inline constexpr std::size_t max_shard_name_bytes = 255;
+
+/// Refuses a shard file name that is not a plain file name inside the model directory: empty,
+/// ".", "..", a path separator (which could leave the directory), a NUL (which would cut the name
+/// where the file system reads it, opening another file), or longer than any file name.
+inline void check_shard_name(std::string_view index, std::string_view tensor, std::string_view file)
 {
-    const std::string source = index_path.string();
+    using json::detail::describe_text;
+    const auto refuse = [&](std::string_view why) {
+        raise<FormatError>(index, ": weight_map entry ", describe_text(tensor), " names ", describe_text(file),
+                           ", which is not a plain file name in the model directory (", why, ")");
+    };
+    if (file.empty()) refuse("it is empty");
+    if (file == "." || file == "..") refuse("it names a directory");
+    if (file.find_first_of("/\\") != std::string_view::npos) refuse("it holds a path separator");
+    if (file.find('\0') != std::string_view::npos) refuse("it holds a NUL character");
+    if (file.size() > max_shard_name_bytes)
+        refuse(concat("it is ", file.size(), " bytes long; file names are at most ", max_shard_name_bytes));
+}
+
+/// The shard file of each tensor `wanted` accepts, from model.safetensors.index.json. Every
+/// entry is checked (a string naming a plain file) but only wanted ones are kept, and the index
+/// is walked rather than parsed into a JSON tree: the memory it takes is set by what the model
+/// needs, not by what the index holds. So a tensor listed twice is refused when it is wanted (or
+/// the two entries are neighbours), as it decides which file is read; other duplicates are
+/// entries foe never reads. FormatError for an index without entries: it would describe a
+/// model without weights.
+template <class Wanted>
+[[nodiscard]] std::map<std::string, std::string, std::less<>> read_weight_map(const std::filesystem::path& index_path,
+                                                                            Wanted&& wanted)
+{
+    using json::detail::describe_text;
+    const std::string source = io::display(index_path);
     const auto bytes = io::read_whole_file(index_path, 64u << 20, "model.safetensors.index.json");
-    const std::string text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    const json::Value root = json::parse(text, source);
-    const json::Value* map = root.is_object() ? root.find("weight_map") : nullptr;
-    require<FormatError>(map != nullptr && map->is_object(), source, ": \"weight_map\" must be an object of tensor name -> file");
+    const std::string_view text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
     std::map<std::string, std::string, std::less<>> out;
-    for (const auto& [name, file] : map->as_object()) {
-        require<FormatError>(file.is_string(), source, ": weight_map entry \"", name, "\" must be a file name string");
-        const std::filesystem::path p(file.as_string());
-        // Shards live beside the index: no directories, no way out of the model directory.
-        require<FormatError>(p.has_filename() && p.filename() == p && p != "." && p != "..", source,
-                             ": weight_map entry \"", name, "\" names \"", file.as_string(),
-                             "\", which is not a plain file name in the model directory");
-        out.emplace(name, file.as_string());
+    try {
+        (void)json::detail::Parser(text, source).check_document();
+        json::detail::Parser p(text, source);
+        p.skip_whitespace();
+        const auto not_a_map = [&] {
+            raise<FormatError>(source, ": \"weight_map\" must be an object of tensor name -> file");
+        };
+        if (!p.at_object()) not_a_map();
+        std::optional<std::size_t> map_at;
+        std::size_t entries = 0;
+        std::string last;  // the previous entry's name: most duplicates are neighbours
+        p.members(1, [&](std::string_view key, std::size_t key_offset) {
+            if (key != "weight_map") {
+                p.skip(1);  // "metadata" and anything else: not needed to load
+                return;
+            }
+            if (map_at) p.fail(key_offset, "duplicate object key \"weight_map\"");
+            map_at = key_offset;
+            if (!p.at_object()) not_a_map();
+            p.members(2, [&](std::string_view name_view, std::size_t name_offset) {
+                std::string name(name_view);
+                if (!p.at_string())
+                    raise<FormatError>(source, ": weight_map entry ", describe_text(name),
+                                       " must be a file name string, got ", p.describe_value());
+                std::string file = p.string();
+                check_shard_name(source, name, file);
+                ++entries;
+                if (name == last || out.contains(name)) p.fail(name_offset, "duplicate object key ", describe_text(name));
+                if (wanted(std::string_view(name))) out.emplace(name, std::move(file));
+                last = std::move(name);
+            });
+        });
+        if (!map_at) not_a_map();
+        if (entries == 0)
+            raise<FormatError>(source, ": weight_map is empty; it must map each tensor name to the shard file "
+                                       "that holds it");
+    } catch (const std::bad_alloc&) {
+        raise<IoError>(source, ": out of memory while reading it");
     }
     return out;
 }
@@ -63,30 +128,46 @@ inline std::map<std::string, std::string, std::less<>> read_weight_map(const std
 
 inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds)
 {
+    using json::detail::describe_text;
     std::error_code ec;
-    require<IoError>(std::filesystem::is_directory(dir, ec), "model directory \"", dir.string(),
-                     "\" does not exist or is not a directory");
+    const std::string dir_name = json::detail::describe_text(dir.string(), 1024);
+    require<IoError>(std::filesystem::is_directory(dir, ec), "model directory ", dir_name,
+                     " does not exist or is not a directory");
     const auto config_path = dir / config_file_name;
-    require<IoError>(std::filesystem::exists(config_path, ec), "model directory \"", dir.string(), "\" has no ",
+    require<IoError>(std::filesystem::exists(config_path, ec), "model directory ", dir_name, " has no ",
                      config_file_name);
     ModelWeights w{load_config_json(config_path), {}, std::move(holds)};
 
+    // The tensors to read: those of the config that this rank holds.
+    std::vector<TensorSpec> needed;
+    for (auto& spec : expected_tensors(w.config))
+        if (w.held(spec.name)) needed.push_back(std::move(spec));
+    std::vector<std::string_view> needed_names;
+    for (const TensorSpec& spec : needed) needed_names.push_back(spec.name);
+    std::sort(needed_names.begin(), needed_names.end());
+
     const auto single = dir / weights_file_name;
     const auto index = dir / weights_index_file_name;
-    std::map<std::string, std::string, std::less<>> weight_map;
+    const std::string index_name = detail::io::display(index);
+    std::optional<std::map<std::string, std::string, std::less<>>> weight_map;  // empty: one file
     if (!std::filesystem::exists(single, ec)) {
-        require<IoError>(std::filesystem::exists(index, ec), "model directory \"", dir.string(), "\" has neither ",
+        require<IoError>(std::filesystem::exists(index, ec), "model directory ", dir_name, " has neither ",
                          weights_file_name, " nor ", weights_index_file_name);
-        weight_map = detail::read_weight_map(index);
+        weight_map = detail::read_weight_map(index, [&](std::string_view name) {
+            return std::binary_search(needed_names.begin(), needed_names.end(), name);
+        });
     }
 
+    // Each shard is opened when a tensor is first needed from it, and only its header is read
+    // then: a shard holding nothing this rank needs is never read, and of the others only the
+    // needed tensors' bytes are.
     std::map<std::string, SafetensorsFile, std::less<>> open_files;
     auto file_for = [&](const std::string& tensor) -> const SafetensorsFile& {
         std::string file(weights_file_name);
-        if (!weight_map.empty()) {
-            const auto it = weight_map.find(tensor);
-            if (it == weight_map.end())
-                raise<FormatError>(index.string(), ": missing tensor \"", tensor, "\" (not in weight_map)");
+        if (weight_map) {
+            const auto it = weight_map->find(tensor);
+            if (it == weight_map->end())
+                raise<FormatError>(index_name, ": missing tensor ", describe_text(tensor), " (not in weight_map)");
             file = it->second;
         }
         auto it = open_files.find(file);
@@ -94,15 +175,14 @@ inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilte
             try {
                 it = open_files.emplace(file, SafetensorsFile::open(dir / file)).first;
             } catch (const IoError& e) {
-                if (weight_map.empty()) throw;
+                if (!weight_map) throw;
                 // A shard the index names but the directory lacks: say which tensor needed it.
-                raise<IoError>(e.what(), " (", index.string(), " maps tensor \"", tensor, "\" to it)");
+                raise<IoError>(e.what(), " (", index_name, " maps tensor ", describe_text(tensor), " to it)");
             }
         }
         return it->second;
     };
-    for (const auto& spec : expected_tensors(w.config))
-        if (w.held(spec.name)) w.tensors.emplace(spec.name, file_for(spec.name).read_float(spec.name, spec.shape));
+    for (const auto& spec : needed) w.tensors.emplace(spec.name, file_for(spec.name).read_float(spec.name, spec.shape));
     return w;
 }
 
@@ -112,7 +192,8 @@ inline void save_model_dir(const std::filesystem::path& dir, const ModelWeights&
     check_weights(weights);
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
-    require<IoError>(!ec, "cannot create model directory \"", dir.string(), "\": ", ec.message());
+    require<IoError>(!ec, "cannot create model directory ", json::detail::describe_text(dir.string(), 1024), ": ",
+                     ec.message());
     std::vector<TensorToWrite> tensors;
     for (const auto& spec : expected_tensors(weights.config))
         tensors.push_back({spec.name, dtype, spec.shape, weights.at(spec.name).span()});

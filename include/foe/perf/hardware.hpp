@@ -264,8 +264,8 @@ inline void take_fastest(std::optional<double>& best, const json::Value& run, st
     const json::Value* v = run.find(key);
     if (v == nullptr) return;
     const double rate = v->is_number() ? v->as_double() : std::numeric_limits<double>::quiet_NaN();
-    require<FormatError>(std::isfinite(rate) && rate > 0.0, source, ": benchmark \"", run_name, "\": \"", key,
-                         "\" is ", json::detail::describe(*v, 40), ", not a positive number");
+    require<FormatError>(std::isfinite(rate) && rate > 0.0, source, ": benchmark ", json::detail::describe_text(run_name),
+                         ": \"", key, "\" is ", json::detail::describe(*v, 40), ", not a positive number");
     best = std::max(best.value_or(0.0), rate);
 }
 
@@ -312,7 +312,7 @@ inline KernelRates load_kernel_rates(const std::filesystem::path& file, const Ke
     constexpr std::uintmax_t max_bytes = std::uintmax_t{64} << 20;
     const std::vector<std::byte> bytes = foe::detail::io::read_whole_file(file, max_bytes, "benchmark JSON");
     const std::string text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
-    return parse_kernel_rates(text, file.string(), selectors);
+    return parse_kernel_rates(text, foe::detail::io::display(file), selectors);
 }
 
 }  // namespace foe::perf
