@@ -1393,6 +1393,28 @@ TEST_CASE("config.json: reads Hugging Face's OLMoE-1B-7B config")
     CHECK_FALSE(c.tie_word_embeddings);
     CHECK(c.qk_norm == foe::QkNorm::full_width);
     CHECK(c.scoring_func == foe::ScoreFunction::softmax);
+    CHECK(c.eos_token_ids == std::vector<std::int32_t>{50279});
+}
+
+TEST_CASE("config.json: eos_token_id is one id, a list or null; ids outside the vocabulary are refused")
+{
+    using ids = std::vector<std::int32_t>;
+    CHECK(foe::parse_config_json(tiny_config_with("eos_token_id", 5), "config.json").eos_token_ids == ids{5});
+    CHECK(foe::parse_config_json(tiny_config_with("eos_token_id", json::Array{2, 3}), "config.json").eos_token_ids ==
+          ids{2, 3});
+    CHECK(foe::parse_config_json(tiny_config_with("eos_token_id", nullptr), "config.json").eos_token_ids.empty());
+    CHECK(foe::parse_config_json(tiny_config_without("eos_token_id"), "config.json").eos_token_ids.empty());
+    CHECK_THROWS_WITH_AS((void)foe::parse_config_json(tiny_config_with("eos_token_id", 97), "config.json"),
+                         doctest::Contains("eos_token_id 97 is outside the vocabulary [0, 97)"), foe::FormatError);
+    CHECK_THROWS_WITH_AS((void)foe::parse_config_json(tiny_config_with("eos_token_id", json::Array{1, -1}), "config.json"),
+                         doctest::Contains("eos_token_id -1"), foe::FormatError);
+    CHECK_THROWS_AS((void)foe::parse_config_json(tiny_config_with("eos_token_id", "2"), "config.json"), foe::FormatError);
+    // Written back as it was read.
+    foe::ModelConfig c = foe::named_config("moe-tiny");
+    for (const ids& e : {ids{}, ids{7}, ids{7, 9}}) {
+        c.eos_token_ids = e;
+        CHECK(foe::parse_config_json(foe::to_config_json(c), "config.json").eos_token_ids == e);
+    }
 }
 
 TEST_CASE("config.json: defaults of the optional keys")
@@ -1687,7 +1709,7 @@ TEST_CASE("config.json: keys that cannot change an inference result are accepted
     const std::pair<std::string_view, json::Value> keys[] = {
         {"attention_dropout", 0.1},      {"router_aux_loss_coef", 0.5}, {"output_router_logits", true},
         {"initializer_range", 1.0},      {"use_cache", false},          {"pad_token_id", 0},
-        {"bos_token_id", 5},             {"eos_token_id", json::Array{2, 3}}, {"transformers_version", "6.0.0"},
+        {"bos_token_id", 5},             {"transformers_version", "6.0.0"},
     };
     for (const auto& key_value : keys) {  // not a structured binding: INFO captures it in a lambda
         INFO(key_value.first);

@@ -249,6 +249,37 @@ TEST_CASE("foe_run: errors go to stderr with a non-zero exit status")
     }
 }
 
+TEST_CASE("foe_run stops after the config's eos_token_id unless --ignore-eos; a seed reproduces a sampled run")
+{
+    TempDir dir("runner-eos");
+    auto w = foe::random_weights(foe::named_config("moe-tiny"), 3);
+    foe::save_model_dir(dir.path / "plain", w);
+    const std::string args = " --tokens 4,5,6 --max-new-tokens 6";
+    const auto plain = run("--model " + (dir.path / "plain").string() + args);
+    REQUIRE(plain.status == 0);
+    // The third generated token becomes the EOS id: generation ends right after it.
+    const auto list_start = plain.output.find("\"generated\": [") + 14;
+    std::vector<std::int32_t> generated;
+    for (std::size_t at = list_start; at < plain.output.size() && plain.output[at] != ']';) {
+        std::size_t used = 0;
+        generated.push_back(std::stoi(plain.output.substr(at), &used));
+        at += used;
+        while (at < plain.output.size() && (plain.output[at] == ',' || plain.output[at] == ' ')) ++at;
+    }
+    REQUIRE(generated.size() == 6);
+    w.config.eos_token_ids = {generated[2]};
+    foe::save_model_dir(dir.path / "eos", w);
+    const auto first = std::find(generated.begin(), generated.end(), generated[2]);
+    const auto stopped = run("--model " + (dir.path / "eos").string() + args);
+    CHECK(stopped.output == "{\"prompt\": [4, 5, 6], \"generated\": " +
+                                json_list(std::vector<std::int32_t>(generated.begin(), first + 1)) + "}\n");
+    CHECK(run("--model " + (dir.path / "eos").string() + args + " --ignore-eos").output == plain.output);
+
+    const std::string sampled = "--model " + (dir.path / "plain").string() + args + " --temperature 1.2 --top-k 20";
+    CHECK(run(sampled + " --seed 11").output == run(sampled + " --seed 11").output);
+    CHECK(run(sampled + " --seed 11 --threads 1").output == run(sampled + " --seed 11").output);
+}
+
 TEST_CASE("foe_run: --max-new-tokens near INT64_MAX is refused, not wrapped around")
 {
     TempDir dir("runner-overflow");

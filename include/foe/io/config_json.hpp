@@ -47,7 +47,8 @@ namespace foe {
 /// Messages start with source_name.
 [[nodiscard]] ModelConfig parse_config_json(std::string_view text, std::string_view source_name);
 
-/// Reads and parses path (IoError when it cannot be read; files above 16 MiB are refused).
+/// Reads and parses path (IoError when it cannot be read; files above 1 MiB are refused: real
+/// ones are a few KB, and the JSON tree costs up to about 20 times the file's size).
 [[nodiscard]] ModelConfig load_config_json(const std::filesystem::path& path);
 
 /// The config as a config.json text (two-space indent, trailing newline) that Hugging Face tools
@@ -60,7 +61,7 @@ namespace foe {
 void save_config_json(const std::filesystem::path& path, const ModelConfig& config);
 
 /// Largest config.json load_config_json() reads; real ones are a few kilobytes.
-inline constexpr std::uintmax_t config_json_max_bytes = 16u << 20;
+inline constexpr std::uintmax_t config_json_max_bytes = 1u << 20;
 
 // =============================================================================================
 // Definitions
@@ -161,13 +162,13 @@ public:
 
     [[nodiscard]] std::string_view source() const noexcept { return src_; }
 
-private:
     [[nodiscard]] index_t as_integer(std::string_view key, const json::Value& v) const
     {
         if (!v.is_integer()) wrong_type(key, v, "an integer");
         return v.as_int();
     }
 
+private:
     const json::Value& root_;
     std::string_view src_;
 };
@@ -314,6 +315,30 @@ inline void check_dtype(const Reader& r)
     (void)r.either("dtype", "torch_dtype");
 }
 
+/// eos_token_id: one id, a list of ids (OLMoE-style checkpoints use both), or null. Generation
+/// stops at them, so an id outside the vocabulary, which could never be generated, is refused.
+[[nodiscard]] inline std::vector<std::int32_t> parse_eos_token_ids(const Reader& r, index_t vocab_size)
+{
+    std::vector<std::int32_t> ids;
+    const json::Value* v = r.get("eos_token_id");
+    if (v == nullptr) return ids;
+    const auto add = [&](const json::Value& id) {
+        const index_t x = r.as_integer("eos_token_id", id);
+        if (x < 0 || x >= vocab_size)
+            raise<FormatError>(r.source(), ": eos_token_id ", x, " is outside the vocabulary [0, ", vocab_size, ")");
+        ids.push_back(static_cast<std::int32_t>(x));
+    };
+    if (v->is_array()) {
+        constexpr std::size_t max_ids = 1024;
+        if (v->as_array().size() > max_ids)
+            raise<FormatError>(r.source(), ": eos_token_id lists ", v->as_array().size(), " ids; at most ", max_ids);
+        for (const json::Value& id : v->as_array()) add(id);
+    } else {
+        add(*v);
+    }
+    return ids;
+}
+
 }  // namespace detail::config_json
 
 inline ModelConfig parse_config_json(std::string_view text, std::string_view source_name)
@@ -374,6 +399,7 @@ inline ModelConfig parse_config_json(std::string_view text, std::string_view sou
         c.qk_norm = detail::config_json::parse_qk_norm(r, QkNorm::full_width);  // validate() rejects others
     }
     c.scoring_func = detail::config_json::parse_scoring_func(r);
+    c.eos_token_ids = detail::config_json::parse_eos_token_ids(r, c.vocab_size);
 
     try {
         c.validate();
@@ -420,6 +446,13 @@ inline std::string to_config_json(const ModelConfig& c)
         .set("attention_bias", false)
         .set("rope_scaling", nullptr)
         .set("clip_qkv", nullptr);
+    if (c.eos_token_ids.size() == 1) {
+        v.set("eos_token_id", static_cast<index_t>(c.eos_token_ids.front()));
+    } else if (!c.eos_token_ids.empty()) {
+        json::Array ids;
+        for (const std::int32_t id : c.eos_token_ids) ids.emplace_back(static_cast<index_t>(id));
+        v.set("eos_token_id", std::move(ids));
+    }
     if (is_foe) {
         v.set("num_expert_groups", c.num_expert_groups)
             .set("qk_norm", to_string(c.qk_norm))
