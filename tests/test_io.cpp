@@ -27,6 +27,9 @@
 #include <vector>
 
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
 
 #include "foe/io/config_json.hpp"
 #include "foe/io/json.hpp"
@@ -2064,4 +2067,58 @@ TEST_CASE("config.json: keys of the file reach messages escaped and cut")
     c.set("rope_scaling", json::Object{{"factor", 4.0}});
     CHECK(message_of([&] { (void)foe::parse_config_json(json::dump(c), "config.json"); })
               .find("rope_scaling.factor 4.0 is not supported") != std::string::npos);
+}
+
+// =============================================================================================
+// Writing: only regular files are replaced
+// =============================================================================================
+
+TEST_CASE("writes refuse a device node, a FIFO and a directory, leaving them as they were, and write through a symlink")
+{
+    namespace fs = std::filesystem;
+    const fs::path dir = fs::temp_directory_path() / ("foe-write-" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    foe::Tensor<float> t({2});
+    t.values() = {1.0f, 2.0f};
+    const foe::TensorToWrite w{"logits", foe::DType::f32, t.shape(), t.span()};
+
+    // A character device like /dev/null (mknod needs CAP_MKNOD; a FIFO stands in without it).
+    const fs::path device = dir / "null";
+    const bool have_device = ::mknod(device.c_str(), S_IFCHR | 0666, makedev(1, 3)) == 0;
+    if (!have_device) MESSAGE("mknod not permitted here: the device-node case is covered by the FIFO");
+    const fs::path fifo = dir / "fifo";
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    const fs::path sub = dir / "sub";
+    fs::create_directory(sub);
+    const fs::path link_to_device = dir / "link-to-fifo";
+    fs::create_symlink(fifo, link_to_device);
+    struct Case {
+        fs::path path;
+        const char* kind;
+    };
+    std::vector<Case> cases{{fifo, "is a FIFO"}, {sub, "is a directory"}, {link_to_device, "is a FIFO"}};
+    if (have_device) cases.push_back({device, "is a character device"});
+    for (const auto& c : cases) {
+        CAPTURE(c.path.string());
+        CHECK_THROWS_WITH_AS(foe::save_safetensors(c.path, std::span(&w, 1)), doctest::Contains(c.kind), foe::IoError);
+    }
+    CHECK(fs::is_fifo(fs::status(fifo)));
+    CHECK(fs::is_directory(sub));
+    CHECK(fs::is_symlink(fs::symlink_status(link_to_device)));
+    if (have_device) CHECK(fs::is_character_file(fs::status(device)));
+    for (const auto& entry : fs::directory_iterator(dir))  // no temporary file left behind
+        CHECK_MESSAGE(entry.path().filename().string().find(".tmp-") == std::string::npos, entry.path().string());
+
+    // A symbolic link to a regular file (or to none yet): the file it names is written, the
+    // link stays a link.
+    const fs::path real = dir / "real.safetensors", link = dir / "link.safetensors";
+    fs::create_symlink(real, link);
+    foe::save_safetensors(link, std::span(&w, 1));
+    CHECK(fs::is_symlink(fs::symlink_status(link)));
+    CHECK(fs::is_regular_file(fs::status(real)));
+    CHECK(foe::SafetensorsFile::open(real).read_float("logits", {2}).values() == t.values());
+    foe::save_safetensors(link, std::span(&w, 1));  // and again, over the existing file
+    CHECK(fs::is_symlink(fs::symlink_status(link)));
+    fs::remove_all(dir);
 }

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <string>
@@ -278,6 +279,18 @@ TEST_CASE("foe_run stops after the config's eos_token_id unless --ignore-eos; a 
     const std::string sampled = "--model " + (dir.path / "plain").string() + args + " --temperature 1.2 --top-k 20";
     CHECK(run(sampled + " --seed 11").output == run(sampled + " --seed 11").output);
     CHECK(run(sampled + " --seed 11 --threads 1").output == run(sampled + " --seed 11").output);
+}
+
+TEST_CASE("foe_run --logits-out refuses a target that is not a regular file and leaves it as it was")
+{
+    TempDir dir("runner-logits-out");
+    REQUIRE(run("--init foe-tiny --out " + (dir.path / "m").string()).status == 0);
+    const auto fifo = dir.path / "fifo";
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    const auto r = run("--model " + (dir.path / "m").string() + " --tokens 1,2 --logits-out " + fifo.string());
+    CHECK(r.status == 1);
+    CHECK_MESSAGE(r.output.find("is a FIFO: foe writes only regular files") != std::string::npos, r.output);
+    CHECK(std::filesystem::is_fifo(std::filesystem::status(fifo)));
 }
 
 TEST_CASE("foe_run: --max-new-tokens near INT64_MAX is refused, not wrapped around")

@@ -169,8 +169,38 @@ inline void ReadOnlyFile::read(std::uint64_t offset, std::span<std::byte> out) c
     return tmp;
 }
 
-inline void write_file_atomically(const std::filesystem::path& path, std::span<const std::byte> bytes)
+/// What a write to `path` replaces: path itself or, when path is a symbolic link, the file the link
+/// finally names (the link stays a link, as with a plain open for writing). IoError when that
+/// exists and is not a regular file: renaming a temporary file over a device node, a FIFO or a
+/// directory would replace it (as root, `--logits-out /dev/null` would have replaced /dev/null).
+[[nodiscard]] inline std::filesystem::path write_target(const std::filesystem::path& path)
 {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    fs::path target = path;
+    // Link by link (weakly_canonical stops at a link whose target does not exist yet).
+    for (int hops = 0; fs::is_symlink(fs::symlink_status(target, ec)); ++hops) {
+        if (hops == 40) raise<IoError>(display(path), ": more than 40 levels of symbolic links");
+        const fs::path next = fs::read_symlink(target, ec);
+        if (ec) raise<IoError>(display(path), ": cannot read the symbolic link ", display(target), ": ", ec.message());
+        target = next.is_absolute() ? next : target.parent_path() / next;
+    }
+    const fs::file_status st = fs::status(target, ec);
+    if (!fs::exists(st) || fs::is_regular_file(st)) return target;
+    const char* kind = fs::is_directory(st)       ? "a directory"
+                       : fs::is_character_file(st) ? "a character device"
+                       : fs::is_block_file(st)     ? "a block device"
+                       : fs::is_fifo(st)           ? "a FIFO"
+                       : fs::is_socket(st)         ? "a socket"
+                                                   : "not a regular file";
+    raise<IoError>(display(path), target == path ? std::string() : foe::detail::concat(" (a link to ", display(target), ")"),
+                   " is ", kind, ": foe writes only regular files (through a temporary file renamed over the "
+                   "target); choose another path");
+}
+
+inline void write_file_atomically(const std::filesystem::path& requested, std::span<const std::byte> bytes)
+{
+    const std::filesystem::path path = write_target(requested);
     const std::filesystem::path tmp = temporary_sibling(path);
     const auto discard_tmp = [&] {
         std::error_code ignored;
