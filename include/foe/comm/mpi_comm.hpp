@@ -240,7 +240,7 @@ public:
     {
         detail::throw_if_failed();
         const int n = detail::checked_int(static_cast<index_t>(buf.size()), "all_reduce_sum count");
-        require_same_count(n, "all_reduce_sum");
+        require_same_count(n, "all_reduce_sum (MPI_Iallreduce)");
         auto op = std::make_shared<detail::PendingCollective>();
         op->recv.assign(buf.begin(), buf.end());
         detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, op->recv.data(), n, MPI_FLOAT, MPI_SUM, native(), &op->request),
@@ -291,7 +291,7 @@ public:
                            out.size(), " elements, expected ", in.size(), " x ", size_, " ranks");
         const int n = detail::checked_int(static_cast<index_t>(in.size()), "all_gather count");
         detail::throw_if_failed();
-        require_same_count(n, "all_gather");
+        require_same_count(n, "all_gather (MPI_Iallgather)");
         auto op = std::make_shared<detail::PendingCollective>();
         op->send.assign(in.begin(), in.end());
         op->recv.resize(out.size());
@@ -394,6 +394,7 @@ private:
 
     /// Collective: throws CommError on every rank when the ranks pass different counts to the
     /// collective `what` (the minimum and maximum over the ranks, and this rank's, are named).
+    /// Its own wait and timeout are reported as the collective's: the check is part of it.
     void require_same_count(int count, std::string_view what) const
     {
         auto op = std::make_shared<detail::PendingCollective>();
@@ -401,7 +402,7 @@ private:
         detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, op->counts_and_offsets.data(), 2, MPI_INT, MPI_MAX, native(),
                                          &op->request),
                           "MPI_Iallreduce");
-        wait(op, foe::detail::concat(what, "'s count check (MPI_Iallreduce)"));
+        wait(op, what);  // a timeout names the collective the caller called
         const int most = op->counts_and_offsets[0], least = -op->counts_and_offsets[1];
         require<CommError>(most == least, "MpiComm ", what, " on ", size_, " ranks: the ranks pass different counts (",
                            least, " to ", most, " elements; rank ", rank_, " passes ", count,
@@ -420,7 +421,7 @@ private:
         detail::check_mpi(MPI_Ialltoall(exchange->counts_and_offsets.data(), 1, MPI_INT, incoming, 1, MPI_INT, native(),
                                         &exchange->request),
                           "MPI_Ialltoall");
-        wait(exchange, "all_to_all_v's count check (MPI_Ialltoall)");
+        wait(exchange, "all_to_all_v (MPI_Ialltoallv)");
         int sender = -1;
         for (std::size_t q = 0; q < p && sender < 0; ++q)
             if (incoming[q] != recv_counts[q]) sender = static_cast<int>(q);
@@ -430,7 +431,7 @@ private:
         detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, verdict->counts_and_offsets.data(), 1, MPI_INT, MPI_MAX,
                                          native(), &verdict->request),
                           "MPI_Iallreduce");
-        wait(verdict, "all_to_all_v's count check (MPI_Iallreduce)");
+        wait(verdict, "all_to_all_v (MPI_Ialltoallv)");
         if (verdict->counts_and_offsets[0] < 0) return;
         const int receiver = INT_MAX - verdict->counts_and_offsets[0];
         raise<CommError>("MpiComm all_to_all_v on ", size_, " ranks: the ranks' counts do not match: rank ", receiver,

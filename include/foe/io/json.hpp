@@ -451,17 +451,22 @@ inline void write(std::string& out, const Value& v, const WriteOptions& o, int l
     }
 }
 
+/// Cuts `out` to at most max_bytes on a UTF-8 character boundary, marking the cut with "...".
+inline void cut_to_characters(std::string& out, std::size_t max_bytes)
+{
+    if (out.size() <= max_bytes) return;
+    std::size_t cut = max_bytes;
+    while (cut > 0 && (static_cast<unsigned char>(out[cut]) & 0xc0) == 0x80) --cut;  // whole characters
+    out.resize(cut);
+    out += "...";
+}
+
 inline std::string describe(const Value& v, std::size_t max_bytes)
 {
     if (v.is_string()) return describe_text(v.as_string(), max_bytes);
     std::string out;
     write(out, v, WriteOptions{.indent = -1, .lenient = true, .limit = max_bytes}, 0);
-    if (out.size() > max_bytes) {
-        std::size_t cut = max_bytes;
-        while (cut > 0 && (static_cast<unsigned char>(out[cut]) & 0xc0) == 0x80) --cut;  // whole characters
-        out.resize(cut);
-        out += "...";
-    }
+    cut_to_characters(out, max_bytes);
     return out;
 }
 
@@ -747,12 +752,7 @@ public:
         } catch (const FormatError&) {  // invalid text after the part shown
             out += "...";
         }
-        if (out.size() > max_bytes) {
-            std::size_t cut = max_bytes;
-            while (cut > 0 && (static_cast<unsigned char>(out[cut]) & 0xc0) == 0x80) --cut;  // whole characters
-            out.resize(cut);
-            out += "...";
-        }
+        cut_to_characters(out, max_bytes);
         return out;
     }
 
