@@ -86,27 +86,33 @@ inline void nt(const Kernels& kernels, MatrixView<const float> a, MatrixView<con
     for (index_t task = 0; task < m_blocks * n_blocks; ++task) {
         const index_t jc = task / m_blocks * panel, ic = task % m_blocks * mc;
         const index_t nb = std::min(panel, n - jc), mb = std::min(mc, m - ic);
-        float* const bp = pack_buffer(static_cast<std::size_t>(nc * kc));
+        float* const bp = pack_buffer(static_cast<std::size_t>(nc * kc + mc * kc));
+        float* const ap = bp + nc * kc;
         for (index_t pc = 0; pc < k; pc += kc) {
             const index_t depth = std::min(kc, k - pc);
             const bool load_c = accumulate || pc > 0;
             for (index_t jr = 0; jr < nb; jr += nr)
                 kernels.pack(b.data() + (jc + jr) * ldb + pc, ldb, std::min(nr, nb - jr), depth, bp + jr * depth);
-            for (index_t ir = 0; ir < mb; ir += mr) {
-                const index_t rows = std::min(mr, mb - ir);
-                const float* const ai = a.data() + (ic + ir) * lda + pc;
-                for (index_t jr = 0; jr < nb; jr += nr) {
+            // A's rows too, one after another: rows of a long K lie 4 or 8 KiB apart, all in the
+            // same L1 sets, and the tile's six broadcast streams then evict each other.
+            for (index_t i = 0; i < mb; ++i) std::copy_n(a.data() + (ic + i) * lda + pc, depth, ap + i * depth);
+            // Column panels outside, row strips inside (BLIS's order): a 16 x depth panel of B
+            // (16 KiB) stays in L1 while every 6-row strip of A streams past it from L2.
+            for (index_t jr = 0; jr < nb; jr += nr) {
+                const index_t cols = std::min(nr, nb - jr);
+                for (index_t ir = 0; ir < mb; ir += mr) {
+                    const index_t rows = std::min(mr, mb - ir);
+                    const float* const ai = ap + ir * depth;
                     float* const cij = c0 + (ic + ir) * ldc + jc + jr;
-                    const index_t cols = std::min(nr, nb - jr);
                     if (cols == nr) {
-                        kernels.tile(rows, depth, ai, lda, bp + jr * depth, cij, ldc, load_c);
+                        kernels.tile(rows, depth, ai, depth, bp + jr * depth, cij, ldc, load_c);
                         continue;
                     }
                     // The last columns: the tile runs on a full-width copy (same chain per output).
                     float edge[mr * nr];
                     if (load_c)
                         for (index_t r = 0; r < rows; ++r) std::copy_n(cij + r * ldc, cols, edge + r * nr);
-                    kernels.tile(rows, depth, ai, lda, bp + jr * depth, edge, nr, load_c);
+                    kernels.tile(rows, depth, ai, depth, bp + jr * depth, edge, nr, load_c);
                     for (index_t r = 0; r < rows; ++r) std::copy_n(edge + r * nr, cols, cij + r * ldc);
                 }
             }

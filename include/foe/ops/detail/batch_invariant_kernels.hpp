@@ -27,9 +27,9 @@ namespace foe::gemm::detail::bi {
 /// vectors and one broadcast in the 16 AVX2 registers (the BLIS Haswell/Zen shape).
 inline constexpr index_t mr = 6;
 inline constexpr index_t nr = 16;
-/// Cache blocking: a packed panel of nc rows of B by kc of K (128 KiB) stays in L2 while every
-/// row tile of the block streams past it; a 6 x kc strip of A (6 KiB) stays in L1 across the
-/// panel. Fixed at compile time; the results do not depend on them.
+/// Cache blocking: a packed block of nc rows of B by kc of K (128 KiB) and mc rows of A by kc
+/// (96 KiB) stay in L2; each 16-row panel of B (16 KiB) stays in L1 while the 6-row strips of A
+/// stream past it. Fixed at compile time; the results do not depend on them.
 inline constexpr index_t kc = 256;
 inline constexpr index_t nc = 128;
 inline constexpr index_t mc = 96;
