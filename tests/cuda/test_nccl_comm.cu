@@ -371,6 +371,40 @@ TEST_CASE("nccl: all_reduce_sum on one rank keeps fp32 and bf16 buffers; all_gat
     counting.inner().wait();
 }
 
+TEST_CASE("nccl: collectives captured in a CUDA graph on the non-blocking communicator replay, watched, as foe_gpus's decode does")
+{
+    if (!have_device()) return;
+    auto comm = NcclComm::with_self(0);
+    Stream stream;
+    std::mt19937_64 rng(31);
+    const auto values = random_floats(4096, rng);
+    auto d = upload_padded(values, 0, stream);
+    fc::DeviceBuffer<float> gathered(values.size());
+    comm.synchronize(stream);
+    // The all-reduce (in place: over one rank it may do nothing) and an all-gather into another
+    // buffer, so that every replay must move data.
+    cudaGraph_t graph = nullptr;
+    fc::check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+    comm.all_reduce_sum(std::span<float>(d.data(), values.size()), stream);
+    comm.all_gather(std::span<const float>(d.data(), values.size()), std::span<float>(gathered.data(), values.size()),
+                    stream);
+    fc::check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    fc::check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+    for (int replay = 0; replay < 3; ++replay) {
+        CAPTURE(replay);
+        fc::fill_bytes(gathered, 0xff, stream);
+        fc::check(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
+        comm.watch(stream, "graph replay");  // covered by the timeout, as a collective is
+        comm.wait();
+        const auto got = fc::download(gathered, stream);
+        CHECK(same_prefix(got, values, values.size()));
+    }
+    CHECK_FALSE(comm.aborted());
+    fc::check(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
+    fc::check(cudaGraphDestroy(graph), "cudaGraphDestroy");
+}
+
 TEST_CASE("nccl: all_to_all_v and all_gather on one rank copy the block and write nothing else")
 {
     if (!have_device()) return;

@@ -876,6 +876,10 @@ private:
         // event (take_event reserves it), so this allocates nothing.
         for (const Pending& p : pending_) free_events_.push_back(p.event);
         pending_.clear();
+        // Wake the waiters now: the watchdog notifies again after ncclCommAbort, but that can
+        // block for as long as a kernel never ends, and wait() would sit until its own bound.
+        done_cv_.notify_all();
+        work_cv_.notify_all();
     }
 
     /// The watchdog's failure when it could not build a message (or take a lock).
