@@ -250,3 +250,15 @@ TEST_CASE("bad config: a KV cache of too many slots is refused before anything i
     CHECK_THROWS_WITH_AS((void)foe::make_model(std::make_shared<const foe::ModelWeights>(foe::random_weights(valid_foe(), 1)), options),
                          doctest::Contains("make a KV cache of more than 2^62 bytes"), foe::InvalidArgument);
 }
+
+TEST_CASE("Batch: counts near INT64_MAX are an InvalidArgument, not an overflow or a huge allocation")
+{
+    constexpr foe::index_t max = std::numeric_limits<foe::index_t>::max();
+    CHECK_THROWS_WITH_AS(foe::Batch::single(max, 1), doctest::Contains("ends past 2^31 positions"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS(foe::Batch::single(0, max), doctest::Contains("ends past 2^31 positions"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS(foe::Batch({{0, 0, foe::index_t{1} << 30}, {1, 0, foe::index_t{1} << 30}, {2, 0, 5}}),
+                         doctest::Contains("more than 2^31 tokens"), foe::InvalidArgument);
+    const foe::Batch fine({{0, 7, 2}, {1, 0, 3}});
+    CHECK(fine.tokens() == 5);
+    CHECK(fine.positions() == std::vector<foe::index_t>{7, 8, 0, 1, 2});
+}

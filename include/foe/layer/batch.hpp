@@ -26,9 +26,16 @@ public:
     explicit Batch(std::vector<SequenceChunk> chunks) : chunks_(std::move(chunks))
     {
         offsets_.reserve(chunks_.size() + 1);
+        // Positions and token counts stay below 2^31, far past any KV cache a valid config plans
+        // (2^24 positions at most), so that a caller's absurd count is an error here instead of a
+        // signed overflow or an allocation of the positions below. Compared without adding.
+        constexpr index_t limit = index_t{1} << 31;
         for (const auto& c : chunks_) {
             require(c.slot >= 0 && c.start >= 0 && c.length >= 0, "sequence chunk has a negative slot (", c.slot,
                     "), start (", c.start, ") or length (", c.length, ")");
+            require(c.start <= limit && c.length <= limit - c.start, "sequence chunk at position ", c.start,
+                    " of length ", c.length, " ends past 2^31 positions");
+            require(c.length <= limit - offsets_.back(), "the batch's chunks add up to more than 2^31 tokens");
             offsets_.push_back(offsets_.back() + c.length);
         }
         positions_.reserve(static_cast<std::size_t>(offsets_.back()));
