@@ -33,20 +33,21 @@
 //
 // Errors go to stderr with exit status 1 (2 for a usage error).
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <charconv>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <mutex>
 #include <optional>
-#include <sys/resource.h>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "foe/foe.hpp"
@@ -61,8 +62,6 @@
 #endif
 #if defined(FOE_WITH_MPI)
 #include <sched.h>
-
-#include <thread>
 
 #include "foe/comm/mpi_comm.hpp"
 #include "foe/model/distributed.hpp"
@@ -388,9 +387,6 @@ int run_model(const Options& o)
 }
 
 #if defined(FOE_WITH_MPI)
-/// The same request on the ranks of an mpirun. Every step that can fail on one rank only (reading
-/// files) ends in foe::agree, so a failure is reported by every rank instead of leaving the others
-/// waiting in a collective.
 /// A digest of the bytes of v (for agree_on).
 template <class T>
 std::uint64_t digest_of(const std::vector<T>& v)
@@ -398,6 +394,9 @@ std::uint64_t digest_of(const std::vector<T>& v)
     return foe::stream_id(std::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T)));
 }
 
+/// The same request on the ranks of an mpirun. Every step that can fail on one rank only (reading
+/// files) ends in foe::agree, so a failure is reported by every rank instead of leaving the others
+/// waiting in a collective.
 int run_model_distributed(const Options& o, foe::comm::MpiComm world)
 {
     using foe::parallel::Strategy;
@@ -467,10 +466,11 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     const auto decode_start = clock_type::now();
     foe::index_t decoded = 0;
     for (foe::index_t step = 0; step < o.max_new_tokens; ++step) {
-        std::vector<float> choice{0.0f, 0.0f};  // token id (< 2^24, exact in float), stop
+        float choice[2] = {0.0f, 0.0f};  // token id (< 2^24, exact in float), stop
         if (world.rank() == 0) {
             const std::int32_t token = sampler.next(last);
-            choice = {static_cast<float>(token), std::find(stops.begin(), stops.end(), token) != stops.end() ? 1.0f : 0.0f};
+            choice[0] = static_cast<float>(token);
+            choice[1] = std::find(stops.begin(), stops.end(), token) != stops.end() ? 1.0f : 0.0f;
         }
         world.all_reduce_sum(choice);
         generated.push_back(static_cast<std::int32_t>(choice[0]));
@@ -545,9 +545,8 @@ int main(int argc, char** argv)
             try {
                 foe::agree(world, o.help ? 1 : 0, usage_error);
             } catch (const foe::CommError& e) {
-                const std::string what = e.what();
                 // "rank R failed: <usage error>" or "ranks disagree": one rank asked for --help.
-                if (world.rank() == 0) std::cerr << "foe_run: usage error: " << what << "\n\n" << usage_text;
+                if (world.rank() == 0) std::cerr << "foe_run: usage error: " << e.what() << "\n\n" << usage_text;
                 return 2;
             }
             if (o.help) {

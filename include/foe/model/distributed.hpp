@@ -115,6 +115,21 @@ inline std::uint64_t model_digest(const ModelConfig& c, parallel::Strategy strat
     return stream_id(text);
 }
 
+namespace detail {
+
+/// A 64-bit digest as 4 floats of 16 bits each (every integer below 2^16 is exact in float), so
+/// that it can travel through a float collective; and whether two such quadruples are equal.
+inline void put_digest(std::uint64_t digest, float* out) noexcept
+{
+    for (int i = 0; i < 4; ++i) out[i] = static_cast<float>((digest >> (16 * i)) & 0xffffu);
+}
+[[nodiscard]] inline bool same_digest(const float* a, const float* b) noexcept
+{
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+}  // namespace detail
+
 template <comm::Comm C>
 void agree(C& world, std::uint64_t digest, std::string_view error)
 {
@@ -123,7 +138,7 @@ void agree(C& world, std::uint64_t digest, std::string_view error)
     constexpr std::size_t max_message = 250, width = 6 + max_message;
     std::vector<float> mine(width, 0.0f);
     mine[0] = error.empty() ? 0.0f : 1.0f;
-    for (int i = 0; i < 4; ++i) mine[static_cast<std::size_t>(1 + i)] = static_cast<float>((digest >> (16 * i)) & 0xffffu);
+    detail::put_digest(digest, mine.data() + 1);
     const std::size_t n = std::min(error.size(), max_message);
     mine[5] = static_cast<float>(n);
     for (std::size_t i = 0; i < n; ++i) mine[6 + i] = static_cast<float>(static_cast<unsigned char>(error[i]));
@@ -143,11 +158,8 @@ void agree(C& world, std::uint64_t digest, std::string_view error)
     }
     std::string differ;
     for (int r = 1; r < world.size(); ++r)
-        for (std::size_t i = 1; i <= 4; ++i)
-            if (at(r, i) != at(0, i)) {
-                differ += (differ.empty() ? "" : ", ") + std::to_string(r);
-                break;
-            }
+        if (!detail::same_digest(&all[static_cast<std::size_t>(r) * width + 1], &all[1]))
+            differ += (differ.empty() ? "" : ", ") + std::to_string(r);
     require<CommError>(differ.empty(), "ranks disagree on the model: rank(s) ", differ,
                        " have a different config, strategy, ranks per node or weight shapes than rank 0 (launch "
                        "every rank with the same model and options)");
@@ -158,23 +170,18 @@ void agree_on(C& world, std::string_view subject, std::span<const AgreedValue> v
 {
     constexpr std::size_t max_values = 16;
     require(values.size() <= max_values, "agree_on takes at most ", max_values, " values, got ", values.size());
-    // 4 x 16 bits of each digest: integers below 2^16 are exact in float.
     const std::size_t width = 4 * values.size();
     std::vector<float> mine(width);
     for (std::size_t v = 0; v < values.size(); ++v)
-        for (std::size_t i = 0; i < 4; ++i)
-            mine[4 * v + i] = static_cast<float>((values[v].digest >> (16 * i)) & 0xffffu);
+        detail::put_digest(values[v].digest, mine.data() + 4 * v);
     std::vector<float> all(width * static_cast<std::size_t>(world.size()));
     world.all_gather(mine, all, typename C::stream_type{});
     std::string differences;
     for (std::size_t v = 0; v < values.size(); ++v) {
         std::string ranks;
         for (int r = 1; r < world.size(); ++r)
-            for (std::size_t i = 0; i < 4; ++i)
-                if (all[static_cast<std::size_t>(r) * width + 4 * v + i] != all[4 * v + i]) {
-                    ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-                    break;
-                }
+            if (!detail::same_digest(&all[static_cast<std::size_t>(r) * width + 4 * v], &all[4 * v]))
+                ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
         if (!ranks.empty())
             differences += detail::concat(differences.empty() ? "" : "; ", values[v].name, " differs on rank(s) ",
                                           ranks, " from rank 0");
