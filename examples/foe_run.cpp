@@ -367,7 +367,9 @@ int run_model(const Options& o)
     const auto stops = stop_tokens(o, weights->config);
     foe::Sampler sampler(o.sampling);
     const auto prefill_start = clock_type::now();
-    const foe::Tensor<float> logits = model->prefill(o.tokens);
+    // Every prompt position's logits only when --logits-out writes them; otherwise the last.
+    const auto rows = o.logits_out ? foe::LogitRows::all : foe::LogitRows::last_per_chunk;
+    const foe::Tensor<float> logits = model->prefill(o.tokens, 0, rows);
     const double prefill_s = seconds_since(prefill_start);
     const auto vocab = static_cast<std::size_t>(weights->config.vocab_size);
     std::vector<float> last(logits.values().end() - static_cast<std::ptrdiff_t>(vocab), logits.values().end());
@@ -457,8 +459,11 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     foe::Sampler sampler(o.sampling);
     const double load_s = seconds_since(load_start);
     const auto prefill_start = clock_type::now();
+    // Every prompt position's logits only when --logits-out writes them; otherwise the last.
+    const auto rows = o.logits_out ? foe::LogitRows::all : foe::LogitRows::last_per_chunk;
     foe::Tensor<float> logits = dm.model->forward(runs ? foe::Batch::single(0, n) : foe::Batch(),
-                                                  runs ? std::span<const std::int32_t>(o.tokens) : std::span<const std::int32_t>{});
+                                                  runs ? std::span<const std::int32_t>(o.tokens) : std::span<const std::int32_t>{},
+                                                  rows);
     const double prefill_s = seconds_since(prefill_start);
     std::vector<std::int32_t> generated;
     std::vector<float> last;

@@ -163,6 +163,52 @@ TEST_CASE("a ragged batch of a prefill and a decode gives each sequence's own lo
     check_batch_against_alone<foe::gemm::BatchInvariant>(0.0);
 }
 
+TEST_CASE("LogitRows::last_per_chunk gives each chunk's last row, the same bits as with every row kept")
+{
+    for (auto arch : {Architecture::foe, Architecture::olmoe}) {
+        CAPTURE(static_cast<int>(arch));
+        const auto c = test::tiny(arch);
+        const auto w = test::weights(c);
+        const auto v = static_cast<std::size_t>(c.vocab_size);
+        foe::ModelOptions three_slots;
+        three_slots.cache_slots = 3;
+        auto all = foe::make_model(w, three_slots), last = foe::make_model(w, three_slots);
+        const auto ids = test::random_tokens(12, c.vocab_size, 5);
+        // A prefill of 7, one of 4 and a decode of 1: then a decode step of all three.
+        const foe::Batch first({{0, 0, 7}, {2, 0, 4}, {1, 0, 1}});
+        const auto full = all->forward(first, ids);
+        const auto kept = last->forward(first, ids, foe::LogitRows::last_per_chunk);
+        REQUIRE(kept.shape() == std::vector<foe::index_t>{3, c.vocab_size});
+        const std::size_t rows[] = {6, 10, 11};
+        for (std::size_t r = 0; r < 3; ++r) {
+            CAPTURE(r);
+            const auto want = std::span(full.values()).subspan(rows[r] * v, v);
+            CHECK(std::equal(want.begin(), want.end(), kept.values().begin() + static_cast<std::ptrdiff_t>(r * v)));
+        }
+        // The caches are the same: the next step agrees too.
+        const foe::Batch step({{0, 7, 1}, {1, 1, 1}, {2, 4, 1}});
+        const std::int32_t next[] = {ids[1], ids[2], ids[3]};
+        CHECK(all->forward(step, next).values() == last->forward(step, next, foe::LogitRows::last_per_chunk).values());
+        // generate() keeps only the last row of the prompt, and chooses the same tokens.
+        auto g1 = foe::make_model(w), g2 = foe::make_model(w);
+        foe::Tensor<float> prompt_logits;
+        CHECK(g1->generate(std::span(ids).first(6), 4) == g2->generate(std::span(ids).first(6), 4, 0, &prompt_logits));
+        CHECK(prompt_logits.shape() == std::vector<foe::index_t>{6, c.vocab_size});
+    }
+}
+
+TEST_CASE("bad input: LogitRows::last_per_chunk with an empty chunk is refused, and nothing changes")
+{
+    const auto c = test::tiny();
+    foe::ModelOptions two_slots;
+    two_slots.cache_slots = 2;
+    auto model = foe::make_model(test::weights(c), two_slots);
+    const auto ids = test::random_tokens(3, c.vocab_size, 5);
+    CHECK_THROWS_WITH_AS((void)model->forward(foe::Batch({{0, 0, 3}, {1, 0, 0}}), ids, foe::LogitRows::last_per_chunk),
+                         doctest::Contains("chunk 1 of the batch is empty"), foe::InvalidArgument);
+    CHECK(model->sequence_length(0) == 0);
+}
+
 #if defined(FOE_WITH_CBLAS)
 // A vendor BLAS promises neither: the same row may round differently in a batch of another size.
 // The bound is what fp32 rounding gives through two layers (the decode-against-prefill bound).

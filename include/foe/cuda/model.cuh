@@ -90,7 +90,10 @@ public:
     CudaModel& operator=(const CudaModel&) = delete;
     ~CudaModel() override;
 
-    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) override;
+    using ModelInterface::forward;
+    /// LogitRows::last_per_chunk downloads only the kept rows; the LM head still runs over every
+    /// row on the device (a graph-captured step keeps one shape).
+    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows) override;
     [[nodiscard]] const ModelConfig& config() const noexcept override { return config_; }
     [[nodiscard]] index_t sequence_length(index_t slot) const override
     {
@@ -341,7 +344,7 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
 }
 
 template <DeviceGemmPolicy Gemm>
-Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens)
+Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows)
 {
     const ModelConfig& c = config_;
     const index_t t = batch.tokens(), vocab = c.vocab_size;
@@ -352,8 +355,10 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     require<CapacityError>(batch.sequences() <= options_.max_sequences, "the batch has ", batch.sequences(),
                            " sequences; this CudaModel was planned for at most max_sequences = ",
                            options_.max_sequences);
+    const std::vector<index_t> kept = ::foe::detail::kept_logit_rows(batch, rows);
+    const auto n_kept = static_cast<index_t>(kept.size());
     const DeviceGuard on_device(device_);
-    Tensor<float> logits({t, vocab});
+    Tensor<float> logits({n_kept, vocab});
     // From here the routing of the last forward is this one's, also if it fails part way.
     last_tokens_ = t;
     for (auto& r : routing_cache_) r.tokens = -1;  // downloaded again on request
@@ -373,12 +378,21 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     const bool decode_step = db.max_new_tokens == 1 && batch.tokens() == batch.sequences();
     if (options_.cuda_graphs && decode_step) run_decode_graph(db);
     else enqueue_forward(db);
-    check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
-                          cudaMemcpyDeviceToHost, stream_->get()),
-          "cudaMemcpyAsync (logits)");
+    if (n_kept == t) {
+        check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
+                              cudaMemcpyDeviceToHost, stream_->get()),
+              "cudaMemcpyAsync (logits)");
+    } else {
+        const auto row_bytes = static_cast<std::size_t>(vocab) * sizeof(float);
+        for (index_t r = 0; r < n_kept; ++r)
+            check(cudaMemcpyAsync(logits.values().data() + r * vocab, logits_ + kept[static_cast<std::size_t>(r)] * vocab,
+                                  row_bytes, cudaMemcpyDeviceToHost, stream_->get()),
+                  "cudaMemcpyAsync (logits)");
+    }
     if (options_.synchronize) options_.synchronize(stream_->get());
     else check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
-    if (options_.check_finite) ::foe::detail::check_finite(logits.span(), 1, t, vocab, batch, "the logits", "vocabulary entry");
+    if (options_.check_finite)
+        ::foe::detail::check_finite(logits.span(), 1, n_kept, vocab, batch, "the logits", "vocabulary entry", kept);
 
     commit_lengths();
     return logits;

@@ -5,6 +5,8 @@
 //   prefill(tokens)  -> logits for every prompt position      [S, vocab]
 //   decode(token)    -> logits of the next position            [vocab]
 //   forward(batch, tokens) -> logits of a ragged batch         [T, vocab]
+//   forward(batch, tokens, LogitRows::last_per_chunk) -> the last row of each chunk only
+//                                                            [chunks, vocab]
 //   generate(prompt, n)    -> n greedy tokens
 //
 // The first layer takes the embedding as one stream (broadcast to the groups); every later layer
@@ -55,14 +57,51 @@ struct GenerateOptions {
     std::vector<std::int32_t> stop_tokens;  ///< generation ends after any of these (e.g. the config's EOS ids)
 };
 
+/// Which rows of logits a forward computes. The LM head is the largest GEMM of a small model
+/// (vocab x hidden per row), and generation needs one row per sequence: a prompt of 512 tokens
+/// with every row kept spends most of its LM-head time on logits no one reads (transformers'
+/// `logits_to_keep`, llama.cpp's `logits` flags per token).
+enum class LogitRows {
+    all,             ///< one row per token of the batch: [batch.tokens(), vocab]
+    last_per_chunk,  ///< one row per chunk, its last token's: [batch.sequences(), vocab]; a
+                     ///< zero-length chunk has no row to give and is refused
+};
+
+namespace detail {
+/// The token rows of the batch whose logits `rows` keeps, in output order.
+[[nodiscard]] inline std::vector<index_t> kept_logit_rows(const Batch& batch, LogitRows rows)
+{
+    std::vector<index_t> kept;
+    if (rows == LogitRows::all) {
+        kept.resize(static_cast<std::size_t>(batch.tokens()));
+        for (index_t i = 0; i < batch.tokens(); ++i) kept[static_cast<std::size_t>(i)] = i;
+        return kept;
+    }
+    kept.reserve(static_cast<std::size_t>(batch.sequences()));
+    for (index_t b = 0; b < batch.sequences(); ++b) {
+        require(batch.offset(b + 1) > batch.offset(b), "LogitRows::last_per_chunk: chunk ", b,
+                " of the batch is empty, so it has no last token to give logits for");
+        kept.push_back(batch.offset(b + 1) - 1);
+    }
+    return kept;
+}
+}  // namespace detail
+
 class ModelInterface {
 public:
     virtual ~ModelInterface() = default;
 
-    /// Logits [batch.tokens(), vocab] for a ragged batch. tokens holds batch.tokens() ids, laid
-    /// out sequence after sequence. A chunk must start at or before its slot's current length
-    /// (starting earlier discards the positions after start).
-    [[nodiscard]] virtual Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) = 0;
+    /// Logits for a ragged batch: [batch.tokens(), vocab] with LogitRows::all, one row per chunk
+    /// (its last token's) with LogitRows::last_per_chunk; a row is the same bits either way.
+    /// tokens holds batch.tokens() ids, laid out sequence after sequence. A chunk must start at
+    /// or before its slot's current length (starting earlier discards the positions after start).
+    [[nodiscard]] virtual Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens,
+                                                LogitRows rows) = 0;
+    /// Every row's logits: forward(batch, tokens, LogitRows::all).
+    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens)
+    {
+        return forward(batch, tokens, LogitRows::all);
+    }
     [[nodiscard]] virtual const ModelConfig& config() const noexcept = 0;
     /// Positions held in the KV cache of a slot.
     [[nodiscard]] virtual index_t sequence_length(index_t slot) const = 0;
@@ -70,10 +109,12 @@ public:
     /// The routing decisions of layer l in the last forward (for load statistics and tests).
     [[nodiscard]] virtual const routing::RoutingResult& last_routing(index_t layer) const = 0;
 
-    /// Starts the sequence of `slot` anew with `tokens`; logits [tokens.size(), vocab].
-    [[nodiscard]] Tensor<float> prefill(std::span<const std::int32_t> tokens, index_t slot = 0)
+    /// Starts the sequence of `slot` anew with `tokens`; logits [tokens.size(), vocab], or of the
+    /// last token only, [1, vocab], with LogitRows::last_per_chunk.
+    [[nodiscard]] Tensor<float> prefill(std::span<const std::int32_t> tokens, index_t slot = 0,
+                                        LogitRows rows = LogitRows::all)
     {
-        return forward(Batch::single(0, static_cast<index_t>(tokens.size()), slot), tokens);
+        return forward(Batch::single(0, static_cast<index_t>(tokens.size()), slot), tokens, rows);
     }
 
     /// Appends one token to the sequence of `slot`; the logits of the next position [vocab].
@@ -102,7 +143,8 @@ public:
         require(max_new_tokens >= 0, "max_new_tokens (", max_new_tokens, ") must not be negative");
         Sampler sampler(options.sampling);
         std::vector<std::int32_t> out;
-        Tensor<float> logits = prefill(prompt, slot);
+        // Only the last position's logits unless the caller wants the prompt's.
+        Tensor<float> logits = prefill(prompt, slot, prefill_logits != nullptr ? LogitRows::all : LogitRows::last_per_chunk);
         if (prefill_logits != nullptr) *prefill_logits = logits;
         if (max_new_tokens == 0) return out;
         const index_t vocab = config().vocab_size;
@@ -132,7 +174,8 @@ public:
     explicit Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options = {},
                    LayerFactory make_layer = {}, StreamReduce reduce_streams = {});
 
-    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens) override;
+    using ModelInterface::forward;
+    [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows) override;
     [[nodiscard]] const ModelConfig& config() const noexcept override { return weights_->config; }
     [[nodiscard]] index_t sequence_length(index_t slot) const override
     {
@@ -182,8 +225,11 @@ inline void check_forward_input(const Batch& batch, std::span<const std::int32_t
 /// ModelOptions::check_finite: throws NumericalError for the first non-finite value of
 /// `values`, [streams, rows, width] row-major, in token-row order (the earliest position of the
 /// batch first); `where` says what the values are ("the hidden state after layer 3").
+/// token_row_of maps each of the `rows` rows to its token row of the batch (empty: row i is token
+/// row i), for logits of kept rows only.
 inline void check_finite(std::span<const float> values, index_t streams, index_t rows, index_t width,
-                         const Batch& batch, std::string_view where, std::string_view column)
+                         const Batch& batch, std::string_view where, std::string_view column,
+                         std::span<const index_t> token_row_of = {})
 {
     // Fast path: is any value's exponent all ones (NaN, +-inf)? An integer OR-reduction
     // vectorises; an early-exit search, or a float reduction without -ffast-math, does not.
@@ -196,13 +242,14 @@ inline void check_finite(std::span<const float> values, index_t streams, index_t
             for (index_t j = 0; j < width; ++j) {
                 const float v = values[static_cast<std::size_t>((s * rows + i) * width + j)];
                 if (std::isfinite(v)) continue;
+                const index_t row = token_row_of.empty() ? i : token_row_of[static_cast<std::size_t>(i)];
                 index_t b = 0;
-                while (batch.offset(b + 1) <= i) ++b;
+                while (batch.offset(b + 1) <= row) ++b;
                 const SequenceChunk& chunk = batch.chunks()[static_cast<std::size_t>(b)];
                 raise<NumericalError>("non-finite value ", v, " in ", where,
                                       streams > 1 ? concat(" (stream ", s, " of ", streams, ")") : std::string(),
-                                      " at token row ", i, " of the batch: sequence ", b, " (KV-cache slot ",
-                                      chunk.slot, "), position ", batch.positions()[static_cast<std::size_t>(i)],
+                                      " at token row ", row, " of the batch: sequence ", b, " (KV-cache slot ",
+                                      chunk.slot, "), position ", batch.positions()[static_cast<std::size_t>(row)],
                                       ", ", column, " ", j);
             }
 }
@@ -244,11 +291,13 @@ Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const Mod
 }
 
 template <class Layer, gemm::GemmPolicy Gemm>
-Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens)
+Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows)
 {
     const ModelConfig& c = weights_->config;
     const index_t t = batch.tokens(), d = c.hidden_size, vocab = c.vocab_size;
     detail::check_forward_input(batch, tokens, lengths_, capacity_, vocab);
+    const std::vector<index_t> kept = detail::kept_logit_rows(batch, rows);
+    const auto n_kept = static_cast<index_t>(kept.size());
 
     // Embedding: one stream.
     const auto embed = weights_->at("model.embed_tokens.weight").view<2>();
@@ -269,22 +318,29 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
     }
 
     // Average the H streams (in stream order, then over the ranks holding the others), final
-    // norm, LM head.
+    // norm and LM head, for the kept rows only: each is a function of its own row, so a row's
+    // logits are the same bits whichever rows are kept. The reduce across ranks still sums every
+    // row (all ranks take part in it with the same count).
     hidden_.assign(static_cast<std::size_t>(t * d), 0.0f);
     std::copy_n(a_.begin(), t * d, hidden_.begin());
     for (index_t s = 1; s < streams; ++s)
         for (index_t i = 0; i < t * d; ++i) hidden_[static_cast<std::size_t>(i)] += a_[static_cast<std::size_t>(s * t * d + i)];
     if (reduce_streams_) reduce_streams_(hidden_);
+    if (n_kept != t)
+        for (index_t r = 0; r < n_kept; ++r)  // kept rows ascend, so a row never overwrites one still to move
+            std::copy_n(hidden_.begin() + kept[static_cast<std::size_t>(r)] * d, d, hidden_.begin() + r * d);
+    const std::span<float> kept_hidden(hidden_.data(), static_cast<std::size_t>(n_kept * d));
     if (c.groups() > 1) {
         const float scale = 1.0f / static_cast<float>(c.groups());
-        for (float& v : hidden_) v *= scale;
+        for (float& v : kept_hidden) v *= scale;
     }
-    const MatrixView<float> h(hidden_.data(), {t, d});
+    const MatrixView<float> h(hidden_.data(), {n_kept, d});
     ops::rms_norm(h, weights_->at("model.norm.weight").view<1>(), static_cast<float>(c.rms_norm_eps), h);
-    Tensor<float> logits({t, vocab});
+    Tensor<float> logits({n_kept, vocab});
     const auto head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").view<2>();
     Gemm::nt(h, head, logits.view<2>(), false);
-    if (check_finite_) detail::check_finite(logits.span(), 1, t, vocab, batch, "the logits", "vocabulary entry");
+    if (check_finite_)
+        detail::check_finite(logits.span(), 1, n_kept, vocab, batch, "the logits", "vocabulary entry", kept);
 
     for (const auto& chunk : batch.chunks()) lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
     return logits;
