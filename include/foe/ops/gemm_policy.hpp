@@ -23,6 +23,16 @@ concept GemmPolicy = requires(MatrixView<const float> a, MatrixView<const float>
     { G::nt(a, b, c, acc) } -> std::same_as<void>;
 };
 
+/// A GEMM policy that also reads B of element type BElem directly (bf16 or fp16 weights, widened
+/// as they are read): nt(a, b, c, accumulate) with b a view of const BElem. gemm::BatchInvariant
+/// does for foe::bfloat16 and foe::float16; a vendor BLAS policy (gemm::Cblas) does not, and its
+/// callers widen such a B to fp32 first.
+template <class G, class BElem>
+concept GemmPolicyFor = GemmPolicy<G> && requires(MatrixView<const float> a, MatrixView<const BElem> b,
+                                                  MatrixView<float> c, bool acc) {
+    { G::nt(a, b, c, acc) } -> std::same_as<void>;
+};
+
 namespace detail {
 
 inline void check_nt_shapes(MatrixView<const float> a, MatrixView<const float> b, MatrixView<float> c)
