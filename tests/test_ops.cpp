@@ -293,6 +293,182 @@ TEST_CASE("GEMM BatchInvariant: a row's bits do not depend on M, on the rows aro
     }
 }
 
+// --- BatchInvariant's small-M (decode) path and bf16 / fp16 B ----------------------------------
+
+static_assert(foe::gemm::GemmPolicyFor<foe::gemm::BatchInvariant, float>);
+static_assert(foe::gemm::GemmPolicyFor<foe::gemm::BatchInvariant, foe::bfloat16>);
+static_assert(foe::gemm::GemmPolicyFor<foe::gemm::BatchInvariant, foe::float16>);
+static_assert(!foe::gemm::GemmPolicyFor<BatchInvariantPortable, foe::bfloat16>);  // fp32 B only
+
+namespace {
+
+namespace bi = foe::gemm::detail::bi;
+
+/// Every kernel set this CPU runs: the portable one always; on an AVX2 + FMA CPU the set without
+/// F16C (the blocked path for every M, 16-bit B widened by the portable packing) and, with F16C,
+/// the full AVX2 set (small-M path, 16-bit B widened in registers).
+struct NamedKernels {
+    const char* name;
+    const bi::Kernels* kernels;
+};
+std::vector<NamedKernels> kernel_sets_of_this_cpu()
+{
+    std::vector<NamedKernels> sets{{"portable", &bi::portable_kernels}};
+#if defined(FOE_GEMM_HAS_AVX2_KERNELS)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        sets.push_back({"avx2+fma without f16c", &bi::avx2_kernels_without_f16c});
+        if (&bi::kernels_for_this_cpu() == &bi::avx2_kernels) sets.push_back({"avx2+fma+f16c", &bi::avx2_kernels});
+    }
+#endif
+    return sets;
+}
+
+/// n rows of B of element type T, ldb apart (ldb >= k), from random floats in [-1, 1) rounded to
+/// T, and the same k columns widened to a dense fp32 [n, k].
+template <class T>
+struct TypedB {
+    index_t n, k, ldb;
+    std::vector<T> storage;
+    std::vector<float> widened;
+    TypedB(index_t rows, index_t cols, index_t stride, std::uint64_t seed) : n(rows), k(cols), ldb(stride)
+    {
+        for (const float x : test::random_floats(sz(n * ldb), seed)) storage.push_back(T(x));
+        for (index_t j = 0; j < n; ++j)
+            for (index_t p = 0; p < k; ++p) widened.push_back(static_cast<float>(storage[sz(j * ldb + p)]));
+    }
+    [[nodiscard]] MatrixView<const T> view() const { return {storage.data(), {n, k}, {ldb, 1}}; }
+    [[nodiscard]] MatrixView<const float> widened_view() const { return {widened.data(), {n, k}}; }
+};
+
+/// Runs check() once on 1 thread and once on 2, then restores the thread count.
+template <class F>
+void on_1_and_2_threads(F&& check)
+{
+#if defined(_OPENMP)
+    const int saved = omp_get_max_threads();
+    for (int threads : {1, 2}) {
+        CAPTURE(threads);
+        omp_set_num_threads(threads);
+        check();
+    }
+    omp_set_num_threads(saved);
+#else
+    check();
+#endif
+}
+
+template <class T>
+void check_chains_with_b_of(const char* type)
+{
+    CAPTURE(type);
+    const auto sets = kernel_sets_of_this_cpu();
+    on_1_and_2_threads([&] {
+        std::uint64_t seed = 900;
+        // M 1 .. 3 on the small-M path (where the kernel set has one), 5 .. 13 on the blocked
+        // path; N and K around the 8- and 16-wide blocks, K = 0 the empty sum.
+        for (index_t m : {1, 2, 3, 5, 7, 13})
+            for (index_t n : {1, 7, 8, 9, 33, 130})
+                for (index_t k : {0, 1, 7, 8, 9, 257})
+                    for (bool accumulate : {false, true}) {
+                        CAPTURE(m);
+                        CAPTURE(n);
+                        CAPTURE(k);
+                        CAPTURE(accumulate);
+                        const index_t ldb = (n + k) % 2 == 1 ? k + 3 : k;  // gaps between rows of B in half the shapes
+                        CAPTURE(ldb);
+                        const auto a = test::random_floats(sz(m * k), seed += 3);
+                        const TypedB<T> b(n, k, ldb, seed + 1);
+                        const auto c0 = test::random_floats(sz(m * n), seed + 2);
+                        const auto want = fma_chains(a, b.widened, c0, m, n, k, accumulate);
+                        const MatrixView<const float> av(a.data(), {m, k});
+                        for (const auto& set : sets) {
+                            CAPTURE(set.name);
+                            auto got = c0;
+                            bi::nt(*set.kernels, av, b.view(), MatrixView<float>(got.data(), {m, n}), accumulate);
+                            CHECK(same_bits(got.data(), want.data(), want.size()));
+                            // The small-M path split over the threads whatever the size of B.
+                            const auto small_m = set.kernels->template for_b<T>().small_m;
+                            if (m <= bi::small_m_rows && k > 0 && small_m != nullptr) {
+                                auto split = c0;
+                                bi::nt_small_m(small_m, av, b.view(), MatrixView<float>(split.data(), {m, n}), accumulate, 1);
+                                CHECK(same_bits(split.data(), want.data(), want.size()));
+                            }
+                        }
+                        // The public entry point, and on the fp32 widened B: the same bits.
+                        auto direct = c0, widened = c0;
+                        foe::gemm::BatchInvariant::nt(av, b.view(), MatrixView<float>(direct.data(), {m, n}), accumulate);
+                        foe::gemm::BatchInvariant::nt(av, b.widened_view(), MatrixView<float>(widened.data(), {m, n}),
+                                                      accumulate);
+                        CHECK(same_bits(direct.data(), want.data(), want.size()));
+                        CHECK(same_bits(widened.data(), direct.data(), want.size()));
+                    }
+    });
+}
+
+/// Rows 1 to 4 at a time (the small-M path) against the same rows of one 29-row product (the
+/// blocked path), A and B strided.
+template <class T>
+void check_small_m_rows_inside_large_m(const char* type)
+{
+    CAPTURE(type);
+    const index_t m = 29, n = 130, k = 257, lda = k + 2;
+    const auto wa = test::random_floats(sz(m * lda), 71);
+    const MatrixView<const float> a = MatrixView<const float>(wa.data(), {m, lda}).slice(1, 1, k);
+    const TypedB<T> b(n, k, k + 5, 72);
+    const auto c0 = test::random_floats(sz(m * n), 73);
+    on_1_and_2_threads([&] {
+        for (bool accumulate : {false, true}) {
+            CAPTURE(accumulate);
+            auto whole = c0;
+            foe::gemm::BatchInvariant::nt(a, b.view(), MatrixView<float>(whole.data(), {m, n}), accumulate);
+            for (index_t count = 1; count <= bi::small_m_rows; ++count)
+                for (index_t begin : {index_t{0}, index_t{3}, m - count}) {
+                    CAPTURE(count);
+                    CAPTURE(begin);
+                    std::vector<float> part(c0.begin() + begin * n, c0.begin() + (begin + count) * n);
+                    foe::gemm::BatchInvariant::nt(a.slice(0, begin, count), b.view(),
+                                                  MatrixView<float>(part.data(), {count, n}), accumulate);
+                    CHECK(same_bits(part.data(), whole.data() + begin * n, part.size()));
+                }
+        }
+    });
+}
+
+}  // namespace
+
+TEST_CASE("GEMM BatchInvariant small M and bf16 / fp16 B: every output the bits of its own FMA chain, every kernel set, 1 and 2 threads")
+{
+    check_chains_with_b_of<float>("fp32");
+    check_chains_with_b_of<foe::bfloat16>("bf16");
+    check_chains_with_b_of<foe::float16>("fp16");
+}
+
+TEST_CASE("GEMM BatchInvariant: rows on the small-M path have the bits of the same rows in a large-M product")
+{
+    check_small_m_rows_inside_large_m<float>("fp32");
+    check_small_m_rows_inside_large_m<foe::bfloat16>("bf16");
+    check_small_m_rows_inside_large_m<foe::float16>("fp16");
+}
+
+TEST_CASE("GEMM BatchInvariant with bf16 / fp16 B rejects bad shapes with InvalidArgument")
+{
+    const std::vector<float> a(64, 0.5f);
+    std::vector<float> out(64, 0.5f);
+    const std::vector<foe::bfloat16> bh(64, foe::bfloat16(0.25f));
+    const std::vector<foe::float16> fh(64, foe::float16(0.25f));
+    using CV = MatrixView<const float>;
+    using V = MatrixView<float>;
+    using BH = MatrixView<const foe::bfloat16>;
+    using FH = MatrixView<const foe::float16>;
+    CHECK_THROWS_AS(foe::gemm::BatchInvariant::nt(CV(a.data(), {2, 3}), BH(bh.data(), {4, 5}), V(out.data(), {2, 4}), false),
+                    foe::InvalidArgument);
+    CHECK_THROWS_AS(foe::gemm::BatchInvariant::nt(CV(a.data(), {2, 3}), FH(fh.data(), {4, 3}), V(out.data(), {2, 5}), true),
+                    foe::InvalidArgument);
+    CHECK_THROWS_AS(foe::gemm::BatchInvariant::nt(CV(a.data(), {2, 3}), BH(bh.data(), {4, 3}, {6, 2}), V(out.data(), {2, 4}), false),
+                    foe::InvalidArgument);
+    CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 0.5f; }));
+}
+
 #if defined(FOE_WITH_CBLAS)
 TEST_CASE("GEMM Cblas matches the float64 oracle: dense and strided views, overwrite and accumulate")
 {
