@@ -1,6 +1,7 @@
 // Host kernels, one at a time, on the foe-1b shapes (d 768, head_dim 96, E 64, k 8, f 384):
 // dense projection GEMM (foe's batch-invariant kernel and the CBLAS policy, and the two paired on
-// every GEMM shape of foe-1b and moe-1b as a ratio), the grouped SwiGLU experts
+// every GEMM shape of foe-1b and moe-1b as a ratio; decode steps at 7b-like widths and with a
+// bf16 weight, with B's bandwidth beside the machine's copy bandwidth), the grouped SwiGLU experts
 // next to OpenBLAS sgemm doing the same FLOPs as three large GEMMs, router + top-k, the
 // permutation of rows by expert, the weighted combine, attention prefill and decode, RMSNorm.
 //
@@ -10,6 +11,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
+#include <utility>
 
 #if defined(FOE_WITH_CBLAS)
 #include <cblas.h>
@@ -49,18 +52,30 @@ BENCHMARK(gemm_nt<foe::gemm::Cblas>)->Name("gemm_nt/cblas")->Apply(projection_sh
 /// BatchInvariant and OpenBLAS sgemm on the same operands, alternating inside every iteration so
 /// both see the same machine state; the benchmark's time is BatchInvariant's, and the counters
 /// give both rates and "vs OpenBLAS" = OpenBLAS time / BatchInvariant time (above 1: foe faster).
+/// "foe B GB/s" and "OpenBLAS B GB/s" are B's bytes over each one's time: for M = 1 (a decode
+/// step, one pass over the weight) the bandwidth each reaches, to set beside copy_bandwidth.
+/// With a bf16 B (BElem), foe reads the bf16 weight (2 bytes an element) and OpenBLAS the same
+/// weight widened to fp32 (what a Cblas caller has to hand it); both give the same products.
+template <class BElem>
 void gemm_pair(benchmark::State& state)
 {
     const index_t m = state.range(0), n = state.range(1), k = state.range(2);
-    const auto a = bench::random(static_cast<std::size_t>(m * k), 1), b = bench::random(static_cast<std::size_t>(n * k), 2);
+    const auto a = bench::random(static_cast<std::size_t>(m * k), 1);
+    auto b = bench::random(static_cast<std::size_t>(n * k), 2);
+    std::vector<BElem> b_stored(b.size());
+    for (std::size_t i = 0; i < b.size(); ++i) {
+        b_stored[i] = BElem(b[i]);
+        b[i] = static_cast<float>(b_stored[i]);  // OpenBLAS gets the widened values
+    }
     std::vector<float> c(static_cast<std::size_t>(m * n));
     const MatrixView<const float> av(a.data(), {m, k}), bv(b.data(), {n, k});
+    const MatrixView<const BElem> bs(b_stored.data(), {n, k});
     const MatrixView<float> cv(c.data(), {m, n});
     double foe_seconds = 0.0, blas_seconds = 0.0;
     using clock = std::chrono::steady_clock;
     for (auto _ : state) {
         const auto t0 = clock::now();
-        foe::gemm::BatchInvariant::nt(av, bv, cv, false);
+        foe::gemm::BatchInvariant::nt(av, bs, cv, false);
         benchmark::DoNotOptimize(c.data());
         const auto t1 = clock::now();
         foe::gemm::Cblas::nt(av, bv, cv, false);
@@ -71,9 +86,13 @@ void gemm_pair(benchmark::State& state)
         blas_seconds += std::chrono::duration<double>(t2 - t1).count();
         state.SetIterationTime(foe_s);
     }
-    const double flops = 2.0 * static_cast<double>(m * n * k) * static_cast<double>(state.iterations());
+    const auto iterations = static_cast<double>(state.iterations());
+    const double flops = 2.0 * static_cast<double>(m * n * k) * iterations;
+    const double elements = static_cast<double>(n * k) * iterations;
     state.counters["foe GFLOP/s"] = flops / foe_seconds * 1e-9;
     state.counters["OpenBLAS GFLOP/s"] = flops / blas_seconds * 1e-9;
+    state.counters["foe B GB/s"] = static_cast<double>(sizeof(BElem)) * elements / foe_seconds * 1e-9;
+    state.counters["OpenBLAS B GB/s"] = 4.0 * elements / blas_seconds * 1e-9;
     state.counters["vs OpenBLAS"] = blas_seconds / foe_seconds;
 }
 /// Every GEMM shape of one foe-1b / moe-1b layer (d 768, 8 heads of 96, 64 experts of 384, top-8)
@@ -92,8 +111,51 @@ void foe_1b_shapes(benchmark::internal::Benchmark* b)
     b->Args({1, 50304, d});                       // LM head, last position
     b->ArgNames({"M", "N", "K"})->UseManualTime();
 }
-BENCHMARK(gemm_pair)->Name("gemm_pair/batch_invariant_vs_openblas")->Apply(foe_1b_shapes);
+/// Decode steps (M = 1) at 7b-like widths (d 2048, experts of 1024, the LM head of a 2048-wide
+/// model), and a few rows more (M 2 to 8 at 2048 x 2048: the small-M path takes M <= 4).
+void decode_shapes(benchmark::internal::Benchmark* b)
+{
+    b->Args({1, 2048, 2048});   // a 2048-wide projection
+    b->Args({1, 1024, 2048});   // expert gate / up
+    b->Args({1, 2048, 1024});   // expert down
+    b->Args({1, 50304, 2048});  // LM head, 400 MiB of fp32: out of every cache
+    for (index_t m : {2, 3, 4, 5, 6, 8}) b->Args({m, 2048, 2048});
+    b->ArgNames({"M", "N", "K"})->UseManualTime();
+}
+/// The M = 1 shapes of both families with a bf16 weight.
+void decode_bf16_shapes(benchmark::internal::Benchmark* b)
+{
+    for (const auto& [n, k] : {std::pair<index_t, index_t>{d, d}, {head_dim, d}, {d, head_dim}, {experts_count, d}, {f, d},
+                               {d, f}, {50304, d}, {2048, 2048}, {1024, 2048}, {2048, 1024}, {50304, 2048}})
+        b->Args({1, n, k});
+    b->ArgNames({"M", "N", "K"})->UseManualTime();
+}
+BENCHMARK(gemm_pair<float>)->Name("gemm_pair/batch_invariant_vs_openblas")->Apply(foe_1b_shapes);
+BENCHMARK(gemm_pair<float>)->Name("gemm_pair/decode")->Apply(decode_shapes);
+BENCHMARK(gemm_pair<foe::bfloat16>)->Name("gemm_pair/decode_bf16_b")->Apply(decode_bf16_shapes);
 #endif
+
+/// The machine's copy bandwidth, to state a decode GEMM's B GB/s as a fraction of it: memcpy of
+/// a 256 MiB buffer (far past the caches), split into one contiguous part per thread. "copy GB/s"
+/// is bytes copied per second; "read+write GB/s" counts both the read and the write.
+void copy_bandwidth(benchmark::State& state)
+{
+    const auto threads = static_cast<int>(state.range(0));
+    const std::size_t bytes = std::size_t{256} << 20;
+    std::vector<char> from(bytes, 1), to(bytes, 2);  // filled: every page is touched before timing
+    const std::size_t part = bytes / static_cast<std::size_t>(threads);
+    for (auto _ : state) {
+        FOE_OMP_PARALLEL_FOR
+        for (int t = 0; t < threads; ++t)
+            std::memcpy(to.data() + static_cast<std::size_t>(t) * part, from.data() + static_cast<std::size_t>(t) * part, part);
+        benchmark::DoNotOptimize(to.data());
+        benchmark::ClobberMemory();
+    }
+    const auto copied = static_cast<double>(bytes) * static_cast<double>(state.iterations());
+    state.counters["copy GB/s"] = benchmark::Counter(copied * 1e-9, benchmark::Counter::kIsRate);
+    state.counters["read+write GB/s"] = benchmark::Counter(2.0 * copied * 1e-9, benchmark::Counter::kIsRate);
+}
+BENCHMARK(copy_bandwidth)->Name("copy_bandwidth")->Arg(1)->Arg(2)->ArgName("threads")->UseRealTime();
 
 // --- grouped SwiGLU experts, against sgemm of the same FLOPs -----------------------------------------
 
