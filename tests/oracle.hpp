@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <map>
 #include <span>
 #include <vector>
 
@@ -22,7 +23,23 @@ using Vec = std::vector<double>;
 
 inline Vec to_double(std::span<const float> x) { return Vec(x.begin(), x.end()); }
 
-inline const foe::Tensor<float>& tensor(const foe::ModelWeights& w, const std::string& name) { return w.at(name); }
+/// A weight's values as floats (bf16/fp16 weights widened exactly). An fp32 weight is viewed in
+/// place; a widened copy is cached with a copy of the weight, which keeps its bytes alive, so a
+/// cached address is never reused by another weight.
+struct Floats {
+    std::span<const float> values;
+    [[nodiscard]] std::span<const float> span() const { return values; }
+};
+inline Floats tensor(const foe::ModelWeights& w, const std::string& name)
+{
+    const foe::WeightTensor& t = w.at(name);
+    if (t.dtype() == foe::DType::f32)
+        return {{reinterpret_cast<const float*>(t.bytes()), static_cast<std::size_t>(t.size())}};
+    thread_local std::map<const std::byte*, std::pair<foe::WeightTensor, foe::Tensor<float>>> widened;
+    auto it = widened.find(t.bytes());
+    if (it == widened.end()) it = widened.emplace(t.bytes(), std::pair{t, t.to_float()}).first;
+    return {it->second.second.span()};
+}
 
 /// y[S, N] = x[S, K] W[N, K]^T
 inline Vec matmul_nt(const Vec& x, index_t s, index_t k, std::span<const float> w, index_t n)

@@ -175,9 +175,9 @@ TEST_CASE("edge: every token routed to one expert, every other expert receiving 
         c.validate();
         auto w = foe::random_weights(c, 4);
         for (index_t l = 0; l < c.num_hidden_layers; ++l) {
-            auto& gate = w.tensors.at(foe::names::layer(l, "mlp.gate.weight")).values();
+            const auto gate = w.tensors.at(foe::names::layer(l, "mlp.gate.weight")).mutable_floats();
             std::fill(gate.begin(), gate.end(), 0.0f);
-            auto& bias = w.tensors.at(foe::names::layer(l, "mlp.gate.e_score_correction_bias")).values();
+            const auto bias = w.tensors.at(foe::names::layer(l, "mlp.gate.e_score_correction_bias")).mutable_floats();
             std::fill(bias.begin(), bias.end(), 0.0f);
             bias[5] = 0.5f;
         }
@@ -203,7 +203,7 @@ TEST_CASE("edge: every token routed to one expert, every other expert receiving 
         const auto c = test::tiny(Architecture::olmoe);
         auto w = foe::random_weights(c, 4);
         for (index_t l = 0; l < c.num_hidden_layers; ++l) {
-            auto& gate = w.tensors.at(foe::names::layer(l, "mlp.gate.weight")).values();
+            const auto gate = w.tensors.at(foe::names::layer(l, "mlp.gate.weight")).mutable_floats();
             std::fill(gate.begin(), gate.end(), 0.0f);
         }
         const auto shared = std::make_shared<const foe::ModelWeights>(std::move(w));
@@ -229,7 +229,7 @@ TEST_CASE("edge: NaN or infinity in the input propagates when check_finite is of
             CAPTURE(static_cast<int>(arch));
             const auto c = test::tiny(arch);
             auto broken = foe::random_weights(c, 7);
-            broken.tensors.at("model.embed_tokens.weight").values()[static_cast<std::size_t>(13 * c.hidden_size + 3)] = bad;
+            broken.tensors.at("model.embed_tokens.weight").mutable_floats()[static_cast<std::size_t>(13 * c.hidden_size + 3)] = bad;
             const auto w = std::make_shared<const foe::ModelWeights>(std::move(broken));
 
             // Sequence 0 holds the bad token, sequence 1 does not: a ragged batch of both.
@@ -260,7 +260,7 @@ TEST_CASE("edge: check_finite throws NumericalError naming the layer and the fir
 {
     const auto c = test::tiny();
     auto broken = foe::random_weights(c, 7);
-    broken.tensors.at("model.embed_tokens.weight").values()[static_cast<std::size_t>(13 * c.hidden_size + 3)] =
+    broken.tensors.at("model.embed_tokens.weight").mutable_floats()[static_cast<std::size_t>(13 * c.hidden_size + 3)] =
         std::numeric_limits<float>::quiet_NaN();
     const auto w = std::make_shared<const foe::ModelWeights>(std::move(broken));
     auto model = foe::make_model(w, options_with(true, 2));
@@ -282,7 +282,7 @@ TEST_CASE("edge: check_finite throws NumericalError naming the layer and the fir
 
     // A bad LM head leaves every hidden state finite: the logits check names the entry.
     auto bad_head = foe::random_weights(c, 7);
-    bad_head.tensors.at("lm_head.weight").values()[static_cast<std::size_t>(11 * c.hidden_size)] =
+    bad_head.tensors.at("lm_head.weight").mutable_floats()[static_cast<std::size_t>(11 * c.hidden_size)] =
         -std::numeric_limits<float>::infinity();
     auto head_model = foe::make_model(std::make_shared<const foe::ModelWeights>(std::move(bad_head)), options_with(true));
     CHECK_THROWS_WITH_AS((void)head_model->prefill(prompt),

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "foe/io/model_dir.hpp"
+#include "oracle.hpp"
 #include "test_util.hpp"
 
 namespace fs = std::filesystem;
@@ -76,7 +77,7 @@ TEST_CASE("model directory round trip: config and every tensor, f32 exactly, bf1
             const std::string& tensor_name = entry.first;
             CAPTURE(tensor_name);
             CHECK(back.at(tensor_name).shape() == entry.second.shape());
-            CHECK(back.at(tensor_name).values() == entry.second.values());
+            CHECK(back.at(tensor_name).to_float().values() == entry.second.to_float().values());
         }
     }
     const auto w = foe::random_weights(test::tiny(foe::Architecture::foe, 4, foe::ScoreFunction::sigmoid), 4);
@@ -85,13 +86,93 @@ TEST_CASE("model directory round trip: config and every tensor, f32 exactly, bf1
         const auto back = foe::load_model_dir(dir.path / "half");
         CHECK(back.config.scoring_func == foe::ScoreFunction::sigmoid);
         for (const auto& [tensor_name, t] : w.tensors)
-            for (std::size_t i = 0; i < t.values().size(); i += 97) {
-                const float v = t.values()[i];
+            for (std::size_t i = 0; i < t.floats().size(); i += 97) {
+                const float v = t.floats()[i];
                 const float rounded = dtype == foe::DType::bf16 ? static_cast<float>(foe::bfloat16(v))
                                                                 : static_cast<float>(foe::float16(v));
-                CHECK(back.at(tensor_name).values()[i] == rounded);
+                CHECK(back.at(tensor_name).to_float().values()[i] == rounded);
             }
     }
+}
+
+TEST_CASE("mapped weights: used in place, the same logits as read ones; bf16/fp16 kept in their type equal widened")
+{
+    TempDir dir("mapped");
+    for (const std::string name : {"foe-tiny", "moe-tiny"}) {
+        CAPTURE(name);
+        const auto w = foe::random_weights(foe::named_config(name), 4);
+        const auto prompt = test::random_tokens(9, w.config.vocab_size, 3);
+        const auto logits_of = [&](foe::ModelWeights weights) {
+            return foe::make_model(std::make_shared<const foe::ModelWeights>(std::move(weights)))->prefill(prompt).values();
+        };
+        const auto in_memory = logits_of(w);
+
+        foe::save_model_dir(dir.path / name, w);
+        foe::LoadOptions read;
+        read.map_files = false;
+        CHECK(logits_of(foe::load_model_dir(dir.path / name)) == in_memory);
+        CHECK(logits_of(foe::load_model_dir(dir.path / name, {}, read)) == in_memory);
+
+        for (auto dtype : {foe::DType::bf16, foe::DType::f16}) {
+            CAPTURE(foe::dtype_name(dtype));
+            const auto half = dir.path / (name + "-half");
+            foe::save_model_dir(half, w, dtype);
+            const auto kept = foe::load_model_dir(half);
+            // Matrices stay in the file's dtype; vectors and the router's gate are fp32.
+            CHECK(kept.at(foe::names::layer(0, "self_attn.q_proj.weight")).dtype() == dtype);
+            CHECK(kept.at(foe::names::expert(0, 1, "down_proj")).dtype() == dtype);
+            CHECK(kept.at("model.embed_tokens.weight").dtype() == dtype);
+            CHECK(kept.at(foe::names::layer(0, "mlp.gate.weight")).dtype() == foe::DType::f32);
+            CHECK(kept.at(foe::names::layer(0, "input_layernorm.weight")).dtype() == foe::DType::f32);
+            foe::LoadOptions widen;
+            widen.widen_to_f32 = true;
+            const auto widened = foe::load_model_dir(half, {}, widen);
+            CHECK(widened.at(foe::names::layer(0, "self_attn.q_proj.weight")).dtype() == foe::DType::f32);
+            // Widening is exact and the GEMM widens as it reads: the same bits, kept or widened,
+            // mapped or read, or rounded in memory (stored_as).
+            const auto want = logits_of(widened);
+            CHECK(logits_of(kept) == want);
+            read.widen_to_f32 = false;
+            CHECK(logits_of(foe::load_model_dir(half, {}, read)) == want);
+            CHECK(logits_of(foe::stored_as(w, dtype)) == want);
+            CHECK(oracle::relative_error(want, oracle::to_double(in_memory)) < (dtype == foe::DType::bf16 ? 5e-2 : 5e-3));
+        }
+    }
+}
+
+#if defined(FOE_WITH_CBLAS)
+TEST_CASE("mapped bf16 weights with a GEMM policy that cannot read bf16 (Cblas): widened per call, the same bits")
+{
+    TempDir dir("mapped-cblas");
+    const auto w = foe::random_weights(foe::named_config("foe-tiny"), 5);
+    foe::save_model_dir(dir.path, w, foe::DType::bf16);
+    foe::LoadOptions widen;
+    widen.widen_to_f32 = true;
+    const auto prompt = test::random_tokens(6, w.config.vocab_size, 4);
+    const auto kept = foe::make_model<foe::gemm::Cblas>(std::make_shared<const foe::ModelWeights>(foe::load_model_dir(dir.path)));
+    const auto wide = foe::make_model<foe::gemm::Cblas>(
+        std::make_shared<const foe::ModelWeights>(foe::load_model_dir(dir.path, {}, widen)));
+    CHECK(kept->prefill(prompt).values() == wide->prefill(prompt).values());
+}
+#endif
+
+TEST_CASE("mapped weights: a tensor not aligned for its dtype in the file is copied, with the right values")
+{
+    TempDir dir("unaligned");
+    // 3 fp16 values (6 bytes) put the fp32 tensor after them at an offset of 2 mod 4.
+    const std::vector<float> a = {1.5f, -2.0f, 0.25f}, b = {3.0f, -4.5f, 6.0f, 7.25f};
+    const foe::TensorToWrite tensors[] = {{"a", foe::DType::f16, {3}, a}, {"b", foe::DType::f32, {2, 2}, b}};
+    foe::save_safetensors(dir.path / "x.safetensors", tensors);
+    const auto file = foe::SafetensorsFile::open(dir.path / "x.safetensors");
+    const foe::index_t shape[] = {2, 2};
+    const auto t = file.weight("b", shape, {});
+    CHECK(t.dtype() == foe::DType::f32);
+    CHECK(std::vector<float>(t.floats().begin(), t.floats().end()) == b);
+    const foe::index_t a_shape[] = {3};
+    CHECK(file.weight("a", a_shape, {}).to_float().values() == a);
+    const foe::index_t wrong[] = {4};
+    CHECK_THROWS_WITH_AS((void)file.weight("a", wrong, {}), doctest::Contains("has shape [3], expected [4]"),
+                         foe::FormatError);
 }
 
 TEST_CASE("model directory: a missing file or tensor, and a tensor of the wrong shape, are named")
@@ -110,7 +191,7 @@ TEST_CASE("model directory: a missing file or tensor, and a tensor of the wrong 
     const std::string dropped = "model.layers.1.self_attn.k_norm.weight";
     std::vector<foe::TensorToWrite> tensors;
     for (const auto& spec : foe::expected_tensors(w.config))
-        if (spec.name != dropped) tensors.push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).span()});
+        if (spec.name != dropped) tensors.push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).floats()});
     foe::save_safetensors(dir.path / "model.safetensors", tensors);
     CHECK_THROWS_WITH_AS((void)foe::load_model_dir(dir.path), doctest::Contains(dropped.c_str()), foe::FormatError);
 
@@ -131,14 +212,14 @@ TEST_CASE("model directory: sharded weights through model.safetensors.index.json
     int i = 0;
     for (const auto& spec : foe::expected_tensors(w.config)) {
         const bool first = i++ % 2 == 0;
-        (first ? a : b).push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).span()});
+        (first ? a : b).push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).floats()});
         map += (map.empty() ? "" : ", ") + ("\"" + spec.name + "\": \"" + (first ? "a.safetensors" : "b.safetensors") + "\"");
     }
     foe::save_safetensors(dir.path / "a.safetensors", a);
     foe::save_safetensors(dir.path / "b.safetensors", b);
     std::ofstream(dir.path / "model.safetensors.index.json") << "{\"metadata\": {}, \"weight_map\": {" << map << "}}";
     const auto back = foe::load_model_dir(dir.path);
-    CHECK(back.at("lm_head.weight").values() == w.at("lm_head.weight").values());
+    CHECK(back.at("lm_head.weight").to_float().values() == w.at("lm_head.weight").to_float().values());
 
     // A shard name may not leave the model directory.
     std::ofstream(dir.path / "model.safetensors.index.json") << "{\"weight_map\": {\"x\": \"../a.safetensors\"}}";
@@ -154,7 +235,7 @@ TEST_CASE("model directory: a shard the index names but the directory lacks is n
     std::string map;
     for (const auto& spec : foe::expected_tensors(w.config)) {
         const bool head = spec.name == "lm_head.weight";
-        if (!head) tensors.push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).span()});
+        if (!head) tensors.push_back({spec.name, foe::DType::f32, spec.shape, w.at(spec.name).floats()});
         map += (map.empty() ? "" : ", ") + ("\"" + spec.name + "\": \"" + (head ? "b.safetensors" : "a.safetensors") + "\"");
     }
     foe::save_safetensors(dir.path / "a.safetensors", tensors);
@@ -175,7 +256,7 @@ TEST_CASE("foe_run on a saved random model reproduces the in-process logits and 
     const std::vector<std::int32_t> prompt{1, 2, 3, 50, 96};
     const foe::index_t new_tokens = 4;
     const auto weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(model_dir));
-    CHECK(weights->at("lm_head.weight").values() == foe::random_weights(foe::named_config("foe-tiny"), 3).at("lm_head.weight").values());
+    CHECK(weights->at("lm_head.weight").to_float().values() == foe::random_weights(foe::named_config("foe-tiny"), 3).at("lm_head.weight").to_float().values());
     foe::ModelOptions options;
     options.cache_capacity = static_cast<foe::index_t>(prompt.size()) + new_tokens;
     foe::Tensor<float> logits;
@@ -310,7 +391,7 @@ TEST_CASE("foe_run: a NaN in the weights is an error naming where it appeared; -
     TempDir dir("runner-nan");
     const auto c = foe::named_config("foe-tiny");
     auto w = foe::random_weights(c, 3);
-    w.tensors.at("model.layers.1.mlp.experts.2.down_proj.weight").values()[5] = std::nanf("");
+    w.tensors.at("model.layers.1.mlp.experts.2.down_proj.weight").mutable_floats()[5] = std::nanf("");
     foe::save_model_dir(dir.path / "m", w);
     // Expert 2's row 5 is used by the tokens routed to it; over 20 tokens some are.
     const std::string args = "--model " + (dir.path / "m").string() +

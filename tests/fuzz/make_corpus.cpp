@@ -89,7 +89,7 @@ void safetensors_corpus(const fs::path& dir)
         const auto w = foe::random_weights(micro_config(), 1);
         std::vector<foe::TensorToWrite> t;
         for (const auto& spec : foe::expected_tensors(w.config))
-            t.push_back({spec.name, foe::DType::bf16, spec.shape, w.at(spec.name).span()});
+            t.push_back({spec.name, foe::DType::bf16, spec.shape, w.at(spec.name).floats()});
         write(dir / "micro_model_bf16.safetensors", foe::serialize_safetensors(t, {{"format", "pt"}}));
     }
 

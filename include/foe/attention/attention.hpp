@@ -10,6 +10,7 @@
 
 #include "foe/core/config.hpp"
 #include "foe/core/tensor.hpp"
+#include "foe/core/weight.hpp"
 #include "foe/layer/batch.hpp"
 
 namespace foe::attention {
@@ -44,10 +45,10 @@ struct AttentionSpec {
 /// Views of the weights one attention instance reads (never owned).
 struct AttentionWeights {
     VectorView<const float> input_norm;  ///< [hidden]
-    MatrixView<const float> q_proj;      ///< [q_heads * head_dim, hidden]
-    MatrixView<const float> k_proj;      ///< [kv_heads * head_dim, hidden]
-    MatrixView<const float> v_proj;      ///< [kv_heads * head_dim, hidden]
-    MatrixView<const float> o_proj;      ///< [hidden, q_heads * head_dim], a column block of the full o_proj
+    WeightMatrix q_proj;                 ///< [q_heads * head_dim, hidden]
+    WeightMatrix k_proj;                 ///< [kv_heads * head_dim, hidden]
+    WeightMatrix v_proj;                 ///< [kv_heads * head_dim, hidden]
+    WeightMatrix o_proj;                 ///< [hidden, q_heads * head_dim], a column block of the full o_proj
     VectorView<const float> q_norm;      ///< [head_dim] per head, [q_heads * head_dim] full width, empty for none
     VectorView<const float> k_norm;      ///< [head_dim] per head, [kv_heads * head_dim] full width, empty for none
 };

@@ -97,7 +97,7 @@ void GqaAttention<Gemm>::forward(const Batch& batch, MatrixView<const float> x, 
     project(xn, t);
     attend(batch);
     const index_t qw = spec_.q_heads * spec_.head_dim;
-    Gemm::nt(MatrixView<const float>(ctx_.data(), {t, qw}), w_.o_proj, out, false);
+    gemm::nt<Gemm>(MatrixView<const float>(ctx_.data(), {t, qw}), w_.o_proj, out, false);
 }
 
 template <gemm::GemmPolicy Gemm>
@@ -108,9 +108,9 @@ void GqaAttention<Gemm>::project(MatrixView<const float> xn, index_t t)
     k_.resize(static_cast<std::size_t>(t * kh * hd));
     v_.resize(k_.size());
     MatrixView<float> q(q_.data(), {t, qh * hd}), k(k_.data(), {t, kh * hd}), v(v_.data(), {t, kh * hd});
-    Gemm::nt(xn, w_.q_proj, q, false);
-    Gemm::nt(xn, w_.k_proj, k, false);
-    Gemm::nt(xn, w_.v_proj, v, false);
+    gemm::nt<Gemm>(xn, w_.q_proj, q, false);
+    gemm::nt<Gemm>(xn, w_.k_proj, k, false);
+    gemm::nt<Gemm>(xn, w_.v_proj, v, false);
 
     const float eps = spec_.rms_norm_eps;
     if (spec_.qk_norm == QkNorm::full_width) {

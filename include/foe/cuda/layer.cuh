@@ -208,7 +208,7 @@ private:
 namespace detail {
 
 /// Row-major bf16 copy of a (possibly strided) host matrix view.
-inline void append_bf16(std::vector<bfloat16>& out, MatrixView<const float> m)
+inline void append_bf16(std::vector<bfloat16>& out, const WeightMatrix& m)
 {
     out.reserve(out.size() + static_cast<std::size_t>(m.extent(0) * m.extent(1)));
     for (index_t i = 0; i < m.extent(0); ++i)
@@ -270,7 +270,7 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     require_vector(w.post_norm, d, "post_attention_layernorm");
     require<InvalidArgument>(w.gate.extent(0) == config.num_experts && w.gate.extent(1) == d, "mlp.gate is [",
                              w.gate.extent(0), ", ", w.gate.extent(1), "], expected [", config.num_experts, ", ", d, "]");
-    auto require_matrix = [](MatrixView<const float> m, index_t rows, index_t cols, const std::string& name) {
+    auto require_matrix = [](const auto& m, index_t rows, index_t cols, const std::string& name) {
         require<InvalidArgument>(m.extent(0) == rows && m.extent(1) == cols, name, " is [", m.extent(0), ", ",
                                  m.extent(1), "], expected [", rows, ", ", cols, "]");
     };

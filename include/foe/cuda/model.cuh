@@ -207,9 +207,9 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     // Embedding, final norm and LM head.
     const index_t d = c.hidden_size, vocab = c.vocab_size;
     std::vector<bfloat16> embed, norm, head;
-    detail::append_bf16(embed, weights->at("model.embed_tokens.weight").view<2>());
+    detail::append_bf16(embed, weights->at("model.embed_tokens.weight").matrix());
     detail::append_bf16(norm, weights->at("model.norm.weight").view<1>());
-    if (!c.tie_word_embeddings) detail::append_bf16(head, weights->at("lm_head.weight").view<2>());
+    if (!c.tie_word_embeddings) detail::append_bf16(head, weights->at("lm_head.weight").matrix());
     ArenaPlan head_plan;
     for (const auto* h : {&embed, &norm, &head}) head_plan.add<bfloat16>(h->size());
     head_weights_ = DeviceArena(head_plan.bytes());

@@ -6,15 +6,16 @@
 #include <vector>
 
 #include "foe/core/tensor.hpp"
+#include "foe/core/weight.hpp"
 #include "foe/routing/routing.hpp"
 
 namespace foe::experts {
 
-/// Views of one SwiGLU expert's weights, in Hugging Face's [out, in] layout.
+/// Views of one SwiGLU expert's weights, in Hugging Face's [out, in] layout and stored dtype.
 struct ExpertWeights {
-    MatrixView<const float> gate_proj;  ///< [intermediate, hidden]
-    MatrixView<const float> up_proj;    ///< [intermediate, hidden]
-    MatrixView<const float> down_proj;  ///< [hidden, intermediate]
+    WeightMatrix gate_proj;  ///< [intermediate, hidden]
+    WeightMatrix up_proj;    ///< [intermediate, hidden]
+    WeightMatrix down_proj;  ///< [hidden, intermediate]
 };
 
 /// The experts one instance holds: global ids [expert_begin, expert_end).

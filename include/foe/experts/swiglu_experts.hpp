@@ -93,10 +93,10 @@ void SwiGluExperts<Gemm>::compute(MatrixView<const float> u, const routing::Rout
 
         const MatrixView<const float> x(x_.data(), {n, d});
         const MatrixView<float> g(gate_.data(), {n, f}), up(up_.data(), {n, f});
-        Gemm::nt(x, w_[static_cast<std::size_t>(e)].gate_proj, g, false);
-        Gemm::nt(x, w_[static_cast<std::size_t>(e)].up_proj, up, false);
+        gemm::nt<Gemm>(x, w_[static_cast<std::size_t>(e)].gate_proj, g, false);
+        gemm::nt<Gemm>(x, w_[static_cast<std::size_t>(e)].up_proj, up, false);
         for (std::size_t i = 0; i < gate_.size(); ++i) gate_[i] = silu(gate_[i]) * up_[i];
-        Gemm::nt(MatrixView<const float>(gate_.data(), {n, f}), w_[static_cast<std::size_t>(e)].down_proj,
+        gemm::nt<Gemm>(MatrixView<const float>(gate_.data(), {n, f}), w_[static_cast<std::size_t>(e)].down_proj,
                  MatrixView<float>(out_.data(), {n, d}), false);
         for (index_t i = 0; i < n; ++i) std::copy_n(&out_[static_cast<std::size_t>(i * d)], d, &y(rows[i], 0));
     }

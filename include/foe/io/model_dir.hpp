@@ -2,14 +2,19 @@
 // A model directory in the Hugging Face layout: config.json and the weights, either one
 // model.safetensors or shards listed by model.safetensors.index.json ("weight_map": name -> file).
 //
-// Loading reads exactly the tensors the config needs (expected_tensors) and the caller's filter
-// accepts, converts them to fp32, and fails with the file and tensor named when one is missing,
-// has another shape or an unsupported dtype. Tensors the config does not need are ignored, as
+// Loading takes exactly the tensors the config needs (expected_tensors) and the caller's filter
+// accepts, and fails with the file and tensor named when one is missing, has another shape or an
+// unsupported dtype. By default the weight files are memory-mapped and the tensors used in place:
+// fp32 matrices and bf16/fp16 ones alike stay in the file's bytes (the host GEMM reads bf16/fp16
+// directly), so loading costs no copy and the process holds the bytes of the tensors it uses
+// (pages of other ranks' experts are never touched). Vectors and the router's gate are widened
+// to fp32 (see model/weights.hpp). Every header is validated before any tensor is touched. Tensors the config does not need are ignored, as
 // Hugging Face does: their bytes are not read, and a shard holding none that are needed is not
 // opened. Shard names from the index must be plain file names in the directory.
 
 #include <algorithm>
 #include <cstddef>
+#include <deque>
 #include <filesystem>
 #include <map>
 #include <new>
@@ -32,9 +37,22 @@ inline constexpr std::string_view config_file_name = "config.json";
 inline constexpr std::string_view weights_file_name = "model.safetensors";
 inline constexpr std::string_view weights_index_file_name = "model.safetensors.index.json";
 
+/// How load_model_dir() takes the weights.
+struct LoadOptions {
+    /// Map the weight files and use the tensors in place (false: read them into memory).
+    bool map_files = true;
+    /// Convert bf16/fp16 matrices to fp32 (twice the memory of bf16): for a GEMM policy that
+    /// cannot read them (gemm::Cblas widens them on every call otherwise).
+    bool widen_to_f32 = false;
+    /// With map_files: read every held tensor's pages during the load, so that the load time is
+    /// the whole cost and the first forward is as fast as the next (false: on first use).
+    bool prefetch = true;
+};
+
 /// Reads config.json and the weights of a model directory: every tensor the config needs, or
 /// those `holds` accepts (a rank's share).
-[[nodiscard]] ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds = {});
+[[nodiscard]] ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds = {},
+                                          const LoadOptions& options = {});
 
 /// Writes config.json and model.safetensors (tensors in expected_tensors order, stored as dtype).
 /// The directory is created if needed; existing files are replaced.
@@ -126,7 +144,7 @@ template <class Wanted>
 
 }  // namespace detail
 
-inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds)
+inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilter holds, const LoadOptions& options)
 {
     using json::detail::describe_text;
     std::error_code ec;
@@ -182,7 +200,15 @@ inline ModelWeights load_model_dir(const std::filesystem::path& dir, TensorFilte
         }
         return it->second;
     };
-    for (const auto& spec : needed) w.tensors.emplace(spec.name, file_for(spec.name).read_float(spec.name, spec.shape));
+    // Every needed file's header is validated before any tensor is taken.
+    for (const auto& spec : needed) (void)file_for(spec.name).at(spec.name);
+    for (const auto& spec : needed) {
+        SafetensorsFile::WeightOptions how;
+        how.map = options.map_files;
+        how.prefetch = options.prefetch;
+        how.keep_dtype = !options.widen_to_f32 && !kept_in_f32(spec.name, spec.shape.size());
+        w.tensors.emplace(spec.name, file_for(spec.name).weight(spec.name, spec.shape, how));
+    }
     return w;
 }
 
@@ -195,8 +221,18 @@ inline void save_model_dir(const std::filesystem::path& dir, const ModelWeights&
     require<IoError>(!ec, "cannot create model directory ", json::detail::describe_text(dir.string(), 1024), ": ",
                      ec.message());
     std::vector<TensorToWrite> tensors;
-    for (const auto& spec : expected_tensors(weights.config))
-        tensors.push_back({spec.name, dtype, spec.shape, weights.at(spec.name).span()});
+    std::deque<Tensor<float>> values;  // widened copies of the tensors not stored in fp32 (stable addresses)
+    for (const auto& spec : expected_tensors(weights.config)) {
+        const WeightTensor& t = weights.at(spec.name);
+        std::span<const float> v;
+        if (t.dtype() == DType::f32) {
+            v = {reinterpret_cast<const float*>(t.bytes()), static_cast<std::size_t>(t.size())};
+        } else {
+            values.push_back(t.to_float());
+            v = values.back().span();
+        }
+        tensors.push_back({spec.name, dtype, spec.shape, v});
+    }
     save_safetensors(dir / weights_file_name, tensors, {{"format", "pt"}});
     save_config_json(dir / config_file_name, weights.config);
 }

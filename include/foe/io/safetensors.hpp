@@ -48,6 +48,7 @@
 #include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/core/types.hpp"
+#include "foe/core/weight.hpp"
 #include "foe/io/detail/file.hpp"
 #include "foe/io/json.hpp"
 
@@ -122,6 +123,23 @@ public:
         return read_float(name, std::span<const index_t>(expected_shape.begin(), expected_shape.size()));
     }
 
+    /// How weight() hands out a tensor.
+    struct WeightOptions {
+        /// Use the bytes in place in a mapping of the file (opened with open(); a tensor whose
+        /// bytes are not aligned for its dtype, or a big-endian host, falls back to a copy).
+        bool map = true;
+        /// Keep bf16/fp16 in their type (false: widen to fp32, twice the memory of bf16).
+        bool keep_dtype = true;
+        /// With map: read the tensor's pages now rather than at their first use.
+        bool prefetch = true;
+    };
+
+    /// The tensor as a model weight, checked to have expected_shape (FormatError naming both
+    /// shapes otherwise). Mapped, it shares the file's mapping, which stays alive as long as any
+    /// tensor taken from it does.
+    [[nodiscard]] WeightTensor weight(std::string_view name, std::span<const index_t> expected_shape,
+                                      const WeightOptions& options) const;
+
 private:
     SafetensorsFile() = default;
 
@@ -138,7 +156,9 @@ private:
     void check_range(const TensorInfo& info) const;
 
     std::string source_;
+    std::filesystem::path path_;                            ///< for the mapping; empty for from_bytes()
     std::shared_ptr<const detail::io::ReadOnlyFile> file_;  ///< the open file; null for from_bytes()
+    mutable std::shared_ptr<const detail::io::MappedFile> mapping_;  ///< made by the first mapped weight()
     std::vector<std::byte> bytes_;        ///< the whole file, for from_bytes() only
     std::uint64_t data_start_ = 0;        ///< 8 + header length
     index_t data_size_ = 0;               ///< bytes in the data region
@@ -498,6 +518,7 @@ inline SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path)
     SafetensorsFile f;
     f.file_ = detail::io::ReadOnlyFile::open(path);
     f.source_ = f.file_->name();
+    f.path_ = path;
     const detail::io::ReadOnlyFile& file = *f.file_;
     f.read_header(file.size(), [&](std::uint64_t offset, std::span<std::byte> out) { file.read(offset, out); });
     return f;
@@ -615,6 +636,39 @@ inline Tensor<float> SafetensorsFile::read_float(std::string_view name, std::spa
                            detail::safetensors::shape_string(info.shape), ", expected ",
                            detail::safetensors::shape_string(expected_shape));
     return read_float(name);
+}
+
+inline WeightTensor SafetensorsFile::weight(std::string_view name, std::span<const index_t> expected_shape,
+                                            const WeightOptions& options) const
+{
+    namespace st = detail::safetensors;
+    const TensorInfo& info = at(name);
+    if (!std::equal(info.shape.begin(), info.shape.end(), expected_shape.begin(), expected_shape.end()))
+        raise<FormatError>(source_, ": tensor ", json::detail::describe_text(name), " has shape ",
+                           st::shape_string(info.shape), ", expected ", st::shape_string(expected_shape));
+    check_range(info);
+    const bool keep = options.keep_dtype || info.dtype == DType::f32;
+    const std::uint64_t offset = data_start_ + static_cast<std::uint64_t>(info.begin);
+    const bool aligned = offset % static_cast<std::uint64_t>(dtype_size(info.dtype)) == 0;  // mappings are page-aligned
+    if (options.map && keep && file_ && aligned && std::endian::native == std::endian::little &&
+        detail::io::MappedFile::supported) {
+        if (!mapping_) mapping_ = detail::io::MappedFile::map(path_, source_, file_->size());
+        if (options.prefetch) mapping_->prefetch(offset, static_cast<std::uint64_t>(info.byte_size()));
+        return WeightTensor(info.dtype, info.shape, mapping_->data() + offset, mapping_);
+    }
+    if (!keep) return WeightTensor(read_float(name));
+    // A copy in the stored dtype, assembled little-endian element by element.
+    try {
+        const std::vector<std::byte> raw = read_bytes(info);
+        const auto n = static_cast<std::size_t>(info.numel());
+        if (info.dtype == DType::f32) return WeightTensor(read_float(name));
+        auto bits = std::make_shared<std::vector<std::uint16_t>>(n);
+        for (std::size_t i = 0; i < n; ++i) (*bits)[i] = st::load_u16_le(&raw[2 * i]);
+        const auto* data = reinterpret_cast<const std::byte*>(bits->data());
+        return WeightTensor(info.dtype, info.shape, data, std::move(bits));
+    } catch (const std::bad_alloc&) {
+        raise<IoError>(source_, ": out of memory reading tensor ", json::detail::describe_text(name));
+    }
 }
 
 inline std::vector<std::byte> serialize_safetensors(std::span<const TensorToWrite> tensors,

@@ -16,11 +16,11 @@ namespace foe {
 
 struct LayerWeights {
     VectorView<const float> input_norm;           ///< input_layernorm.weight [d]
-    MatrixView<const float> q_proj, k_proj, v_proj;  ///< [nq hd, d], [nkv hd, d], [nkv hd, d]
-    MatrixView<const float> o_proj;               ///< [d, nq hd]
+    WeightMatrix q_proj, k_proj, v_proj;          ///< [nq hd, d], [nkv hd, d], [nkv hd, d], stored dtype
+    WeightMatrix o_proj;                          ///< [d, nq hd], stored dtype
     VectorView<const float> q_norm, k_norm;       ///< per the config's qk_norm; empty for none
     VectorView<const float> post_norm;            ///< post_attention_layernorm.weight [d]
-    MatrixView<const float> gate;                 ///< mlp.gate.weight [E, d]
+    MatrixView<const float> gate;                 ///< mlp.gate.weight [E, d] (fp32: small, and routing decides on it)
     VectorView<const float> gate_bias;            ///< mlp.gate.e_score_correction_bias [E]; sigmoid only
     std::vector<experts::ExpertWeights> experts;  ///< all E experts, or empty where not held
 };

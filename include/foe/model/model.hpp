@@ -300,9 +300,9 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
     const auto n_kept = static_cast<index_t>(kept.size());
 
     // Embedding: one stream.
-    const auto embed = weights_->at("model.embed_tokens.weight").view<2>();
+    const WeightMatrix embed = weights_->at("model.embed_tokens.weight").matrix();
     a_.resize(static_cast<std::size_t>(t * d));
-    for (index_t i = 0; i < t; ++i) std::copy_n(&embed(tokens[static_cast<std::size_t>(i)], 0), d, &a_[static_cast<std::size_t>(i * d)]);
+    for (index_t i = 0; i < t; ++i) embed.widen_row(tokens[static_cast<std::size_t>(i)], &a_[static_cast<std::size_t>(i * d)]);
 
     index_t streams = 1;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
@@ -337,8 +337,8 @@ Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const st
     const MatrixView<float> h(hidden_.data(), {n_kept, d});
     ops::rms_norm(h, weights_->at("model.norm.weight").view<1>(), static_cast<float>(c.rms_norm_eps), h);
     Tensor<float> logits({n_kept, vocab});
-    const auto head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").view<2>();
-    Gemm::nt(h, head, logits.view<2>(), false);
+    const WeightMatrix head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").matrix();
+    gemm::nt<Gemm>(h, head, logits.view<2>(), false);
     if (check_finite_)
         detail::check_finite(logits.span(), 1, n_kept, vocab, batch, "the logits", "vocabulary entry", kept);
 

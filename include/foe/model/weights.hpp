@@ -1,6 +1,11 @@
 #pragma once
-// The weights of a whole model: named fp32 host tensors with Hugging Face's OLMoE names, the
-// list of names and shapes a config implies, seeded random initialisation, and per-layer views.
+// The weights of a whole model: named host tensors with Hugging Face's OLMoE names, the list of
+// names and shapes a config implies, seeded random initialisation, and per-layer views.
+//
+// Matrices are kept in their stored dtype (fp32, bf16 or fp16; in memory or in a mapped file):
+// the GEMMs read them as they are. Vectors (norm weights, the router's bias) and the router's
+// gate are always fp32: they are a tiny share of the bytes, and the router's scores decide
+// which experts run, so they are computed from the same fp32 weights on every path.
 
 #include <cmath>
 #include <cstdint>
@@ -13,6 +18,7 @@
 #include "foe/core/error.hpp"
 #include "foe/core/rng.hpp"
 #include "foe/core/tensor.hpp"
+#include "foe/core/weight.hpp"
 #include "foe/layer/layer_weights.hpp"
 
 namespace foe {
@@ -29,13 +35,13 @@ using TensorFilter = std::function<bool(std::string_view name)>;
 
 struct ModelWeights {
     ModelConfig config;
-    std::map<std::string, Tensor<float>, std::less<>> tensors;
+    std::map<std::string, WeightTensor, std::less<>> tensors;
     TensorFilter holds;  ///< the tensors present; empty means every tensor of the config
 
     [[nodiscard]] bool held(std::string_view name) const { return !holds || holds(name); }
 
     /// The tensor `name`; throws FormatError naming it when absent.
-    [[nodiscard]] const Tensor<float>& at(std::string_view name) const
+    [[nodiscard]] const WeightTensor& at(std::string_view name) const
     {
         const auto it = tensors.find(name);
         if (it == tensors.end()) raise<FormatError>("model weights: missing tensor \"", name, "\"");
@@ -50,6 +56,13 @@ inline std::string expert(index_t l, index_t e, std::string_view proj)
     return detail::concat("model.layers.", l, ".mlp.experts.", e, ".", proj, ".weight");
 }
 }  // namespace names
+
+/// True for the tensors kept in fp32 whatever their stored dtype: vectors and the router's gate
+/// (see the file comment).
+[[nodiscard]] inline bool kept_in_f32(std::string_view name, std::size_t rank)
+{
+    return rank < 2 || name.ends_with("mlp.gate.weight");
+}
 
 /// Every tensor the config needs, in a stable order (the order files are written in).
 [[nodiscard]] inline std::vector<TensorSpec> expected_tensors(const ModelConfig& c)
@@ -95,6 +108,9 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
         if (it == w.tensors.end()) raise<FormatError>(source, ": missing tensor \"", spec.name, "\"");
         require<FormatError>(it->second.shape() == spec.shape, source, ": tensor \"", spec.name, "\" has shape ",
                              format_shape(it->second.shape()), ", expected ", format_shape(spec.shape));
+        require<FormatError>(it->second.dtype() == DType::f32 || !kept_in_f32(spec.name, spec.shape.size()), source,
+                             ": tensor \"", spec.name, "\" is stored as ", dtype_name(it->second.dtype()),
+                             "; vectors and the router's gate must be F32 in memory (load_model_dir widens them)");
     }
 }
 
@@ -120,9 +136,43 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
             const float bound = 1.0f / std::sqrt(static_cast<float>(spec.shape[1]));
             rng.fill_uniform(t.span(), -bound, bound);
         }
-        w.tensors.emplace(spec.name, std::move(t));
+        w.tensors.emplace(spec.name, WeightTensor(std::move(t)));
     }
     return w;
+}
+
+/// The weights as a checkpoint stored in `dtype` gives them when loaded: every value rounded to
+/// `dtype` (to nearest even; exact when widening), matrices kept in `dtype`, vectors and the
+/// router's gate in fp32 (see the file comment).
+[[nodiscard]] inline ModelWeights stored_as(const ModelWeights& w, DType dtype)
+{
+    ModelWeights out{w.config, {}, w.holds};
+    const auto round = [dtype](float v) {
+        return dtype == DType::bf16 ? static_cast<float>(bfloat16(v))
+               : dtype == DType::f16 ? static_cast<float>(float16(v))
+                                     : v;
+    };
+    for (const auto& [name, t] : w.tensors) {
+        if (t.dtype() == dtype) {
+            out.tensors.emplace(name, t);
+            continue;
+        }
+        Tensor<float> f = t.to_float();
+        const auto n = static_cast<std::size_t>(f.size());
+        if (kept_in_f32(name, t.shape().size())) {
+            for (float& v : f.values()) v = round(v);
+            out.tensors.emplace(name, WeightTensor(std::move(f)));
+        } else if (dtype == DType::f32) {
+            out.tensors.emplace(name, WeightTensor(f));
+        } else {
+            auto bits = std::make_shared<std::vector<std::uint16_t>>(n);
+            for (std::size_t i = 0; i < n; ++i)
+                (*bits)[i] = dtype == DType::bf16 ? bfloat16(f.values()[i]).bits : float16(f.values()[i]).bits;
+            const auto* data = reinterpret_cast<const std::byte*>(bits->data());
+            out.tensors.emplace(name, WeightTensor(dtype, t.shape(), data, std::move(bits)));
+        }
+    }
+    return out;
 }
 
 /// Views of layer l's weights (all groups; the experts w holds, empty views for the others).
@@ -132,7 +182,7 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
     const ModelConfig& c = w.config;
     require<InvalidArgument>(l >= 0 && l < c.num_hidden_layers, "layer ", l, " is outside [0, ", c.num_hidden_layers, ")");
     auto vec = [&](const std::string& name) { return w.at(name).view<1>(); };
-    auto mat = [&](const std::string& name) { return w.at(name).view<2>(); };
+    auto mat = [&](const std::string& name) { return w.at(name).matrix(); };
     LayerWeights lw;
     lw.input_norm = vec(names::layer(l, "input_layernorm.weight"));
     lw.q_proj = mat(names::layer(l, "self_attn.q_proj.weight"));
@@ -144,7 +194,7 @@ inline void check_weights(const ModelWeights& w, std::string_view source = "mode
         lw.k_norm = vec(names::layer(l, "self_attn.k_norm.weight"));
     }
     lw.post_norm = vec(names::layer(l, "post_attention_layernorm.weight"));
-    lw.gate = mat(names::layer(l, "mlp.gate.weight"));
+    lw.gate = w.at(names::layer(l, "mlp.gate.weight")).view<2>();
     if (c.scoring_func == ScoreFunction::sigmoid) lw.gate_bias = vec(names::layer(l, "mlp.gate.e_score_correction_bias"));
     lw.experts.reserve(static_cast<std::size_t>(c.num_experts));
     for (index_t e = 0; e < c.num_experts; ++e) {

@@ -56,3 +56,5 @@ static_assert(GemmPolicy<Cblas>);
 using Default = BatchInvariant;
 
 }  // namespace foe::gemm
+
+#include "foe/ops/weight_gemm.hpp"  // gemm::nt over weights in their stored dtype

@@ -9,6 +9,7 @@
 // never leaves a half-written model file under the final name. Paths in messages go through
 // json::detail::describe_path(): a file name can hold terminal control characters.
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -30,6 +31,16 @@
 
 #include "foe/core/error.hpp"
 #include "foe/io/json.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#define FOE_HAS_MMAP 1
+#else
+#define FOE_HAS_MMAP 0
+#endif
 
 namespace foe::detail::io {
 
@@ -75,6 +86,38 @@ private:
     mutable std::ifstream in_;
 };
 
+/// A whole regular file mapped read-only into memory (POSIX mmap, private): the weights of a
+/// checkpoint used in place. Pages are read from the file when first touched, so a process that
+/// uses a tenth of a file reads and holds a tenth of it; pages of the page cache are shared by
+/// every process that maps the file. The file must not be truncated while mapped (a read past
+/// the new end would raise SIGBUS, as for every mapped-file reader); it is checked to have the
+/// size its header was validated against when the mapping is made.
+class MappedFile {
+public:
+    /// True where foe can map files (POSIX); elsewhere weights are read into memory.
+    static constexpr bool supported = FOE_HAS_MMAP != 0;
+
+    /// Maps the file at path; IoError naming it (`name`) if it cannot be mapped or its size is no
+    /// longer expected_size.
+    [[nodiscard]] static std::shared_ptr<const MappedFile> map(const std::filesystem::path& path, std::string name,
+                                                              std::uint64_t expected_size);
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    ~MappedFile();
+
+    [[nodiscard]] const std::byte* data() const noexcept { return data_; }
+    [[nodiscard]] std::uint64_t size() const noexcept { return size_; }
+
+    /// Reads the pages of [offset, offset + size) into memory now (asks the kernel to read ahead,
+    /// then touches one byte per page), so that the first forward does not pay for them.
+    void prefetch(std::uint64_t offset, std::uint64_t size) const;
+
+private:
+    MappedFile() = default;
+    const std::byte* data_ = nullptr;
+    std::uint64_t size_ = 0;
+};
+
 // ---------------------------------------------------------------------------------------------
 
 /// The message of the last OS error, for IoError messages.
@@ -114,6 +157,66 @@ inline std::vector<std::byte> read_whole_file(const std::filesystem::path& path,
     if (static_cast<std::uintmax_t>(got) != size)
         raise<IoError>(name, ": read only ", got, " of ", size, " bytes (was the file truncated while reading?)");
     return bytes;
+}
+
+inline std::shared_ptr<const MappedFile> MappedFile::map(const std::filesystem::path& path, std::string name,
+                                                        std::uint64_t expected_size)
+{
+    std::shared_ptr<MappedFile> m(new MappedFile());
+#if FOE_HAS_MMAP
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) raise<IoError>(name, ": cannot open for mapping: ", last_os_error(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        const int saved = errno;
+        ::close(fd);
+        raise<IoError>(name, ": cannot map: ", S_ISREG(st.st_mode) ? last_os_error(saved) : "not a regular file");
+    }
+    if (static_cast<std::uint64_t>(st.st_size) != expected_size) {
+        ::close(fd);
+        raise<IoError>(name, ": the file changed while it was being loaded: it holds ", st.st_size,
+                       " bytes, its header was read from a file of ", expected_size);
+    }
+    if (expected_size > 0) {
+        void* p = ::mmap(nullptr, static_cast<std::size_t>(expected_size), PROT_READ, MAP_PRIVATE, fd, 0);
+        const int saved = errno;
+        ::close(fd);  // the mapping keeps the file
+        if (p == MAP_FAILED) raise<IoError>(name, ": cannot map its ", expected_size, " bytes: ", last_os_error(saved));
+        m->data_ = static_cast<const std::byte*>(p);
+    } else {
+        ::close(fd);
+    }
+    m->size_ = expected_size;
+#else
+    (void)path;
+    (void)expected_size;
+    raise<IoError>(name, ": this platform cannot map files; load with LoadOptions::map_files = false");
+#endif
+    return m;
+}
+
+inline MappedFile::~MappedFile()
+{
+#if FOE_HAS_MMAP
+    if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), static_cast<std::size_t>(size_));
+#endif
+}
+
+inline void MappedFile::prefetch(std::uint64_t offset, std::uint64_t size) const
+{
+    if (size == 0 || offset >= size_) return;
+    size = std::min(size, size_ - offset);
+#if FOE_HAS_MMAP
+    const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+    const std::uint64_t begin = offset / page * page;
+    (void)::madvise(const_cast<std::byte*>(data_ + begin), static_cast<std::size_t>(offset + size - begin),
+                    MADV_WILLNEED);
+    // Touch one byte per page: the read-ahead above is only advice.
+    volatile std::byte sink{};
+    for (std::uint64_t at = offset; at < offset + size; at += page) sink = data_[at];
+    sink = data_[offset + size - 1];
+    (void)sink;
+#endif
 }
 
 inline std::shared_ptr<const ReadOnlyFile> ReadOnlyFile::open(const std::filesystem::path& path)
