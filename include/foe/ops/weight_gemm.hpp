@@ -8,7 +8,6 @@
 // per call: load weights widened (LoadOptions::widen_to_f32) when such a policy runs a bf16
 // checkpoint often.
 
-#include <concepts>
 #include <cstddef>
 #include <vector>
 
@@ -18,18 +17,12 @@
 
 namespace foe::gemm {
 
-/// True when G::nt reads a B of element type T directly.
-template <class G, class T>
-concept ReadsWeightsOf = requires(MatrixView<const float> a, MatrixView<const T> b, MatrixView<float> c, bool acc) {
-    { G::nt(a, b, c, acc) } -> std::same_as<void>;
-};
-
 /// c = a * w^T (accumulate false) or c += a * w^T (accumulate true), w in its stored dtype.
 template <GemmPolicy G>
 void nt(MatrixView<const float> a, const WeightMatrix& w, MatrixView<float> c, bool accumulate)
 {
     w.visit([&]<class T>(MatrixView<const T> b) {
-        if constexpr (ReadsWeightsOf<G, T>) {
+        if constexpr (GemmPolicyFor<G, T>) {
             G::nt(a, b, c, accumulate);
         } else {
             thread_local std::vector<float> widened;
