@@ -73,7 +73,7 @@ constexpr std::string_view usage_text =
     "usage:\n"
     "  foe_run --model DIR [--backend host|cuda] [--gemm G] [--tokens 1,2,3] [--max-new-tokens N]\n"
     "          [--logits-out FILE] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eos]\n"
-    "          [--threads N] [--timings] [--check-finite on|off] [--comm-timeout S]\n"
+    "          [--threads N] [--timings] [--mmap on|off] [--check-finite on|off] [--comm-timeout S]\n"
     "  foe_run --init CONFIG_NAME --out DIR [--seed S] [--dtype f32|bf16|f16]\n"
     "\n"
     "  --model DIR           model directory with config.json and model.safetensors\n"
@@ -87,7 +87,9 @@ constexpr std::string_view usage_text =
     "  --top-p P             sample among the most likely tokens whose probability reaches P (default: 1)\n"
     "  --ignore-eos          generate --max-new-tokens even past the config's eos_token_id\n"
     "  --threads N           OpenMP threads (default: OMP_NUM_THREADS, else every core; under mpirun a share)\n"
-    "  --timings             print load time, prefill and decode tokens/s and peak RSS on stderr\n"
+    "  --timings             print load time, prefill and decode tokens/s, peak RSS and the weights'\n"
+    "                        bytes the process holds on stderr (under mpirun: every rank's)\n"
+    "  --mmap on|off         use the weight files in place, mapped (default: on), or read them into memory\n"
     "  --logits-out FILE     write the prompt's logits as safetensors tensor \"logits\" [prompt, vocab]\n"
     "  --init NAME           write a random model of a named configuration\n"
     "  --out DIR             where --init writes\n"
@@ -117,6 +119,7 @@ struct Options {
     bool ignore_eos = false;
     int threads = 0;  // 0: OpenMP's default
     bool timings = false;
+    bool mmap = true;
 };
 
 template <class T>
@@ -181,6 +184,10 @@ Options parse_args(int argc, char** argv)
         } else if (flag == "--threads") {
             o.threads = parse_number<int>(value, flag);
             if (o.threads <= 0 || o.threads > 4096) throw UsageError("--threads must be in [1, 4096]");
+        } else if (flag == "--mmap") {
+            if (value != "on" && value != "off")
+                throw UsageError(foe::detail::concat("--mmap: \"", value, "\" is not one of on, off"));
+            o.mmap = value == "on";
         } else if (flag == "--check-finite") {
             if (value != "on" && value != "off")
                 throw UsageError(foe::detail::concat("--check-finite: \"", value, "\" is not one of on, off"));
@@ -310,16 +317,40 @@ using clock_type = std::chrono::steady_clock;
 double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
 
 /// --timings: what llama.cpp's tools print, on stderr.
-void print_timings(double load_s, foe::index_t prompt, double prefill_s, foe::index_t decoded, double decode_s)
+/// This process's peak resident set, in MB.
+double peak_rss_mb()
 {
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);
+    return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux reports kilobytes
+}
+
+/// The bytes of the weights the process holds, in MB (what its peak RSS is measured against).
+double weights_mb(const foe::ModelWeights& w)
+{
+    double bytes = 0.0;
+    for (const auto& entry : w.tensors) bytes += static_cast<double>(entry.second.byte_size());
+    return bytes / (1024.0 * 1024.0);
+}
+
+void print_timings(double load_s, foe::index_t prompt, double prefill_s, foe::index_t decoded, double decode_s,
+                   double held_mb)
+{
     std::fprintf(stderr, "foe_run: load %.3f s; prefill %lld tokens in %.3f s (%.1f tokens/s); decode %lld tokens in %.3f s "
-                         "(%.2f tokens/s, %.2f ms/token); peak RSS %.1f MB\n",
+                         "(%.2f tokens/s, %.2f ms/token); peak RSS %.1f MB; weights held %.1f MB\n",
                  load_s, static_cast<long long>(prompt), prefill_s, static_cast<double>(prompt) / prefill_s,
                  static_cast<long long>(decoded), decode_s, decoded > 0 ? static_cast<double>(decoded) / decode_s : 0.0,
-                 decoded > 0 ? 1e3 * decode_s / static_cast<double>(decoded) : 0.0,
-                 static_cast<double>(usage.ru_maxrss) / 1024.0);
+                 decoded > 0 ? 1e3 * decode_s / static_cast<double>(decoded) : 0.0, peak_rss_mb(), held_mb);
+}
+
+/// How foe_run loads weights: mapped unless --mmap off; widened to fp32 for a GEMM that cannot
+/// read bf16/fp16 (it would widen every weight on every call).
+foe::LoadOptions load_options(const Options& o)
+{
+    foe::LoadOptions l;
+    l.map_files = o.mmap;
+    l.widen_to_f32 = o.gemm == "cblas";
+    return l;
 }
 
 /// The tokens that end this generation: the config's EOS ids unless --ignore-eos.
@@ -344,7 +375,7 @@ int run_model(const Options& o)
     std::shared_ptr<const foe::ModelWeights> weights;
     {
         const LoadProgress progress(*o.model, true);
-        weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model));
+        weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(*o.model, {}, load_options(o)));
     }
     const auto options = request_options(o, weights->config);
     std::unique_ptr<foe::ModelInterface> model;
@@ -384,7 +415,8 @@ int run_model(const Options& o)
     }
     const double decode_s = seconds_since(decode_start);
     print_result(o, generated, logits);
-    if (o.timings) print_timings(load_s, static_cast<foe::index_t>(o.tokens.size()), prefill_s, decoded, decode_s);
+    if (o.timings)
+        print_timings(load_s, static_cast<foe::index_t>(o.tokens.size()), prefill_s, decoded, decode_s, weights_mb(*weights));
     return 0;
 }
 
@@ -440,7 +472,8 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
     std::shared_ptr<const foe::ModelWeights> weights;
     try {
         const LoadProgress progress(*o.model, world.rank() == 0);
-        weights = std::make_shared<const foe::ModelWeights>(foe::load_model_dir(dir, foe::held_tensors(placement)));
+        weights = std::make_shared<const foe::ModelWeights>(
+            foe::load_model_dir(dir, foe::held_tensors(placement), load_options(o)));
     } catch (const foe::Error& e) {
         error = e.what();
     }
@@ -487,9 +520,23 @@ int run_model_distributed(const Options& o, foe::comm::MpiComm world)
         ++decoded;
     }
     const double decode_s = seconds_since(decode_start);
+    // Every rank's peak RSS and weights held, gathered by one sum (each rank fills its slots).
+    std::vector<float> memory;
+    if (o.timings) {
+        memory.assign(2 * static_cast<std::size_t>(world.size()), 0.0f);
+        memory[2 * static_cast<std::size_t>(world.rank())] = static_cast<float>(peak_rss_mb());
+        memory[2 * static_cast<std::size_t>(world.rank()) + 1] = static_cast<float>(weights ? weights_mb(*weights) : 0.0);
+        world.all_reduce_sum(memory);
+    }
     if (world.rank() == 0) {
         print_result(o, generated, logits);
-        if (o.timings) print_timings(load_s, n, prefill_s, decoded, decode_s);
+        if (o.timings) {
+            print_timings(load_s, n, prefill_s, decoded, decode_s, memory[1]);
+            for (int r = 0; r < world.size(); ++r)
+                std::fprintf(stderr, "foe_run: rank %d: peak RSS %.1f MB; weights held %.1f MB\n", r,
+                             static_cast<double>(memory[2 * static_cast<std::size_t>(r)]),
+                             static_cast<double>(memory[2 * static_cast<std::size_t>(r) + 1]));
+        }
     }
     return 0;
 }
