@@ -597,6 +597,12 @@ inline Tensor<float> SafetensorsFile::read_float(std::string_view name) const
     try {
         Tensor<float> out(info.shape);
         float* dst = out.data();
+        if (info.dtype == DType::f32 && std::endian::native == std::endian::little && file_) {
+            // The stored bytes are the floats: read them where they go, no staging copy.
+            file_->read(data_start_ + static_cast<std::uint64_t>(info.begin),
+                        std::span<std::byte>(reinterpret_cast<std::byte*>(dst), total));
+            return out;
+        }
         std::vector<std::byte> buffer;
         for (std::size_t done = 0; done < total;) {
             const std::size_t size = std::min(chunk_bytes, total - done);
