@@ -98,13 +98,11 @@ ModelConfig small_config(foe::Architecture arch, foe::index_t groups, foe::Score
     return c;
 }
 
-/// Seeded random weights, every value rounded to bf16 (what the device holds).
+/// Seeded random weights, every value rounded to bf16 (what the device holds; the host model
+/// reads the bf16 matrices as they are).
 std::shared_ptr<const ModelWeights> bf16_weights(const ModelConfig& c, std::uint64_t seed)
 {
-    auto w = std::make_shared<ModelWeights>(foe::random_weights(c, seed));
-    for (auto& [name, t] : w->tensors)
-        for (float& v : t.values()) v = static_cast<float>(foe::bfloat16(v));
-    return w;
+    return std::make_shared<const ModelWeights>(foe::stored_as(foe::random_weights(c, seed), foe::DType::bf16));
 }
 
 std::vector<std::int32_t> random_tokens(foe::index_t n, foe::index_t vocab, std::uint64_t seed)
