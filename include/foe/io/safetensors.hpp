@@ -662,12 +662,11 @@ inline WeightTensor SafetensorsFile::weight(std::string_view name, std::span<con
         if (options.prefetch) mapping_->prefetch(offset, static_cast<std::uint64_t>(info.byte_size()));
         return WeightTensor(info.dtype, info.shape, mapping_->data() + offset, mapping_);
     }
-    if (!keep) return WeightTensor(read_float(name));
+    if (!keep || info.dtype == DType::f32) return WeightTensor(read_float(name));
     // A copy in the stored dtype, assembled little-endian element by element.
     try {
         const std::vector<std::byte> raw = read_bytes(info);
         const auto n = static_cast<std::size_t>(info.numel());
-        if (info.dtype == DType::f32) return WeightTensor(read_float(name));
         auto bits = std::make_shared<std::vector<std::uint16_t>>(n);
         for (std::size_t i = 0; i < n; ++i) (*bits)[i] = st::load_u16_le(&raw[2 * i]);
         const auto* data = reinterpret_cast<const std::byte*>(bits->data());
