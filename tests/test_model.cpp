@@ -53,6 +53,29 @@ TEST_CASE("model prefill matches the float64 oracle: standard MoE (OLMoE, full-w
     check_against_oracle(c, 7);
 }
 
+TEST_CASE("decode steps (the GEMM's one-row path) match the float64 oracle, fp32 and bf16 weights")
+{
+    for (auto arch : {Architecture::foe, Architecture::olmoe})
+        for (auto dtype : {foe::DType::f32, foe::DType::bf16}) {
+            CAPTURE(static_cast<int>(arch));
+            CAPTURE(foe::dtype_name(dtype));
+            const auto c = test::tiny(arch);
+            const auto w = std::make_shared<const foe::ModelWeights>(foe::stored_as(*test::weights(c, 13), dtype));
+            const auto tokens = test::random_tokens(9, c.vocab_size, 8);
+            auto model = foe::make_model(w);
+            (void)model->prefill(std::span(tokens).first(1));
+            const auto expected = oracle::model_logits(*w, tokens);
+            const auto v = static_cast<std::size_t>(c.vocab_size);
+            for (std::size_t t = 1; t < tokens.size(); ++t) {
+                CAPTURE(t);
+                const auto got = model->decode(tokens[t]);
+                const oracle::Vec want(expected.begin() + static_cast<std::ptrdiff_t>(t * v),
+                                       expected.begin() + static_cast<std::ptrdiff_t>((t + 1) * v));
+                CHECK(oracle::relative_error(got, want) < 2e-5);
+            }
+        }
+}
+
 TEST_CASE("decoding token t after a prefill of t tokens equals a prefill of t+1 tokens at its last position")
 {
     for (auto arch : {Architecture::foe, Architecture::olmoe}) {
