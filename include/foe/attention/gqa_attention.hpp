@@ -45,6 +45,7 @@ private:
     KvCache cache_;
     // Activations of the current batch, grown to the largest batch seen and then reused.
     std::vector<float> xn_, q_, k_, v_, ctx_;
+    std::vector<index_t> row_slot_;
 };
 static_assert(AttentionPolicy<GqaAttention<>>);
 
@@ -146,8 +147,9 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
         }
     }
 
-    // Which sequence every row belongs to.
-    std::vector<index_t> row_slot(static_cast<std::size_t>(t));
+    // Which sequence every row belongs to (a member: no allocation per decode step).
+    std::vector<index_t>& row_slot = row_slot_;
+    row_slot.resize(static_cast<std::size_t>(t));
     for (index_t b = 0; b < batch.sequences(); ++b)
         std::fill_n(row_slot.begin() + batch.offset(b), batch.chunks()[static_cast<std::size_t>(b)].length,
                     batch.chunks()[static_cast<std::size_t>(b)].slot);
