@@ -261,3 +261,92 @@ TEST_CASE("MoeLayer refuses a config with more than one group")
     CHECK_THROWS_WITH_AS(foe::HostMoeLayer<>(c, foe::layer_weights(*w, 0)), doctest::Contains("4 expert groups"),
                          foe::ConfigError);
 }
+
+TEST_CASE("the dispatch plan: rows by destination in token order, dedup one row per (token, member)")
+{
+    using foe::parallel::Dispatch;
+    // 3 members of 2 experts each; 3 tokens of 3 slots.
+    foe::routing::RoutingResult r;
+    r.tokens = 3;
+    r.slots_per_token = 3;
+    r.slots_per_group = 3;
+    r.experts = {4, 0, 5,   // token 0: members 2, 0, 2
+                 1, 0, 3,   // token 1: members 0, 0, 1
+                 2, 3, 5};  // token 2: members 1, 1, 2
+    r.weights = {0.5f, 0.3f, 0.2f, 0.6f, 0.3f, 0.1f, 0.4f, 0.4f, 0.2f};
+    const foe::parallel::ExpertOwners owners{0, 2, 3};
+    foe::parallel::DispatchPlan plan;
+
+    foe::parallel::plan_dispatch(r, owners, Dispatch::naive, plan);
+    CHECK(plan.width == 1);
+    CHECK(plan.rows_to == std::vector<index_t>{3, 3, 3});
+    // Member 0: (0,1) (1,0) (1,1); member 1: (1,2) (2,0) (2,1); member 2: (0,0) (0,2) (2,2).
+    CHECK(plan.row_pairs == std::vector<index_t>{1, 3, 4, 5, 6, 7, 0, 2, 8});
+    CHECK(plan.target == plan.row_pairs);
+    CHECK(plan.row_token == std::vector<index_t>{0, 1, 1, 1, 2, 2, 0, 0, 2});
+
+    foe::parallel::plan_dispatch(r, owners, Dispatch::dedup, plan);
+    CHECK(plan.width == 2);
+    CHECK(plan.rows_to == std::vector<index_t>{2, 2, 2});
+    CHECK(plan.row_token == std::vector<index_t>{0, 1, 1, 2, 0, 2});
+    CHECK(plan.row_count == std::vector<index_t>{1, 2, 1, 2, 2, 1});
+    CHECK(plan.row_pairs == std::vector<index_t>{1, -1, 3, 4, 5, -1, 6, 7, 0, 2, 8, -1});
+    // A token's partials land in rows token * slots + 0, 1, ... in member order.
+    CHECK(plan.target == std::vector<index_t>{0, 3, 4, 6, 1, 7});
+    CHECK(plan.parts == std::vector<index_t>{2, 2, 2});
+    CHECK(foe::parallel::header_floats(Dispatch::dedup, 3, 2) == 5);
+    CHECK(foe::parallel::worst_case_rows(Dispatch::naive, 10, 3, 2) == 20);
+    CHECK(foe::parallel::worst_case_rows(Dispatch::dedup, 10, 3, 2) == 10);
+
+    r.experts[4] = 6;  // no member holds expert 6
+    CHECK_THROWS_WITH_AS(foe::parallel::plan_dispatch(r, owners, Dispatch::dedup, plan),
+                         doctest::Contains("expert 6 is not held by any of the 3 members"), foe::CommError);
+}
+
+TEST_CASE("all-to-all expert parallelism on one rank: naive is LocalExperts bit for bit, dedup agrees to rounding")
+{
+    using foe::parallel::Dispatch;
+    using EP = foe::parallel::AllToAllEP<foe::comm::SelfComm>;
+    using Routing = foe::routing::Router<foe::routing::Softmax, foe::routing::GlobalTopK>;
+    using Local = foe::MoeLayer<foe::attention::GqaAttention<>, Routing, foe::experts::SwiGluExperts<>, foe::parallel::LocalExperts>;
+    using Exchanged = foe::MoeLayer<foe::attention::GqaAttention<>, Routing, foe::experts::SwiGluExperts<>, EP>;
+    const auto c = test::tiny(Architecture::olmoe, 1);
+    const auto w = test::weights(c, 4);
+    const index_t t = 9;
+    const auto x = test::random_floats(static_cast<std::size_t>(t * c.hidden_size), 5);
+    Local local(c, foe::layer_weights(*w, 0));
+    Exchanged naive(c, foe::layer_weights(*w, 0), {}, EP({}, 0, c.num_experts, Dispatch::naive));
+    Exchanged dedup(c, foe::layer_weights(*w, 0), {}, EP({}, 0, c.num_experts, Dispatch::dedup));
+    const auto expected = run_layer(local, x, 1, t);
+    CHECK(run_layer(naive, x, 1, t) == expected);
+    const auto got = run_layer(dedup, x, 1, t);
+    double worst = 0.0;
+    for (std::size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::abs(static_cast<double>(got[i]) - expected[i]));
+    CHECK(worst < 1e-5);
+    CHECK(worst > 0.0);  // a different order of additions (otherwise the test would not see dedup at all)
+}
+
+TEST_CASE("deduplicated dispatch refuses to combine part of a token's slots")
+{
+    using foe::parallel::Dispatch;
+    foe::parallel::AllToAllEP<foe::comm::SelfComm> ep({}, 0, 4, Dispatch::dedup);
+    foe::routing::RoutingResult r;
+    r.tokens = 1;
+    r.slots_per_token = 2;
+    r.slots_per_group = 1;
+    std::vector<float> y(2 * 3), res(3), out(3);
+    CHECK_THROWS_WITH_AS(ep.combine<foe::experts::SwiGluExperts<>>(r, {y.data(), {2, 3}}, {res.data(), {1, 3}}, 0, 1,
+                                                                    {out.data(), {1, 3}}),
+                         doctest::Contains("cannot combine slots [0, 1) alone"), foe::InvalidArgument);
+}
+
+TEST_CASE("HierarchicalComm over one rank is the buffer itself")
+{
+    static_assert(foe::comm::Comm<foe::comm::HierarchicalComm<foe::comm::SelfComm>>);
+    foe::comm::HierarchicalComm<foe::comm::SelfComm> comm({}, {0});
+    auto buf = test::random_floats(11, 3);
+    const auto before = buf;
+    comm.all_reduce_sum(buf);
+    CHECK(buf == before);
+    CHECK_THROWS_AS(foe::comm::HierarchicalComm<foe::comm::SelfComm>({}, {0, 1}), foe::CommError);
+}

@@ -12,6 +12,7 @@
 
 #include "foe/comm/comm.hpp"
 #include "foe/comm/counting_comm.hpp"
+#include "foe/comm/hierarchical_comm.hpp"
 #include "foe/comm/self_comm.hpp"
 
 #include "foe/ops/gemm.hpp"
@@ -31,6 +32,7 @@
 #include "foe/experts/swiglu_experts.hpp"
 
 #include "foe/parallel/all_to_all_ep.hpp"
+#include "foe/parallel/dispatch_plan.hpp"
 #include "foe/parallel/expert_parallel.hpp"
 #include "foe/parallel/local_experts.hpp"
 #include "foe/parallel/placement.hpp"

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "foe/comm/hierarchical_comm.hpp"
 #include "foe/comm/mpi_comm.hpp"
 #include "foe/model/distributed.hpp"
 #include "foe/model/host_model.hpp"
@@ -57,7 +58,8 @@ std::vector<std::vector<std::int32_t>> prompts(index_t vocab)
 /// Runs this rank's share of the prompts through a distributed model as one ragged prefill,
 /// then one decode step for each, and compares every logit with the one-process model.
 /// Returns the worst relative error on this rank.
-double run_against_reference(const foe::ModelConfig& config, Strategy strategy, int ranks_per_node)
+double run_against_reference(const foe::ModelConfig& config, Strategy strategy, int ranks_per_node,
+                             const foe::ParallelOptions& parallel = {})
 {
     auto w = world();
     const auto placement = Placement::make(strategy, config, w.size(), ranks_per_node, w.rank());
@@ -65,7 +67,7 @@ double run_against_reference(const foe::ModelConfig& config, Strategy strategy, 
     foe::ModelOptions options;
     options.cache_slots = 4;
     options.cache_capacity = 16;
-    auto dm = foe::make_distributed_model(w, placement, held, options);
+    auto dm = foe::make_distributed_model(w, placement, held, options, parallel);
 
     const auto all = prompts(config.vocab_size);
     const bool split = strategy == Strategy::moe_data_parallel || (strategy == Strategy::foe && placement.shards > 1);
@@ -188,6 +190,153 @@ TEST_CASE("both standard-MoE baselines equal the one-process MoE")
     CHECK(run_against_reference(moe, Strategy::moe_head_parallel, g) < 2e-5);
 }
 
+TEST_CASE("deduplicated dispatch equals the naive one and the one-process model")
+{
+    const int g = world().size();
+    const foe::ParallelOptions dedup{foe::parallel::Dispatch::dedup, false};
+    CHECK(run_against_reference(mpi_config(foe::Architecture::olmoe, 1), Strategy::moe_data_parallel, g, dedup) < 2e-5);
+    const auto moe = mpi_config(foe::Architecture::foe, 1);
+    CHECK(run_against_reference(moe, Strategy::moe_data_parallel, g, dedup) < 2e-5);
+    CHECK(run_against_reference(moe, Strategy::moe_head_parallel, g, dedup) < 2e-5);
+    // FoE with G > H: the dispatch inside the group is deduplicated too.
+    for (index_t h : {1, 2}) {
+        const auto config = mpi_config(foe::Architecture::foe, h);
+        if (g <= h) continue;
+        CAPTURE(h);
+        CHECK(run_against_reference(config, Strategy::foe, g, dedup) < 2e-5);
+    }
+}
+
+TEST_CASE("communication: the bytes of either dispatch are those the routing implies, and dedup sends fewer")
+{
+    auto w = world();
+    const int g = w.size();
+    const auto config = mpi_config(foe::Architecture::olmoe, 1);
+    const auto placement = Placement::make(Strategy::moe_data_parallel, config, g, g, w.rank());
+    const auto weights = std::make_shared<const foe::ModelWeights>(foe::random_weights(config, 1, foe::held_tensors(placement)));
+    const auto tokens = test::random_tokens(static_cast<std::size_t>(6 + w.rank()), config.vocab_size, 19 + w.rank());
+    const index_t per_rank = config.num_experts / g, d = config.hidden_size, k = config.num_experts_per_tok;
+    std::int64_t sent[2] = {0, 0};
+    for (auto mode : {foe::parallel::Dispatch::naive, foe::parallel::Dispatch::dedup}) {
+        CAPTURE(foe::parallel::to_string(mode));
+        auto dm = foe::make_distributed_model(w, placement, weights, {}, {mode, false});
+        (void)dm.model->prefill(tokens);
+        // Rows this rank sends to every rank, per layer, from the routing it made: naive one per
+        // (token, expert), dedup one per (token, rank holding >= 1 of its experts).
+        const index_t header = mode == foe::parallel::Dispatch::naive ? 1 : 1 + 2 * std::min(k, per_rank);
+        std::int64_t expected = 0;
+        for (index_t l = 0; l < config.num_hidden_layers; ++l) {
+            const auto& r = dm.model->last_routing(l);
+            std::vector<float> rows_to(static_cast<std::size_t>(g), 0.0f), all(static_cast<std::size_t>(g * g));
+            for (index_t i = 0; i < r.tokens; ++i) {
+                std::vector<bool> hit(static_cast<std::size_t>(g), false);
+                for (index_t s = 0; s < r.slots_per_token; ++s) {
+                    const auto j = static_cast<std::size_t>(r.expert(i, s) / per_rank);
+                    if (mode == foe::parallel::Dispatch::naive || !hit[j]) rows_to[j] += 1.0f;
+                    hit[j] = true;
+                }
+            }
+            w.all_gather(rows_to, all);
+            const auto me = static_cast<std::size_t>(w.rank());
+            expected += (g - 1) * 4;  // the row counts, one float per other rank
+            for (std::size_t j = 0; j < static_cast<std::size_t>(g); ++j) {
+                if (j == me) continue;
+                expected += static_cast<std::int64_t>(all[me * g + j]) * (header + d) * 4;  // dispatch
+                expected += static_cast<std::int64_t>(all[j * g + me]) * d * 4;             // results back
+            }
+        }
+        const auto& a2a = dm.experts.counts(foe::comm::Op::all_to_all_v);
+        CHECK(a2a.calls == 3 * config.num_hidden_layers);
+        CHECK(a2a.wire_bytes() == expected);
+        sent[mode == foe::parallel::Dispatch::dedup ? 1 : 0] = a2a.wire_bytes();
+    }
+    if (g > 1) CHECK(sent[1] < sent[0]);  // k = 8 of 16 experts: tokens often meet a rank twice
+}
+
+TEST_CASE("hierarchical all-reduce equals the flat one, and every member sends the same inter-node bytes")
+{
+    auto w = world();
+    const int g = w.size();
+    using Counting = foe::comm::CountingComm<foe::comm::MpiComm>;
+    for (int r : {1, 2, 4, 8}) {
+        if (r > g || g % r != 0) continue;
+        CAPTURE(r);
+        std::vector<int> nodes;
+        for (int p = 0; p < g; ++p) nodes.push_back(p / r);
+        foe::comm::HierarchicalComm<Counting> hier(Counting(w, nodes), nodes);
+        // 37 floats: not a multiple of the members per node, so the chunks are uneven.
+        const std::size_t n = 37;
+        std::vector<float> mine(n), flat;
+        const foe::CounterRng rng(7, static_cast<std::uint64_t>(w.rank()));
+        for (std::size_t i = 0; i < n; ++i) mine[i] = rng.normal(i);
+        flat = mine;
+        w.all_reduce_sum(flat);
+        auto tree = mine;
+        hier.all_reduce_sum(tree);
+        double worst = 0.0;
+        for (std::size_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(static_cast<double>(tree[i]) - flat[i]));
+        CHECK(worst < 1e-5);
+        // Every member ends with the same bits.
+        std::vector<float> everyone(n * static_cast<std::size_t>(g));
+        w.all_gather(tree, everyone);
+        bool same = true;
+        for (int p = 1; p < g; ++p)
+            same = same && std::equal(tree.begin(), tree.end(), everyone.begin() + static_cast<std::ptrdiff_t>(p * n));
+        CHECK(same);
+
+        // Bytes: L members per node, N nodes, chunk = ceil(n / L).
+        const std::int64_t l = r, nodes_count = g / r, chunk = (static_cast<std::int64_t>(n) + l - 1) / l;
+        const std::int64_t local = w.rank() % r, len = std::max<std::int64_t>(0, std::min<std::int64_t>(n, (local + 1) * chunk) - local * chunk);
+        const auto& rs = hier.node_comm().counts(foe::comm::Op::all_to_all_v);
+        const auto& ag = hier.node_comm().counts(foe::comm::Op::all_gather);
+        const auto& ar = hier.cross_node_comm().counts(foe::comm::Op::all_reduce_sum);
+        CHECK(rs.inter_node_bytes + ag.inter_node_bytes == 0);
+        CHECK(rs.intra_node_bytes == (static_cast<std::int64_t>(n) - len) * 4);
+        CHECK(ag.intra_node_bytes == (l - 1) * chunk * 4);
+        CHECK(ar.intra_node_bytes == 0);
+        CHECK(ar.inter_node_bytes == 2 * (nodes_count - 1) * len * 4 / nodes_count);
+    }
+}
+
+TEST_CASE("hierarchical all-reduce: nodes of unequal size are refused on every rank alike")
+{
+    auto w = world();
+    const int g = w.size();
+    if (g < 3) return;
+    std::vector<int> nodes(static_cast<std::size_t>(g), 1);
+    nodes[0] = 0;  // one rank on node 0, the others on node 1
+    std::string message;
+    try {
+        foe::comm::HierarchicalComm<foe::comm::MpiComm> hier(w, nodes);
+    } catch (const foe::CommError& e) {
+        message = e.what();
+    }
+    CHECK(message.find("same number of members on every node") != std::string::npos);
+    CHECK(message.find("1 on node 0") != std::string::npos);
+    std::vector<float> digest{static_cast<float>(foe::stream_id(message) & 0xffff)}, all(static_cast<std::size_t>(g));
+    w.all_gather(digest, all);
+    CHECK(std::all_of(all.begin(), all.end(), [&](float v) { return v == all[0]; }));
+}
+
+TEST_CASE("FoE with the hierarchical all-reduce equals the one-process model")
+{
+    const int g = world().size();
+    for (int r : {1, 2, g}) {
+        if (g % r != 0) continue;
+        for (index_t h : {8, 2}) {
+            const auto config = mpi_config(foe::Architecture::foe, h);
+            try {
+                (void)Placement::make(Strategy::foe, config, g, r, 0);
+            } catch (const foe::ConfigError&) {
+                continue;
+            }
+            CAPTURE(r);
+            CAPTURE(h);
+            CHECK(run_against_reference(config, Strategy::foe, r, {foe::parallel::Dispatch::naive, true}) < 2e-5);
+        }
+    }
+}
+
 TEST_CASE("communication: FoE with G <= H all-reduces once per layer and sends no all-to-all bytes")
 {
     auto w = world();
@@ -206,39 +355,6 @@ TEST_CASE("communication: FoE with G <= H all-reduces once per layer and sends n
     CHECK(dm.experts.total_wire_bytes() == 0);
     CHECK(dm.experts.counts(foe::comm::Op::all_to_all_v).calls == 0);
     CHECK(dm.output.counts(foe::comm::Op::all_reduce_sum).calls == 1);  // once per forward, not per layer
-}
-
-TEST_CASE("communication: the MoE baseline's all-to-all bytes are those its routing decisions imply")
-{
-    auto w = world();
-    const int g = w.size();
-    const auto config = mpi_config(foe::Architecture::olmoe, 1);
-    const auto placement = Placement::make(Strategy::moe_data_parallel, config, g, g, w.rank());
-    auto dm = foe::make_distributed_model(w, placement, std::make_shared<const foe::ModelWeights>(
-                                                            foe::random_weights(config, 1, foe::held_tensors(placement))));
-    const auto tokens = test::random_tokens(static_cast<std::size_t>(5 + w.rank()), config.vocab_size, 9 + w.rank());
-    (void)dm.model->prefill(tokens);
-
-    // Rows every rank sent to every rank, per layer, from the routing each rank actually made.
-    const index_t per_rank = config.num_experts / g, d = config.hidden_size;
-    std::int64_t expected = 0;
-    for (index_t l = 0; l < config.num_hidden_layers; ++l) {
-        const auto& r = dm.model->last_routing(l);
-        std::vector<float> rows_to(static_cast<std::size_t>(g), 0.0f), all(static_cast<std::size_t>(g * g));
-        for (std::int32_t e : r.experts) rows_to[static_cast<std::size_t>(e / per_rank)] += 1.0f;
-        w.all_gather(rows_to, all);
-        const auto me = static_cast<std::size_t>(w.rank());
-        expected += (g - 1) * 4;  // the row counts themselves, one float per other rank
-        for (std::size_t j = 0; j < static_cast<std::size_t>(g); ++j) {
-            if (j == me) continue;
-            expected += static_cast<std::int64_t>(all[me * g + j]) * (d + 1) * 4;  // dispatch: [expert, u]
-            expected += static_cast<std::int64_t>(all[j * g + me]) * d * 4;        // combine: outputs back
-        }
-    }
-    const auto& a2a = dm.experts.counts(foe::comm::Op::all_to_all_v);
-    CHECK(a2a.calls == 3 * config.num_hidden_layers);
-    CHECK(a2a.wire_bytes() == expected);
-    CHECK(dm.sync.total_wire_bytes() == 0);
 }
 
 TEST_CASE("communication: the cost model predicts the bytes CountingComm measures for the same placement")

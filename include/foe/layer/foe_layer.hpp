@@ -215,7 +215,8 @@ void FoeLayer<Attention, Routing, Experts, ExpertParallel, Sync>::forward(const 
     expert_out_.resize(static_cast<std::size_t>(t * slots * d));
     const MatrixView<float> y(expert_out_.data(), {t * slots, d});
     ep_.run(experts_, u, routing_result_, y);
-    for (index_t g = 0; g < held; ++g) Experts::combine(routing_result_, y, rf, g * per_group, per_group, out[g]);
+    for (index_t g = 0; g < held; ++g)
+        parallel::combine<Experts>(ep_, routing_result_, y, rf, g * per_group, per_group, out[g]);
 }
 
 }  // namespace foe

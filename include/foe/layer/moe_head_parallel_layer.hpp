@@ -119,7 +119,7 @@ void MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::forwa
     const MatrixView<float> y(expert_out_.data(), {rows * slots, d});
     ep_.run(experts_, u, routing_result_, y);
     slice_out_.assign(static_cast<std::size_t>(chunk * d), 0.0f);
-    Experts::combine(routing_result_, y, r, 0, slots, MatrixView<float>(slice_out_.data(), {rows, d}));
+    parallel::combine<Experts>(ep_, routing_result_, y, r, 0, slots, MatrixView<float>(slice_out_.data(), {rows, d}));
 
     gathered_.resize(static_cast<std::size_t>(parts * chunk * d));
     comm_.all_gather(slice_out_, gathered_, stream);

@@ -98,7 +98,7 @@ void MoeLayer<Attention, Routing, Experts, ExpertParallel>::forward(const Batch&
     expert_out_.resize(static_cast<std::size_t>(t * slots * d));
     const MatrixView<float> y(expert_out_.data(), {t * slots, d});
     ep_.run(experts_, u, routing_result_, y);
-    Experts::combine(routing_result_, y, r, 0, slots, out[0]);
+    parallel::combine<Experts>(ep_, routing_result_, y, r, 0, slots, out[0]);
 }
 
 }  // namespace foe

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -25,6 +26,7 @@
 
 #include "foe/attention/gqa_attention.hpp"
 #include "foe/comm/counting_comm.hpp"
+#include "foe/comm/hierarchical_comm.hpp"
 #include "foe/core/error.hpp"
 #include "foe/core/rng.hpp"
 #include "foe/experts/swiglu_experts.hpp"
@@ -33,12 +35,23 @@
 #include "foe/layer/moe_layer.hpp"
 #include "foe/model/model.hpp"
 #include "foe/parallel/all_to_all_ep.hpp"
+#include "foe/parallel/dispatch_plan.hpp"
 #include "foe/parallel/local_experts.hpp"
 #include "foe/parallel/placement.hpp"
 #include "foe/routing/router.hpp"
 #include "foe/sync/all_reduce_mean.hpp"
 
 namespace foe {
+
+/// How the communication of a distributed model runs (the placement says where things are).
+struct ParallelOptions {
+    /// Expert dispatch of the MoE baselines and of FoE with G > H: one row per (token, expert),
+    /// or one per (token, rank) expanded at the receiver (parallel/dispatch_plan.hpp).
+    parallel::Dispatch dispatch = parallel::Dispatch::naive;
+    /// FoE's residual sync and output sum as reduce-scatter in the node, all-reduce across
+    /// nodes, all-gather in the node (comm/hierarchical_comm.hpp), instead of one flat ring.
+    bool hierarchical_all_reduce = false;
+};
 
 /// A model on this rank and the communicators its layers use (copies share their counters).
 template <comm::Comm C>
@@ -47,6 +60,9 @@ struct DistributedModel {
     comm::CountingComm<C> sync;     ///< FoE residual sync; head-parallel attention's all-reduce/all-gather
     comm::CountingComm<C> experts;  ///< expert dispatch and combine
     comm::CountingComm<C> output;   ///< the once-per-forward sum of the last layer's streams
+    /// With hierarchical_all_reduce: the residual sync's communicators inside this rank's node
+    /// (reduce-scatter and all-gather) and across nodes (all-reduce); default (unused) otherwise.
+    comm::CountingComm<C> sync_node, sync_cross;
     std::unique_ptr<ModelInterface> model;
 };
 
@@ -94,7 +110,8 @@ struct SequenceRange {
 template <comm::Comm C>
 [[nodiscard]] DistributedModel<C> make_distributed_model(C world, const parallel::Placement& placement,
                                                          std::shared_ptr<const ModelWeights> weights,
-                                                         const ModelOptions& options = {});
+                                                         const ModelOptions& options = {},
+                                                         const ParallelOptions& parallel_options = {});
 
 // ---------------------------------------------------------------------------------------------
 
@@ -217,7 +234,8 @@ decltype(auto) with_score(const ModelConfig& c, F&& f)
 
 template <comm::Comm C>
 DistributedModel<C> make_distributed_model(C world, const parallel::Placement& placement,
-                                           std::shared_ptr<const ModelWeights> weights, const ModelOptions& options)
+                                           std::shared_ptr<const ModelWeights> weights, const ModelOptions& options,
+                                           const ParallelOptions& parallel_options)
 {
     using CC = comm::CountingComm<C>;
     using parallel::Strategy;
@@ -225,7 +243,11 @@ DistributedModel<C> make_distributed_model(C world, const parallel::Placement& p
     const parallel::Placement& p = placement;
     require<CommError>(world.size() == p.ranks && world.rank() == p.rank, "the placement is for rank ", p.rank, " of ",
                        p.ranks, " but the communicator is rank ", world.rank(), " of ", world.size());
-    agree(world, model_digest(config, p.strategy, p.ranks_per_node), "");
+    agree(world,
+          model_digest(config, p.strategy, p.ranks_per_node) ^
+              stream_id(detail::concat(parallel::to_string(parallel_options.dispatch), '|',
+                                   parallel_options.hierarchical_all_reduce)),
+          "");
 
     // Three communicators, split by every rank in the same order.
     const bool foe = p.strategy == Strategy::foe;
@@ -235,7 +257,7 @@ DistributedModel<C> make_distributed_model(C world, const parallel::Placement& p
                               p.nodes_of(p.strategy == Strategy::moe_head_parallel ? p.expert_members() : p.sync_members())),
                            CC(world.split(foe ? static_cast<int>(p.group_begin) : 0, p.rank), p.nodes_of(p.expert_members())),
                            CC(world.split(foe ? p.shard : p.rank, p.rank), p.nodes_of(foe ? p.sync_members() : std::vector<int>{p.rank})),
-                           nullptr};
+                           CC{}, CC{}, nullptr};
 
     LayerOptions base;
     base.group_begin = p.group_begin;
@@ -243,6 +265,17 @@ DistributedModel<C> make_distributed_model(C world, const parallel::Placement& p
     base.expert_begin = p.expert_begin;
     base.expert_end = p.expert_end;
     const index_t experts_per_member = p.expert_end - p.expert_begin;
+
+    const parallel::Dispatch dispatch = parallel_options.dispatch;
+    const bool hierarchical = foe && parallel_options.hierarchical_all_reduce;
+    using Hierarchical = comm::HierarchicalComm<CC>;
+    std::optional<Hierarchical> hier_sync, hier_output;
+    if (hierarchical) {
+        hier_sync.emplace(dm.sync, p.nodes_of(p.sync_members()));
+        hier_output.emplace(dm.output, p.nodes_of(p.sync_members()));
+        dm.sync_node = hier_sync->node_comm();
+        dm.sync_cross = hier_sync->cross_node_comm();
+    }
 
     dm.model = detail::with_score(config, [&]<class Score>(Score) -> std::unique_ptr<ModelInterface> {
         using Attention = attention::GqaAttention<>;
@@ -257,41 +290,48 @@ DistributedModel<C> make_distributed_model(C world, const parallel::Placement& p
             return o;
         };
         if (p.strategy == Strategy::foe) {
-            using Sync = sync::AllReduceMean<CC>;
-            std::function<void(std::span<float>)> reduce = [out = dm.output](std::span<float> s) mutable {
-                out.all_reduce_sum(s);
-            };
-            if (p.shards == 1) {
-                using Layer = FoeLayer<Attention, routing::Router<Score, routing::PerGroupTopK>, Experts,
-                                       parallel::LocalExperts, Sync>;
+            // The residual sync and the output sum over a flat or a hierarchical communicator.
+            auto build = [&]<class SyncComm>(SyncComm sync_comm, SyncComm output_comm) -> std::unique_ptr<ModelInterface> {
+                using Sync = sync::AllReduceMean<SyncComm>;
+                std::function<void(std::span<float>)> reduce = [out = std::move(output_comm)](std::span<float> s) mutable {
+                    out.all_reduce_sum(s);
+                };
+                if (p.shards == 1) {
+                    using Layer = FoeLayer<Attention, routing::Router<Score, routing::PerGroupTopK>, Experts,
+                                           parallel::LocalExperts, Sync>;
+                    return std::make_unique<Model<Layer>>(
+                        weights, options,
+                        [&](index_t, const LayerWeights& lw, const LayerOptions& lo) {
+                            return std::make_unique<Layer>(config, lw, with_options(lo), Sync(sync_comm));
+                        },
+                        reduce);
+                }
+                using Layer = FoeLayer<Attention, routing::Router<Score, routing::PerGroupTopK>, Experts, EP, Sync>;
+                const index_t first = p.group_begin * config.experts_per_group();
                 return std::make_unique<Model<Layer>>(
                     weights, options,
-                    [&, sync = dm.sync](index_t, const LayerWeights& lw, const LayerOptions& lo) {
-                        return std::make_unique<Layer>(config, lw, with_options(lo), Sync(sync));
+                    [&, ex = dm.experts, first](index_t, const LayerWeights& lw, const LayerOptions& lo) {
+                        return std::make_unique<Layer>(config, lw, with_options(lo), Sync(sync_comm),
+                                                       EP(ex, first, experts_per_member, dispatch));
                     },
                     reduce);
-            }
-            using Layer = FoeLayer<Attention, routing::Router<Score, routing::PerGroupTopK>, Experts, EP, Sync>;
-            const index_t first = p.group_begin * config.experts_per_group();
-            return std::make_unique<Model<Layer>>(
-                weights, options,
-                [&, sync = dm.sync, ex = dm.experts, first](index_t, const LayerWeights& lw, const LayerOptions& lo) {
-                    return std::make_unique<Layer>(config, lw, with_options(lo), Sync(sync), EP(ex, first, experts_per_member));
-                },
-                reduce);
+            };
+            if (hierarchical) return build(*hier_sync, *hier_output);
+            return build(dm.sync, dm.output);
         }
         using Routing = routing::Router<Score, routing::GlobalTopK>;
         if (p.strategy == Strategy::moe_data_parallel) {
             using Layer = MoeLayer<Attention, Routing, Experts, EP>;
             return std::make_unique<Model<Layer>>(
                 weights, options, [&, ex = dm.experts](index_t, const LayerWeights& lw, const LayerOptions& lo) {
-                    return std::make_unique<Layer>(config, lw, with_options(lo), EP(ex, 0, experts_per_member));
+                    return std::make_unique<Layer>(config, lw, with_options(lo), EP(ex, 0, experts_per_member, dispatch));
                 });
         }
         using Layer = MoeHeadParallelLayer<Attention, Routing, Experts, EP, CC>;
         return std::make_unique<Model<Layer>>(
             weights, options, [&, sync = dm.sync, ex = dm.experts](index_t, const LayerWeights& lw, const LayerOptions& lo) {
-                return std::make_unique<Layer>(config, lw, with_options(lo), sync, EP(ex, 0, experts_per_member));
+                return std::make_unique<Layer>(config, lw, with_options(lo), sync,
+                                               EP(ex, 0, experts_per_member, dispatch));
             });
     });
     return dm;

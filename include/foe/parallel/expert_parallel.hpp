@@ -4,6 +4,10 @@
 // leave in y[i * slots + s] the output of the expert in slot s of token i, for every slot.
 // LocalExperts holds every selected expert on this rank (no communication); policies that spread
 // experts over ranks dispatch rows with an all-to-all and combine them back.
+//
+// A policy whose y is not one output per slot (deduplicated dispatch returns one partial sum per
+// (token, member)) also provides combine<Experts>(routing, y, residual, first_slot, slot_count,
+// out); parallel::combine() calls it, or the experts' own combine when the policy has none.
 
 #include <concepts>
 
@@ -19,5 +23,17 @@ concept ExpertParallelPolicy =
     requires(P& p, Experts& x, MatrixView<const float> u, const routing::RoutingResult& r, MatrixView<float> y) {
         { p.run(x, u, r, y) } -> std::same_as<void>;
     };
+
+/// out[i] = residual[i] + the weighted expert outputs of token i over the slot range, as the
+/// expert-parallel policy returned them in y.
+template <experts::ExpertsPolicy Experts, class P>
+void combine(const P& ep, const routing::RoutingResult& r, MatrixView<const float> y, MatrixView<const float> residual,
+             index_t first_slot, index_t slot_count, MatrixView<float> out)
+{
+    if constexpr (requires { ep.template combine<Experts>(r, y, residual, first_slot, slot_count, out); })
+        ep.template combine<Experts>(r, y, residual, first_slot, slot_count, out);
+    else
+        Experts::combine(r, y, residual, first_slot, slot_count, out);
+}
 
 }  // namespace foe::parallel
