@@ -1,5 +1,6 @@
 # foe_run under mpirun gives the generation of the one-process run, for an FoE model (groups on
-# ranks) and a standard MoE (expert parallelism); foe_comm reports as JSON. Arguments: FOE_RUN,
+# ranks) and a standard MoE (expert parallelism); foe_comm reports as JSON (on 2 nodes of 2 ranks),
+# its measured dispatch bytes equal to what the routing implies (it fails otherwise). Arguments: FOE_RUN,
 # FOE_COMM, MPIEXEC, WORK_DIR.
 function(run out)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE stdout ERROR_VARIABLE stderr)
@@ -23,9 +24,9 @@ foreach(name foe-tiny moe-tiny)
 endforeach()
 
 if(FOE_COMM)
-  run(report ${mpi} ${FOE_COMM} --config foe-tiny --tokens 64 --json)
+  run(report ${mpi} ${FOE_COMM} --config foe-tiny --tokens 64 --ranks-per-node 2 --json)
   string(JSON architectures LENGTH "${report}" architectures)
-  if(NOT architectures EQUAL 3)
+  if(NOT architectures EQUAL 6)
     message(FATAL_ERROR "foe_comm --json reported ${architectures} architectures:\n${report}")
   endif()
 endif()
