@@ -128,21 +128,27 @@ def projection(results, summary):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = data["rows"]
     summary.append(f"## Projection ({data['hardware']['name']}, {data['workload']}, forward = L layers)\n")
-    summary.append("| ranks | nodes | tokens | FoE (ms) | MoE DP+EP (ms) | MoE TP+EP (ms) | MoE DP / FoE |\n|---|---|---|---|---|---|---|")
+    summary.append("| ranks | nodes | tokens | FoE (ms) | MoE DP+EP naive (ms) | MoE DP+EP dedup (ms) | "
+                   "MoE TP+EP naive (ms) | MoE TP+EP dedup (ms) | dedup DP / FoE |\n|---|---|---|---|---|---|---|---|---|")
+    archs = (("foe", "FoE"), ("moe-dp-naive", "MoE DP+EP naive"), ("moe-dp-dedup", "MoE DP+EP dedup"),
+             ("moe-tp-naive", "MoE TP+EP naive"), ("moe-tp-dedup", "MoE TP+EP dedup"))
     for tokens, style in ((2048, "-"), (24576, "--")):
         sel = [r for r in rows if r["tokens"] == tokens]
         nodes = [r["nodes"] for r in sel]
-        for name, label in (("foe", "FoE"), ("moe-dp", "MoE DP+EP"), ("moe-tp", "MoE TP+EP")):
+        for name, label in archs:
             ys = [r["strategies"][name]["forward_serial_s"] * 1e3 if name in r["strategies"] else None for r in sel]
             if any(y is not None for y in ys):
                 ax.plot(nodes, ys, style + "o", label=f"{label}, S = {tokens}")
+
+    def ms(s, name):
+        return s[name]["forward_serial_s"] * 1e3 if name in s else float("nan")
+
     for r in rows:
         if r["tokens"] in (2048, 24576) and r["ranks"] in (8, 16):
             s = r["strategies"]
-            f, d = s["foe"]["forward_serial_s"] * 1e3, s["moe-dp"]["forward_serial_s"] * 1e3
-            t = s.get("moe-tp", {}).get("forward_serial_s")
-            summary.append(f"| {r['ranks']} | {r['nodes']} | {r['tokens']} | {f:.2f} | {d:.2f} | "
-                           f"{t * 1e3 if t else float('nan'):.2f} | {d / f:.2f} |")
+            cells = " | ".join(f"{ms(s, name):.2f}" for name, _ in archs)
+            summary.append(f"| {r['ranks']} | {r['nodes']} | {r['tokens']} | {cells} | "
+                           f"{ms(s, 'moe-dp-dedup') / ms(s, 'foe'):.2f} |")
     summary.append("")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -6,7 +6,10 @@
 //
 // For every rank count G and token count S it prints the per-layer time of each phase on the
 // busiest rank, the whole forward pass (L layers, no overlap), and how much slower each MoE
-// baseline is than FoE. Errors go to stderr with exit status 1 (2 for a usage error).
+// baseline is than FoE. Each baseline appears with naive expert dispatch (one row per
+// (token, expert)) and deduplicated dispatch (one row per (token, rank), DeepEP-style) side by
+// side; FoE's own dispatch inside a group (G > H) is deduplicated when dedup is listed. Errors
+// go to stderr with exit status 1 (2 for a usage error).
 
 #include <algorithm>
 #include <array>
@@ -40,8 +43,11 @@ constexpr std::string_view usage_text =
     "  --tokens LIST         tokens per forward S (default the paper's Table 9: 2048,4096,...,24576)\n"
     "  --ranks-per-node R    ranks per node (default: the profile's GPUs per node)\n"
     "  --seq-len N           tokens per sequence (default: one sequence of S tokens)\n"
-    "  --dispatch MODE       naive or dedup: expert all-to-all packing (default naive)\n"
+    "  --dispatch LIST       naive, dedup or both: the MoE baselines' expert all-to-all packing\n"
+    "                        (default naive,dedup: both side by side)\n"
     "  --all-reduce ALGO     ring or in-switch (NVLS) inside a node (default: the profile's, ring)\n"
+    "  --cross-node ALGO     hierarchical or ring: how an all-reduce crosses nodes (default\n"
+    "                        hierarchical: reduce-scatter, all-reduce across nodes, all-gather)\n"
     "  --imbalance X         expert-parallel load imbalance, busiest/mean (default: the profile's, 1.64;\n"
     "                        1 with --bandwidth-only)\n"
     "  --measured FILE       Google Benchmark JSON whose kernel rates replace the roofline rates\n"
@@ -60,7 +66,6 @@ const std::vector<index_t> paper_token_counts{2048, 4096, 8192, 12288, 16384, 20
 const std::vector<index_t> default_rank_counts{8, 16, 32, 64, 128, 256, 512, 1024};
 constexpr double default_bandwidth_ratio = 20.0;  // the paper's r for H100-class hardware (PAPER.md 1.5)
 constexpr double micro = 1e-6, milli = 1e-3;
-constexpr std::array strategies{perf::Strategy::foe, perf::Strategy::moe_data_parallel, perf::Strategy::moe_head_parallel};
 
 struct Options {
     std::string config = "foe-1b";
@@ -68,7 +73,8 @@ struct Options {
     std::vector<index_t> ranks = default_rank_counts;
     std::vector<index_t> tokens = paper_token_counts;
     std::optional<index_t> ranks_per_node, seq_len;
-    perf::Dispatch dispatch = perf::Dispatch::naive;
+    std::vector<perf::Dispatch> dispatch{perf::Dispatch::naive, perf::Dispatch::dedup};
+    perf::CrossNodeAllReduce cross_node = perf::CrossNodeAllReduce::hierarchical;
     std::optional<perf::AllReduceAlgorithm> all_reduce;
     std::optional<double> imbalance;
     std::optional<std::string> measured;
@@ -133,9 +139,19 @@ Options parse_args(int argc, char** argv)
         } else if (flag == "--seq-len") {
             o.seq_len = parse_number<index_t>(value, flag);
         } else if (flag == "--dispatch") {
-            if (value == "naive") o.dispatch = perf::Dispatch::naive;
-            else if (value == "dedup") o.dispatch = perf::Dispatch::deduplicated;
-            else throw UsageError(foe::detail::concat("--dispatch: \"", value, "\" is not one of naive, dedup"));
+            o.dispatch.clear();
+            for (std::size_t begin = 0; begin <= value.size();) {
+                const std::size_t comma = std::min(value.find(',', begin), value.size());
+                const std::string_view mode = value.substr(begin, comma - begin);
+                if (mode == "naive") o.dispatch.push_back(perf::Dispatch::naive);
+                else if (mode == "dedup") o.dispatch.push_back(perf::Dispatch::dedup);
+                else throw UsageError(foe::detail::concat("--dispatch: \"", mode, "\" is not one of naive, dedup"));
+                begin = comma + 1;
+            }
+        } else if (flag == "--cross-node") {
+            if (value == "hierarchical") o.cross_node = perf::CrossNodeAllReduce::hierarchical;
+            else if (value == "ring") o.cross_node = perf::CrossNodeAllReduce::ring;
+            else throw UsageError(foe::detail::concat("--cross-node: \"", value, "\" is not one of hierarchical, ring"));
         } else if (flag == "--all-reduce") {
             if (value == "ring") o.all_reduce = perf::AllReduceAlgorithm::ring;
             else if (value == "in-switch") o.all_reduce = perf::AllReduceAlgorithm::in_switch;
@@ -232,14 +248,31 @@ std::string describe(const perf::KernelRates& r)
     return s + " (the rest roofline)";
 }
 
+/// One row of the table: a strategy and the dispatch of its experts.
+struct Arch {
+    perf::Strategy strategy;
+    perf::Dispatch dispatch;
+
+    /// "foe", "moe-dp-naive", "moe-tp-dedup", ...: table rows and JSON keys.
+    [[nodiscard]] std::string name() const
+    {
+        if (strategy == perf::Strategy::foe) return "foe";
+        return foe::detail::concat(perf::short_name(strategy), "-", foe::parallel::to_string(dispatch));
+    }
+};
+
 int project(const Options& o)
 {
     const foe::ModelConfig config = foe::named_config(o.config);
     const perf::HardwareProfile hw = make_hardware(o);
     perf::CostOptions options;
-    options.dispatch = o.dispatch;
+    options.cross_node_all_reduce = o.cross_node;
     if (o.measured) options.rates = perf::load_kernel_rates(*o.measured);
     const index_t per_node = o.ranks_per_node.value_or(hw.gpus_per_node);
+    const bool foe_dedup = std::find(o.dispatch.begin(), o.dispatch.end(), perf::Dispatch::dedup) != o.dispatch.end();
+    std::vector<Arch> archs{{perf::Strategy::foe, foe_dedup ? perf::Dispatch::dedup : perf::Dispatch::naive}};
+    for (auto strategy : {perf::Strategy::moe_data_parallel, perf::Strategy::moe_head_parallel})
+        for (auto dispatch : o.dispatch) archs.push_back({strategy, dispatch});
 
     foe::json::Array rows;
     std::string table;
@@ -247,17 +280,18 @@ int project(const Options& o)
         const perf::Cluster placement{g, per_node};
         for (index_t s : o.tokens) {
             const perf::Workload workload{s, o.seq_len.value_or(0)};
-            std::vector<perf::LayerCost> costs;
-            for (auto strategy : strategies) costs.push_back(perf::layer_cost(config, strategy, workload, placement, hw, options));
-            const double foe_time = costs.front().serial_time();
             foe::json::Object by_strategy, speedup;
-            for (const auto& c : costs) {
-                const std::string name(perf::short_name(c.strategy));
+            double foe_time = 0.0;
+            for (const Arch& a : archs) {
+                options.dispatch = a.dispatch;
+                const perf::LayerCost c = perf::layer_cost(config, a.strategy, workload, placement, hw, options);
+                const bool first = a.strategy == perf::Strategy::foe;
+                if (first) foe_time = c.serial_time();
+                const std::string name = a.name();
                 by_strategy.emplace_back(name, cost_json(c, config));
-                if (c.strategy != perf::Strategy::foe) speedup.emplace_back(name + "_over_foe", number(c.serial_time() / foe_time));
+                if (!first) speedup.emplace_back(name + "_over_foe", number(c.serial_time() / foe_time));
                 char line[256];
-                const bool first = c.strategy == perf::Strategy::foe;
-                std::snprintf(line, sizeof line, "%6s %6s %7s  %-7s %10.1f %10.1f %11.1f %11.1f %11.1f %11.2f %8.2fx\n",
+                std::snprintf(line, sizeof line, "%6s %6s %7s  %-13s %10.1f %10.1f %11.1f %11.1f %11.1f %11.2f %8.2fx\n",
                               first ? std::to_string(g).c_str() : "", first ? std::to_string(placement.nodes()).c_str() : "",
                               first ? std::to_string(s).c_str() : "", name.c_str(), c.attention.time / micro,
                               c.experts.time / micro, c.all_reduce.time() / micro, c.all_to_all.time() / micro,
@@ -272,6 +306,8 @@ int project(const Options& o)
         }
     }
 
+    std::string dispatch;
+    for (auto d : o.dispatch) dispatch += (dispatch.empty() ? "" : ",") + std::string(foe::parallel::to_string(d));
     const std::string workload = o.seq_len ? foe::detail::concat("sequences of ", *o.seq_len, " tokens")
                                            : std::string("one sequence of S tokens");
     if (o.json) {
@@ -279,7 +315,9 @@ int project(const Options& o)
             {"config", foe::json::Object{{"name", o.config}, {"description", describe(config)}}},
             {"hardware", foe::json::Object{{"name", hw.name}, {"description", describe(hw)}}},
             {"rates", describe(options.rates)},
-            {"dispatch", std::string(perf::to_string(o.dispatch))},
+            {"dispatch", dispatch},
+            {"foe_dispatch", std::string(foe::parallel::to_string(archs.front().dispatch))},
+            {"cross_node_all_reduce", std::string(perf::to_string(o.cross_node))},
             {"ranks_per_node", per_node},
             {"workload", workload},
             {"times", "busiest rank; layer = attention + experts + all-reduce + all-to-all (serial); forward = L layers"},
@@ -290,12 +328,13 @@ int project(const Options& o)
     }
     std::cout << "foe_project: " << o.config << " (" << describe(config) << ")\n"
               << "on " << hw.name << ": " << describe(hw) << "\n"
-              << "kernel rates: " << describe(options.rates) << "; dispatch " << perf::to_string(o.dispatch) << "; "
-              << per_node << " ranks per node\n"
+              << "kernel rates: " << describe(options.rates) << "; MoE dispatch " << dispatch << ", FoE's in-group dispatch "
+              << foe::parallel::to_string(archs.front().dispatch) << "; all-reduce across nodes "
+              << perf::to_string(o.cross_node) << "; " << per_node << " ranks per node\n"
               << "workload: " << workload << "; data-parallel ranks hold whole sequences\n"
               << "times: busiest rank, per layer in us; forward = " << config.num_hidden_layers
               << " layers in ms, no overlap; 'vs foe' = time / FoE's time\n\n";
-    std::printf("%6s %6s %7s  %-7s %10s %10s %11s %11s %11s %11s %9s\n", "ranks", "nodes", "tokens", "arch", "attention",
+    std::printf("%6s %6s %7s  %-13s %10s %10s %11s %11s %11s %11s %9s\n", "ranks", "nodes", "tokens", "arch", "attention",
                 "experts", "all-reduce", "all-to-all", "layer", "forward ms", "vs foe");
     std::cout << table;
     return 0;
@@ -347,7 +386,7 @@ int project_bandwidth_only(const Options& o)
     }
     std::cout << "foe_project --bandwidth-only: " << o.config << " (" << describe(config) << "), S = " << s
               << " tokens, r = B_intra/B_inter = " << o.ratio << "\n"
-              << "no compute, no latency, load imbalance " << hw.load_imbalance << ", ring all-reduce, naive dispatch; " << per_node
+              << "no compute, no latency, load imbalance " << hw.load_imbalance << ", ring all-reduce in the node and hierarchical across nodes, naive dispatch; " << per_node
               << " ranks per node\n"
               << "model: this cost model, busiest rank, per layer in us (MoE = data-parallel attention + EP)\n"
               << "Table 4: the paper's formulas in its units (S d, S d / B_intra; valid for N <= H = " << h << ")\n"

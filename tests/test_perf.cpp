@@ -88,7 +88,7 @@ TEST_CASE("DESIGN.md 2.1: foe-1b at G = 8 and 2048 tokens sends 5.51 MB (FoE rin
     CHECK(naive.all_reduce.bytes.total() == 0.0);
 
     perf::CostOptions dedup;
-    dedup.dispatch = perf::Dispatch::deduplicated;
+    dedup.dispatch = perf::Dispatch::dedup;
     const auto deduplicated = perf::layer_cost(config, Strategy::moe_data_parallel, batch, node, hw, dedup);
     // 1 - C(56, 8) / C(64, 8): the chance that a token needs a given other rank.
     double miss = 1.0;
@@ -134,7 +134,7 @@ TEST_CASE("FoE with H = 1 costs exactly what the data-parallel MoE baseline cost
     const auto hw = perf::h100_sxm_8x_ib();
     for (index_t g : {1, 2, 8, 16, 64, 128}) {
         for (const perf::Workload w : {perf::Workload{2048}, perf::Workload{8192, 128}}) {
-            for (auto dispatch : {perf::Dispatch::naive, perf::Dispatch::deduplicated}) {
+            for (auto dispatch : {perf::Dispatch::naive, perf::Dispatch::dedup}) {
                 CAPTURE(g);
                 CAPTURE(w.sequences());
                 perf::CostOptions o;
@@ -248,6 +248,20 @@ TEST_CASE("all-reduce: hierarchical across nodes sends the flat ring's 2 (P-1)/P
     nvls.all_reduce = perf::AllReduceAlgorithm::in_switch;
     const auto one_node = perf::layer_cost(config, Strategy::foe, {4096}, {8, 8}, nvls);
     CHECK(one_node.all_reduce.bytes.intra == doctest::Approx(s * 768 * 2));
+
+    // A flat ring across the nodes: its boundary ranks send everything over InfiniBand, 7x the
+    // hierarchical all-reduce's inter-node bytes here, and the ring runs at their pace.
+    perf::CostOptions ring;
+    ring.cross_node_all_reduce = perf::CrossNodeAllReduce::ring;
+    const auto flat = perf::layer_cost(config, Strategy::foe, {4096, 256}, {16, 8}, balanced_h100(), ring);
+    CHECK(flat.all_reduce.bytes.intra == 0.0);
+    CHECK(flat.all_reduce.bytes.inter == doctest::Approx(2 * 7.0 / 8 * n));
+    CHECK(flat.all_reduce.bytes.inter / c.all_reduce.bytes.inter == doctest::Approx(7.0));
+    CHECK(flat.all_reduce.time() > c.all_reduce.time());
+    // Inside one node the two are the same algorithm.
+    const auto ring_one_node = perf::layer_cost(config, Strategy::foe, {4096}, {8, 8}, balanced_h100(), ring);
+    const auto hier_one_node = perf::layer_cost(config, Strategy::foe, {4096}, {8, 8}, balanced_h100());
+    CHECK(ring_one_node.all_reduce.time() == hier_one_node.all_reduce.time());
 }
 
 TEST_CASE("G > E: the layer is replicated; each copy costs what E ranks cost for its share of the batch")

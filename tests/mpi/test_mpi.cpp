@@ -417,6 +417,45 @@ TEST_CASE("communication: the cost model predicts the bytes CountingComm measure
     if (g > 1) CHECK(mean * payload_share == doctest::Approx(predicted_fp32).epsilon(0.15));
 }
 
+TEST_CASE("communication: across two nodes the cost model's ring and hierarchical all-reduce are what the ranks send")
+{
+    auto w = world();
+    const int g = w.size();
+    if (g < 4) return;  // two nodes of at least two ranks
+    const int r = g / 2;
+    auto hw = foe::perf::h100_sxm_8x_ib();
+    const double fp32_over_bf16 = 4.0 / foe::perf::activation_bytes;
+    const auto config = mpi_config(foe::Architecture::foe, 8);  // G <= H: the sync spans every rank
+    const auto placement = Placement::make(Strategy::foe, config, g, r, w.rank());
+    const index_t length = 8, sequences = 2;
+    foe::ModelOptions options;
+    options.cache_slots = sequences;
+    options.cache_capacity = length;
+    const auto weights = std::make_shared<const foe::ModelWeights>(foe::random_weights(config, 2, foe::held_tensors(placement)));
+    std::vector<foe::SequenceChunk> chunks;
+    for (index_t s = 0; s < sequences; ++s) chunks.push_back({s, 0, length});
+    const auto tokens = test::random_tokens(static_cast<std::size_t>(sequences * length), config.vocab_size, 4);
+    const double layers = static_cast<double>(config.num_hidden_layers);
+
+    for (bool hierarchical : {false, true}) {
+        CAPTURE(hierarchical);
+        auto dm = foe::make_distributed_model(w, placement, weights, options, {foe::parallel::Dispatch::naive, hierarchical});
+        (void)dm.model->forward(foe::Batch(chunks), tokens);
+        foe::perf::CostOptions cost;
+        cost.cross_node_all_reduce = hierarchical ? foe::perf::CrossNodeAllReduce::hierarchical : foe::perf::CrossNodeAllReduce::ring;
+        const auto predicted = foe::perf::layer_cost(config, Strategy::foe, {sequences * length, length}, {g, r}, hw, cost);
+        // The busiest rank's inter-node bytes: the ring's boundary ranks; every rank alike when
+        // hierarchical.
+        const double inter = static_cast<double>(hierarchical ? dm.sync_cross.counts(foe::comm::Op::all_reduce_sum).inter_node_bytes
+                                                              : dm.sync.counts(foe::comm::Op::all_reduce_sum).inter_node_bytes);
+        std::vector<float> mine{static_cast<float>(inter)}, all(static_cast<std::size_t>(g));
+        w.all_gather(mine, all);
+        const double max = *std::max_element(all.begin(), all.end()), min = *std::min_element(all.begin(), all.end());
+        CHECK(max == doctest::Approx(predicted.all_reduce.bytes.inter * fp32_over_bf16 * layers));
+        if (hierarchical) CHECK(min == max);
+    }
+}
+
 TEST_CASE("MpiComm: ranks passing different counts get a CommError on every rank, no overrun, and the communicator stays usable")
 {
     // Before, a rank with a longer all-reduce made Open MPI write past the shorter ranks' buffers

@@ -36,6 +36,7 @@
 #include "foe/core/config.hpp"
 #include "foe/core/error.hpp"
 #include "foe/core/types.hpp"
+#include "foe/parallel/dispatch_plan.hpp"
 #include "foe/parallel/placement.hpp"
 #include "foe/perf/hardware.hpp"
 
@@ -49,10 +50,20 @@ inline constexpr double weight_bytes = 2.0;
 /// How a layer is spread over ranks: the three layouts the library runs (parallel::Placement).
 using Strategy = parallel::Strategy;
 
-/// How the expert all-to-all packs tokens (DESIGN.md 2.1).
-enum class Dispatch : std::uint8_t {
-    naive,         ///< one message per (token, expert) pair on another rank
-    deduplicated,  ///< one message per (token, destination rank), as DeepEP sends them
+/// How the expert all-to-all packs tokens (DESIGN.md 2.1): one row per (token, expert) on
+/// another rank, or one per (token, destination rank) as DeepEP sends them. The library runs
+/// both (parallel::AllToAllEP); the model counts d elements per row (not the row header).
+using Dispatch = parallel::Dispatch;
+
+/// How an all-reduce over ranks on several nodes crosses them.
+enum class CrossNodeAllReduce : std::uint8_t {
+    /// Reduce-scatter in the node, all-reduce across nodes among the ranks with the same local
+    /// index, all-gather in the node (comm::HierarchicalComm; NCCL's rings over one NIC per GPU
+    /// spread the inter-node bytes the same way): every rank sends 2 (N-1)/N n/q across nodes.
+    hierarchical,
+    /// One ring over all members, as a flat MPI or NCCL ring with one NIC: the members at the
+    /// node boundaries send all their 2 (P-1)/P n across nodes, and the ring runs at their pace.
+    ring,
 };
 
 /// Short names for tables and JSON keys ("foe", "moe-dp", "moe-tp").
@@ -65,9 +76,9 @@ enum class Dispatch : std::uint8_t {
     }
     return "?";
 }
-[[nodiscard]] constexpr std::string_view to_string(Dispatch d) noexcept
+[[nodiscard]] constexpr std::string_view to_string(CrossNodeAllReduce a) noexcept
 {
-    return d == Dispatch::naive ? "naive" : "deduplicated";
+    return a == CrossNodeAllReduce::ring ? "ring" : "hierarchical";
 }
 
 /// G ranks, R per node; ranks are numbered node by node (rank p is on node p / R).
@@ -94,6 +105,7 @@ struct Workload {
 
 struct CostOptions {
     Dispatch dispatch = Dispatch::naive;
+    CrossNodeAllReduce cross_node_all_reduce = CrossNodeAllReduce::hierarchical;
     KernelRates rates;  ///< measured rates; empty fields keep the profile's roofline rates
 };
 
@@ -262,11 +274,13 @@ struct Rates {
     return b.intra / hw.intra_node.bandwidth + b.inter / hw.inter_node.bandwidth;
 }
 
-/// One all-reduce of `n` bytes per member. Across nodes it is hierarchical: reduce-scatter among
-/// the node's members, all-reduce of each 1/q shard across the nodes (q rings in parallel, one
-/// NIC each), all-gather inside the node. With a ring inside the node the bytes sent add up to
-/// the flat ring's 2 (P-1)/P n, what CountingComm counts.
-[[nodiscard]] inline CollectiveCost all_reduce_cost(CommShape c, double n, const HardwareProfile& hw)
+/// One all-reduce of `n` bytes per member. Across nodes it is hierarchical by default:
+/// reduce-scatter among the node's members, all-reduce of each 1/q shard across the nodes (q
+/// rings in parallel, one NIC each), all-gather inside the node. With a ring inside the node the
+/// bytes sent add up to the flat ring's 2 (P-1)/P n, what CountingComm counts. A flat ring
+/// across nodes costs what its boundary members send: 2 (P-1)/P n over the inter-node link.
+[[nodiscard]] inline CollectiveCost all_reduce_cost(CommShape c, double n, const HardwareProfile& hw,
+                                                    CrossNodeAllReduce across = CrossNodeAllReduce::hierarchical)
 {
     CollectiveCost out;
     out.ranks = c.size;
@@ -274,6 +288,13 @@ struct Rates {
     if (c.size <= 1) return out;
     out.calls = 1;
     const auto q = static_cast<double>(c.per_node), nodes = static_cast<double>(c.nodes());
+    if (c.nodes() > 1 && across == CrossNodeAllReduce::ring) {
+        const auto p = static_cast<double>(c.size);
+        out.bytes.inter = 2.0 * (p - 1.0) / p * n;
+        out.latency = 2.0 * (p - 1.0) * hw.inter_node.latency;
+        out.transfer = transfer_time(out.bytes, hw);
+        return out;
+    }
     if (c.per_node > 1) {
         if (hw.all_reduce == AllReduceAlgorithm::ring) {
             out.bytes.intra = 2.0 * (q - 1.0) / q * n;
@@ -368,6 +389,7 @@ inline LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const 
     hardware.validate();
     placement.validate(hardware);
     const detail::Rates rates = detail::Rates::of(hardware, options.rates);
+    const CrossNodeAllReduce across = options.cross_node_all_reduce;
 
     const index_t g = placement.ranks, r = std::min(placement.ranks_per_node, g);
     const index_t e = config.num_experts, k = config.num_experts_per_tok;
@@ -411,7 +433,7 @@ inline LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const 
             out.attention = detail::attention_cost(
                 config, {config.q_heads_per_group() * held, config.kv_heads_per_group() * held, held, replica_sequences, seq_len},
                 rates);
-            out.all_reduce = detail::all_reduce_cost(CommShape::of(p, 1, r), replica_tokens * token_bytes, hardware);
+            out.all_reduce = detail::all_reduce_cost(CommShape::of(p, 1, r), replica_tokens * token_bytes, hardware, across);
             out.all_to_all = detail::all_to_all_cost(CommShape{}, 0.0, hardware);
             const double pairs = replica_tokens * static_cast<double>(k_group * held);
             out.experts = detail::moe_cost(config, replica_tokens, pairs, static_cast<double>(e / p), replica_tokens, rates);
@@ -428,7 +450,7 @@ inline LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const 
         out.attention = detail::attention_cost(
             config, {config.q_heads_per_group(), config.kv_heads_per_group(), 1, shard_sequences, seq_len}, rates);
         // The sync communicator: the H ranks with the same shard index, one per group.
-        out.all_reduce = detail::all_reduce_cost(CommShape::of(h, m, r), shard_tokens * token_bytes, hardware);
+        out.all_reduce = detail::all_reduce_cost(CommShape::of(h, m, r), shard_tokens * token_bytes, hardware, across);
         const double bound = std::max(shard_tokens / mean_tokens, imbalance);
         const double per_peer = bound * mean_tokens * per_peer_fraction(config.experts_per_group(), k_group, m) * token_bytes;
         out.all_to_all = detail::all_to_all_cost(CommShape::of(m, 1, r), per_peer, hardware);
@@ -452,7 +474,7 @@ inline LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const 
     out.busiest_tokens = attention_sequences * seq_len;
     out.attention = detail::attention_cost(
         config, {config.num_attention_heads / tp, config.num_key_value_heads / tp, 1, attention_sequences, seq_len}, rates);
-    out.all_reduce = detail::all_reduce_cost(CommShape::of(tp, 1, r), attention_tokens * token_bytes, hardware);
+    out.all_reduce = detail::all_reduce_cost(CommShape::of(tp, 1, r), attention_tokens * token_bytes, hardware, across);
     const double dispatch_tokens = attention_tokens / static_cast<double>(tp), mean_tokens = replica_tokens / pd;
     const double ep_imbalance = p > 1 ? imbalance : 1.0;
     const double bound = std::max(dispatch_tokens / mean_tokens, ep_imbalance);
