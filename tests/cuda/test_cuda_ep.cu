@@ -4,8 +4,10 @@
 // __device__) replayed on the host exactly as the kernels apply them (one (member, token) count
 // each, an exclusive scan, one token's rows each) equal plan_dispatch on random routings, naive
 // and dedup, over member counts, slots and experts per member, with tokens whose experts all sit
-// on one member and members that get no rows; the padded layout's positions; the capacity bound;
-// the fixed variant's stated memory cost.
+// on one member and members that get no rows; whole exchanges of 1-4 members (dynamic and fixed,
+// naive and dedup, ranks with no tokens), replayed with the kernels' own row rules around an
+// emulated all-to-all, grouping and experts, bit for bit against what the experts give; the padded
+// layout's positions; the capacity bound; the fixed variant's stated memory cost.
 // With one GPU: the device plan itself against plan_dispatch, and the one-rank exchange (naive,
 // dedup; dynamic, fixed capacity, and the fixed one replayed from a CUDA graph) against the host
 // experts (SwiGluExperts) on the same bf16 weights. With two GPUs: a two-rank exchange; skipped
@@ -15,7 +17,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <exception>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -79,6 +83,8 @@ foe::routing::RoutingResult random_routing(index_t tokens, index_t slots, const 
     return r;
 }
 
+std::vector<index_t> widen(const std::vector<std::int32_t>& v) { return {v.begin(), v.end()}; }
+
 DeviceOwners device_owners(const ExpertOwners& o)
 {
     return DeviceOwners{o.first_expert, o.experts_per_member, o.members};
@@ -111,7 +117,6 @@ Replay replay_device_plan(const foe::routing::RoutingResult& r, const ExpertOwne
         rep.status |= ep::fill_token_rows(mode, o, r.experts.data() + i * k, static_cast<int>(k), width, i, t,
                                           scan.data(), out);
     for (index_t j = 0; j < m; ++j) rep.rows_to.push_back(scan[sz((j + 1) * t)] - scan[sz(j * t)]);
-    auto widen = [](const std::vector<std::int32_t>& v) { return std::vector<index_t>(v.begin(), v.end()); };
     rep.row_token = widen(row_token);
     rep.row_count = widen(row_count);
     rep.row_pairs = widen(row_pairs);
@@ -311,6 +316,241 @@ TEST_CASE("ep: the fixed-capacity variant's memory is the stated formula")
     CHECK_THROWS_AS((void)DeviceAllToAllEP::capacity_bytes(s), foe::InvalidArgument);
 }
 
+namespace {
+
+/// A stand-in for the experts in the host replay of a whole exchange: elementwise, different per
+/// expert, and the same float operations wherever it is evaluated (so results compare exactly).
+float fake_expert(std::int32_t e, float x)
+{
+    return x * (0.5f + 0.25f * static_cast<float>(e % 5)) + static_cast<float>(e) / 128.0f;
+}
+
+/// What one rank ends with after a replayed exchange.
+struct SimRank {
+    std::vector<float> y, out;  ///< [tokens * slots, d] (NaN where not written), [tokens, d]
+    std::vector<std::int32_t> parts;
+    std::int32_t status = 0;
+    std::vector<std::int32_t> rows_to;
+};
+
+/// The whole exchange of every member, replayed on the host as DeviceAllToAllEP::run enqueues it:
+/// the plan kernels, the counts all-to-all, ep::pack_row, the header and payload all-to-alls
+/// (packed blocks in rank order when dynamic, cap-row blocks when fixed), ep::expand_pair, a
+/// stable grouping by local expert (permute()), ep::gather_pair, fake_expert (the grouped
+/// SwiGLU), ep::reply_row, the all-to-all back, ep::land_row and ep::combine_token. Every row
+/// and pair rule is the kernels' own function, called with one lane.
+std::vector<SimRank> replay_exchange(Dispatch mode, bool fixed, const ExpertOwners& owners, index_t max_tokens,
+                                     index_t slots, index_t d, const std::vector<foe::routing::RoutingResult>& r,
+                                     const std::vector<std::vector<float>>& u,
+                                     const std::vector<std::vector<float>>& base)
+{
+    const int m = owners.members;
+    const index_t per = owners.experts_per_member;
+    const auto width = static_cast<int>(foe::parallel::experts_per_row(mode, slots, per));
+    const auto h = static_cast<index_t>(ep::header_words(mode, width));
+    const index_t cap = fixed ? foe::parallel::worst_case_rows(mode, max_tokens, slots, per) : 0;
+    const index_t send_rows = mode == Dispatch::naive ? max_tokens * slots : max_tokens * std::min<index_t>(slots, m);
+    const index_t send_slots = fixed ? m * cap : send_rows;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const auto di = static_cast<int>(d), ki = static_cast<int>(slots);
+
+    struct Sender {
+        std::vector<std::int32_t> scan, row_token, row_count, row_pairs, target, parts, send_first, header;
+        std::vector<float> payload, back;
+        PlanRowsView view() { return {row_token.data(), row_count.data(), row_pairs.data(), target.data(), parts.data()}; }
+    };
+    std::vector<Sender> snd(sz(m));
+    std::vector<SimRank> res(sz(m));
+    const DeviceOwners o = device_owners(owners);
+    for (int p = 0; p < m; ++p) {  // plan: ep_count_kernel, CUB's scan, ep_fill_kernel, ep_send_counts_kernel
+        Sender& S = snd[sz(p)];
+        const index_t t = r[sz(p)].tokens;
+        REQUIRE(t <= max_tokens);
+        std::vector<std::int32_t> counts(sz(m * t + 1), 0);
+        for (index_t q = 0; q < m * t; ++q)
+            counts[sz(q)] = ep::token_rows_to(mode, o, r[sz(p)].experts.data() + (q % t) * slots, ki, static_cast<int>(q / t));
+        S.scan.resize(counts.size());
+        std::exclusive_scan(counts.begin(), counts.end(), S.scan.begin(), 0);
+        S.row_token.assign(sz(send_rows), -7);
+        S.row_count.assign(sz(send_rows), -7);
+        S.row_pairs.assign(sz(send_rows * width), -7);
+        S.target.assign(sz(send_rows), -7);
+        S.parts.assign(sz(max_tokens), -7);
+        for (index_t i = 0; i < t; ++i)
+            res[sz(p)].status |= ep::fill_token_rows(mode, o, r[sz(p)].experts.data() + i * slots, ki, width, i, t,
+                                                     S.scan.data(), S.view());
+        S.send_first.assign(sz(m + 1), -7);
+        res[sz(p)].rows_to.assign(sz(m), -7);
+        for (int j = 0; j <= m; ++j)
+            res[sz(p)].status |= ep::send_counts_entry(j, S.scan.data(), t, m, cap, S.send_first.data(),
+                                                       res[sz(p)].rows_to.data());
+        // The send buffers start zeroed (the constructor's cudaMemset).
+        S.header.assign(sz(send_slots * h), 0);
+        S.payload.assign(sz(send_slots * d), 0.0f);
+        S.back.assign(sz(send_slots * d), nan);
+        const BlockLayout layout{cap, S.send_first.data(), m};
+        for (std::int64_t row = 0; row < S.send_first[sz(m)]; ++row)
+            ep::pack_row(row, S.view(), layout, mode, width, di, u[sz(p)].data(), r[sz(p)].experts.data(),
+                         r[sz(p)].weights.data(), S.header.data(), S.payload.data(), 0, 1);
+    }
+    // Receivers: counts, headers and payloads in; experts; replies out.
+    std::vector<std::vector<std::int32_t>> recv_first(sz(m));
+    std::vector<std::vector<float>> reply(sz(m));
+    for (int q = 0; q < m; ++q) {
+        std::vector<std::int32_t> recv_counts(sz(m));
+        for (int j = 0; j < m; ++j) recv_counts[sz(j)] = res[sz(j)].rows_to[sz(q)];
+        recv_first[sz(q)].assign(sz(m + 1), -7);
+        res[sz(q)].status |= ep::receive_prefix(recv_counts.data(), m, cap, recv_first[sz(q)].data());
+        const index_t received = fixed ? m * cap : std::accumulate(recv_counts.begin(), recv_counts.end(), index_t{0});
+        std::vector<std::int32_t> header(sz(received * h), -7);
+        std::vector<float> payload(sz(received * d), nan);
+        index_t at = 0;  // NcclComm::all_to_all_v: blocks packed in rank order
+        for (int j = 0; j < m; ++j) {
+            const index_t n = fixed ? cap : recv_counts[sz(j)], from = fixed ? q * cap : snd[sz(j)].send_first[sz(q)];
+            std::copy_n(snd[sz(j)].header.begin() + from * h, n * h, header.begin() + at * h);
+            std::copy_n(snd[sz(j)].payload.begin() + from * d, n * d, payload.begin() + at * d);
+            at += n;
+        }
+        const BlockLayout layout{cap, recv_first[sz(q)].data(), m};
+        const index_t pairs = received * width;
+        std::vector<std::int32_t> pair_expert(sz(pairs));
+        for (index_t p = 0; p < pairs; ++p) pair_expert[sz(p)] = ep::expand_pair(p, header.data(), layout, mode, width);
+        // permute(): a stable sort by local expert, the others after them.
+        const index_t local_begin = owners.first_expert + q * per;
+        auto key = [&](index_t p) {
+            const index_t e = pair_expert[sz(p)] - local_begin;
+            return e >= 0 && e < per ? e : per;
+        };
+        std::vector<std::int32_t> sorted(sz(pairs)), inverse(sz(pairs), -1);
+        std::iota(sorted.begin(), sorted.end(), 0);
+        std::stable_sort(sorted.begin(), sorted.end(), [&](std::int32_t a, std::int32_t b) { return key(a) < key(b); });
+        index_t routed = 0;
+        while (routed < pairs && key(sorted[sz(routed)]) < per) ++routed;
+        for (index_t g = 0; g < routed; ++g) inverse[sz(sorted[sz(g)])] = static_cast<std::int32_t>(g);
+        std::vector<float> expert_in(sz(routed * d), nan), expert_out(sz(routed * d), nan);
+        for (index_t g = 0; g < routed; ++g)
+            ep::gather_pair(g, payload.data(), sorted.data(), layout, width, di, expert_in.data(), 0, 1);
+        for (index_t g = 0; g < routed; ++g)
+            for (index_t x = 0; x < d; ++x)
+                expert_out[sz(g * d + x)] = fake_expert(pair_expert[sz(sorted[sz(g)])], expert_in[sz(g * d + x)]);
+        reply[sz(q)].assign(sz(received * d), 0.0f);  // the constructor zeroes it too
+        for (std::int64_t i = 0; i < recv_first[sz(q)][sz(m)]; ++i)
+            if (ep::reply_row(i, header.data(), expert_out.data(), inverse.data(), layout, mode, width, di,
+                              reply[sz(q)].data(), 0, 1))
+                res[sz(q)].status |= foe::parallel::ep_status::foreign_expert;
+    }
+    // Back to the senders, into the target rows, and the combine.
+    for (int p = 0; p < m; ++p) {
+        Sender& S = snd[sz(p)];
+        index_t at = 0;
+        for (int q = 0; q < m; ++q) {
+            const index_t n = fixed ? cap : res[sz(p)].rows_to[sz(q)], from = fixed ? p * cap : recv_first[sz(q)][sz(p)];
+            std::copy_n(reply[sz(q)].begin() + from * d, n * d, S.back.begin() + at * d);
+            at += n;
+        }
+        const index_t t = r[sz(p)].tokens;
+        res[sz(p)].y.assign(sz(t * slots * d), nan);
+        const BlockLayout layout{cap, S.send_first.data(), m};
+        for (std::int64_t row = 0; row < S.send_first[sz(m)]; ++row)
+            ep::land_row(row, S.back.data(), S.target.data(), layout, di, res[sz(p)].y.data(), 0, 1);
+        res[sz(p)].out.assign(sz(t * d), nan);
+        for (index_t i = 0; i < t; ++i)
+            ep::combine_token(i, res[sz(p)].y.data(), S.parts.data(), r[sz(p)].weights.data(), base[sz(p)].data(), ki,
+                              di, mode, res[sz(p)].out.data(), 0, 1);
+        if (mode == Dispatch::dedup) res[sz(p)].parts.assign(S.parts.begin(), S.parts.begin() + t);
+    }
+    return res;
+}
+
+}  // namespace
+
+TEST_CASE("ep: a whole exchange replayed on the host with the kernels' row rules returns what the experts give")
+{
+    std::mt19937_64 rng(21);
+    const index_t d = 3, max_tokens = 9;
+    int checked = 0;
+    for (int m : {1, 2, 3, 4})
+        for (index_t per : {1, 2, 3})
+            for (index_t k : {1, 2, 3, 4}) {
+                if (k > m * per) continue;
+                const ExpertOwners owners{m == 3 ? 2 : 0, per, m};
+                for (Draw draw : {Draw::any, Draw::one_member, Draw::even_only}) {
+                    if (draw == Draw::one_member && k > per) continue;
+                    if (draw == Draw::even_only && k > ((m + 1) / 2) * per) continue;
+                    // Ranks with 9, 0, 5 and 1 tokens: full, empty and partly filled blocks.
+                    std::vector<foe::routing::RoutingResult> routing;
+                    std::vector<std::vector<float>> u, base;
+                    std::uniform_real_distribution<float> value(-2.0f, 2.0f);
+                    for (int p = 0; p < m; ++p) {
+                        const index_t t = std::vector<index_t>{9, 0, 5, 1}[sz(p % 4)];
+                        routing.push_back(random_routing(t, k, owners, draw, rng));
+                        u.emplace_back(sz(t * d));
+                        base.emplace_back(sz(t * d));
+                        for (auto& x : u.back()) x = value(rng);
+                        for (auto& x : base.back()) x = value(rng);
+                    }
+                    for (Dispatch mode : {Dispatch::naive, Dispatch::dedup})
+                        for (bool fixed : {false, true}) {
+                            CAPTURE(m);
+                            CAPTURE(per);
+                            CAPTURE(k);
+                            CAPTURE(static_cast<int>(draw));
+                            CAPTURE(foe::parallel::to_string(mode));
+                            CAPTURE(fixed);
+                            const auto got = replay_exchange(mode, fixed, owners, max_tokens, k, d, routing, u, base);
+                            for (int p = 0; p < m; ++p) {
+                                CAPTURE(p);
+                                const auto& rr = routing[sz(p)];
+                                const SimRank& g = got[sz(p)];
+                                CHECK(g.status == 0);
+                                DispatchPlan plan;
+                                foe::parallel::plan_dispatch(rr, owners, mode, plan);
+                                CHECK(widen(g.rows_to) == plan.rows_to);
+                                // Expected: naive FFN_e(u) per (token, slot); dedup per (token, member in
+                                // order) the fma of w FFN_e(u) over its slots in slot order.
+                                std::vector<float> want(sz(rr.tokens * k * d), std::numeric_limits<float>::quiet_NaN());
+                                std::vector<std::int32_t> parts(sz(rr.tokens), 0);
+                                std::vector<double> out(sz(rr.tokens * d));
+                                for (index_t i = 0; i < rr.tokens; ++i) {
+                                    for (index_t x = 0; x < d; ++x) {
+                                        double acc = base[sz(p)][sz(i * d + x)];
+                                        for (index_t s = 0; s < k; ++s)
+                                            acc += double{rr.weight(i, s)} * fake_expert(rr.expert(i, s), u[sz(p)][sz(i * d + x)]);
+                                        out[sz(i * d + x)] = acc;
+                                    }
+                                    for (int j = 0; j < m; ++j) {
+                                        bool any = false;
+                                        std::vector<float> acc(sz(d), 0.0f);
+                                        for (index_t s = 0; s < k; ++s) {
+                                            if (owners.owner(rr.expert(i, s)) != j) continue;
+                                            for (index_t x = 0; x < d; ++x) {
+                                                const float v = fake_expert(rr.expert(i, s), u[sz(p)][sz(i * d + x)]);
+                                                if (mode == Dispatch::naive) want[sz((i * k + s) * d + x)] = v;
+                                                else acc[sz(x)] = std::fma(rr.weight(i, s), v, acc[sz(x)]);
+                                            }
+                                            any = true;
+                                        }
+                                        if (mode == Dispatch::dedup && any) {
+                                            std::copy(acc.begin(), acc.end(), want.begin() + (i * k + parts[sz(i)]) * d);
+                                            ++parts[sz(i)];
+                                        }
+                                    }
+                                }
+                                if (mode == Dispatch::dedup) CHECK(g.parts == parts);
+                                // Bit for bit, NaN (never written) included: compare the bits.
+                                CHECK_MESSAGE(same_bits(g.y, want), first_mismatch(g.y, want));
+                                double err = 0.0;
+                                for (std::size_t i = 0; i < out.size(); ++i)
+                                    err = std::max(err, std::abs(double{g.out[i]} - out[i]));
+                                CHECK(err < 1e-4);
+                                ++checked;
+                            }
+                        }
+                }
+            }
+    MESSAGE(checked, " rank exchanges replayed");
+}
+
 // --- one GPU -----------------------------------------------------------------------------------
 
 namespace {
@@ -333,8 +573,6 @@ std::vector<T> download_n(const T* p, index_t n, cudaStream_t stream)
     fc::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     return v;
 }
-
-std::vector<index_t> widen(const std::vector<std::int32_t>& v) { return {v.begin(), v.end()}; }
 
 /// Every expert of a layer: bf16 bits for the device ([E, 2f, d] gate rows then up rows per
 /// expert, [E, d, f]) and their float values for the host experts.

@@ -11,8 +11,9 @@
 //                in member-major order (CUB; integers, so exact and the same every run), then one
 //                thread per token writes its rows: exactly DispatchPlan's send order, row
 //                contents and targets. No atomic decides any order (one atomicOr collects error
-//                bits). The per-token rules are the __host__ __device__ functions of foe::parallel::ep,
-//                which the host tests replay against plan_dispatch.
+//                bits). The per-token rules, and the per-row rules of every kernel below, are the
+//                __host__ __device__ functions of foe::parallel::ep: the host tests replay the plan
+//                against plan_dispatch and whole exchanges of several members with them.
 //   2. counts    rows per member, an all-to-all of one int32 per member (NcclComm::all_to_all_v).
 //   3. dispatch  two all-to-alls: the row headers, fp32 words (ints as their bit patterns: NCCL's
 //                send/recv copy bytes, so ids, counts and weights arrive bit for bit), and the
@@ -58,6 +59,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -75,7 +77,10 @@
 
 namespace foe::parallel {
 
-/// What an exchange is planned for.
+/// What an exchange is planned for. Every member plans with the same spec but its `rank`: the
+/// fixed variant's block sizes, and the dynamic one's default receive capacity, follow from
+/// max_tokens (and a fixed-capacity exchange captured in a graph replays the token count it was
+/// captured with, as the layer's kernels do).
 struct DeviceEpSpec {
     Dispatch mode = Dispatch::naive;
     bool fixed_capacity = false;  ///< padded blocks, no host synchronisation: CUDA-graph capturable
@@ -237,6 +242,173 @@ FOE_HOST_DEVICE inline std::int32_t fill_token_rows(Dispatch mode, const DeviceO
 }
 [[nodiscard]] FOE_HOST_DEVICE constexpr int weight_word(int width, int k) noexcept { return 1 + width + k; }
 
+// The per-row rules of the exchange. Each kernel below is a grid-stride loop that calls one of
+// these per row (or entry), with its threads as `lanes` over the row; the host tests call them
+// with one lane and emulate the all-to-alls, the grouping and the experts around them.
+
+/// send_first[j] = scan[j T] for j <= members; rows_to[j] = member j's rows, clamped to cap > 0.
+/// Returns ep_status bits (capacity_overflow).
+FOE_HOST_DEVICE inline std::int32_t send_counts_entry(int j, const std::int32_t* scan, std::int64_t tokens,
+                                                      int members, std::int64_t cap, std::int32_t* send_first,
+                                                      std::int32_t* rows_to) noexcept
+{
+    const std::int64_t first = scan[static_cast<std::int64_t>(j) * tokens];
+    send_first[j] = static_cast<std::int32_t>(first);
+    if (j == members) return 0;
+    const std::int64_t rows = scan[static_cast<std::int64_t>(j + 1) * tokens] - first;
+    const bool over = cap > 0 && rows > cap;
+    rows_to[j] = static_cast<std::int32_t>(over ? cap : rows);
+    return over ? ep_status::capacity_overflow : 0;
+}
+
+/// recv_first = the exclusive prefix of the received counts ([members + 1]), each clamped to
+/// [0, cap] when cap > 0. Returns ep_status bits.
+FOE_HOST_DEVICE inline std::int32_t receive_prefix(const std::int32_t* recv_counts, int members, std::int64_t cap,
+                                                   std::int32_t* recv_first) noexcept
+{
+    std::int32_t status = 0, sum = 0;
+    for (int j = 0; j < members; ++j) {
+        recv_first[j] = sum;
+        std::int32_t n = recv_counts[j] < 0 ? 0 : recv_counts[j];
+        if (cap > 0 && n > cap) {
+            status |= ep_status::capacity_overflow;
+            n = static_cast<std::int32_t>(cap);
+        }
+        sum += n;
+    }
+    recv_first[members] = sum;
+    return status;
+}
+
+/// Experts a received row carries: naive 1, dedup its header's count clamped to [0, width].
+[[nodiscard]] FOE_HOST_DEVICE inline int row_experts(Dispatch mode, int width, const std::int32_t* hdr) noexcept
+{
+    if (mode == Dispatch::naive) return 1;
+    return hdr[0] < 0 ? 0 : (hdr[0] > width ? width : hdr[0]);
+}
+
+/// Word w of the header of a row of n experts whose (token, slot) pairs are `pairs`: naive
+/// [expert]; dedup [n, e_1..e_width, w_1..w_width] (past n: expert -1, weight 0), weights as
+/// their bits.
+[[nodiscard]] FOE_HOST_DEVICE inline std::int32_t header_word(Dispatch mode, int width, int w, int n,
+                                                              const std::int32_t* pairs, const std::int32_t* experts,
+                                                              const float* weights) noexcept
+{
+    if (mode == Dispatch::naive) return experts[pairs[0]];
+    if (w == 0) return n;
+    if (w <= width) return w - 1 < n ? experts[pairs[w - 1]] : -1;
+    const int k = w - 1 - width;
+    return ::foe::detail::bit_cast<std::int32_t>(k < n ? weights[pairs[k]] : 0.0f);
+}
+
+/// Sent row r: its header and payload u[row_token[r]] at its block position (nothing when over
+/// the block's capacity).
+template <class T>
+FOE_HOST_DEVICE inline void pack_row(std::int64_t r, const PlanRowsView& plan, const BlockLayout& layout,
+                                     Dispatch mode, int width, int d, const T* u, const std::int32_t* experts,
+                                     const float* weights, std::int32_t* header, T* payload, int lane,
+                                     int lanes) noexcept
+{
+    const std::int64_t pos = block_position(layout, r);
+    if (pos < 0) return;
+    const int h = header_words(mode, width);
+    const int n = plan.row_count[r];
+    const std::int32_t* pairs = plan.row_pairs + r * width;
+    for (int w = lane; w < h; w += lanes) header[pos * h + w] = header_word(mode, width, w, n, pairs, experts, weights);
+    const T* src = u + static_cast<std::int64_t>(plan.row_token[r]) * d;
+    T* dst = payload + pos * d;
+    for (int x = lane; x < d; x += lanes) dst[x] = src[x];
+}
+
+/// The expert of pair p = i width + k of the received rows (compact i): expert k of row i, -1
+/// past its count or past the received rows (permute() sorts those to the end).
+[[nodiscard]] FOE_HOST_DEVICE inline std::int32_t expand_pair(std::int64_t p, const std::int32_t* header,
+                                                              const BlockLayout& layout, Dispatch mode,
+                                                              int width) noexcept
+{
+    const std::int64_t i = p / width;
+    const int k = static_cast<int>(p % width);
+    if (i >= layout.first[layout.members]) return -1;
+    const std::int64_t pos = block_position(layout, i);
+    if (pos < 0) return -1;
+    const std::int32_t* hdr = header + pos * header_words(mode, width);
+    return k < row_experts(mode, width, hdr) ? hdr[expert_word(mode, k)] : -1;
+}
+
+/// Grouped input g: the payload of the received row of sorted pair sorted_pairs[g].
+template <class T>
+FOE_HOST_DEVICE inline void gather_pair(std::int64_t g, const T* payload, const std::int32_t* sorted_pairs,
+                                        const BlockLayout& layout, int width, int d, T* expert_in, int lane,
+                                        int lanes) noexcept
+{
+    const std::int64_t pos = block_position(layout, sorted_pairs[g] / width);
+    if (pos < 0) return;  // not reached: pairs past the received rows are not routed
+    const T* src = payload + pos * d;
+    T* dst = expert_in + g * d;
+    for (int x = lane; x < d; x += lanes) dst[x] = src[x];
+}
+
+/// What received row i sends back, at its block position: naive, its expert's output row;
+/// dedup, w_1 y_1 + ... + w_n y_n in slot order (fp32 fma, one rounding to T). y is the grouped
+/// expert output, inverse[pair] its row there (-1: not held here, left out). Returns true when
+/// the row names an expert not held here.
+template <class T>
+FOE_HOST_DEVICE inline bool reply_row(std::int64_t i, const std::int32_t* header, const T* y,
+                                      const std::int32_t* inverse, const BlockLayout& layout, Dispatch mode, int width,
+                                      int d, T* reply, int lane, int lanes) noexcept
+{
+    const std::int64_t pos = block_position(layout, i);
+    if (pos < 0) return false;
+    const std::int32_t* hdr = header + pos * header_words(mode, width);
+    const int n = row_experts(mode, width, hdr);
+    bool foreign = false;
+    for (int k = 0; k < n; ++k) foreign = foreign || inverse[i * width + k] < 0;
+    T* dst = reply + pos * d;
+    for (int x = lane; x < d; x += lanes) {
+        float acc = 0.0f;
+        for (int k = 0; k < n; ++k) {
+            const std::int32_t g = inverse[i * width + k];
+            if (g < 0) continue;
+            const float v = static_cast<float>(y[static_cast<std::int64_t>(g) * d + x]);
+            acc = mode == Dispatch::naive ? v : fmaf(::foe::detail::bit_cast<float>(hdr[weight_word(width, k)]), v, acc);
+        }
+        dst[x] = T(acc);
+    }
+    return foreign;
+}
+
+/// Sent row r's returned row, from its block position in `back` to row target[r] of y.
+template <class T>
+FOE_HOST_DEVICE inline void land_row(std::int64_t r, const T* back, const std::int32_t* target,
+                                     const BlockLayout& layout, int d, T* y, int lane, int lanes) noexcept
+{
+    const std::int64_t pos = block_position(layout, r);
+    if (pos < 0) return;
+    const T* src = back + pos * d;
+    T* dst = y + static_cast<std::int64_t>(target[r]) * d;
+    for (int x = lane; x < d; x += lanes) dst[x] = src[x];
+}
+
+/// out[t] = base[t] + token t's returned rows of y: naive, sum over slots of weights[t, s]
+/// y[t slots + s] (fma, slot order); dedup, its parts[t] partial sums (member order). fp32, one
+/// rounding to T; base may be null.
+template <class T>
+FOE_HOST_DEVICE inline void combine_token(std::int64_t t, const T* y, const std::int32_t* parts, const float* weights,
+                                          const T* base, int slots, int d, Dispatch mode, T* out, int lane,
+                                          int lanes) noexcept
+{
+    const std::int64_t row0 = t * slots;
+    const int n = mode == Dispatch::naive ? slots : (parts[t] < 0 ? 0 : (parts[t] > slots ? slots : parts[t]));
+    for (int x = lane; x < d; x += lanes) {
+        float acc = base != nullptr ? static_cast<float>(base[t * d + x]) : 0.0f;
+        for (int s = 0; s < n; ++s) {
+            const float v = static_cast<float>(y[(row0 + s) * d + x]);
+            acc = mode == Dispatch::naive ? fmaf(weights[row0 + s], v, acc) : acc + v;
+        }
+        out[t * d + x] = T(acc);
+    }
+}
+
 }  // namespace ep
 
 /// Expert parallelism over an NcclComm whose member j holds the experts of owners' block j.
@@ -389,7 +561,7 @@ void ep_fill_kernel(const std::int32_t* __restrict__ experts, int tokens, int sl
     }
 }
 
-/// send_first[j] = scan[j T] (j <= M), rows_to[j] = the rows to member j (clamped to cap > 0).
+/// ep::send_counts_entry for j in [0, members].
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_send_counts_kernel(const std::int32_t* __restrict__ scan, int tokens, int members, std::int64_t cap,
@@ -398,96 +570,47 @@ void ep_send_counts_kernel(const std::int32_t* __restrict__ scan, int tokens, in
 {
     for (int j = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); j <= members;
          j += static_cast<int>(gridDim.x * blockDim.x)) {
-        const std::int64_t first = scan[static_cast<std::int64_t>(j) * tokens];
-        send_first[j] = static_cast<std::int32_t>(first);
-        if (j == members) continue;
-        const std::int64_t rows = scan[static_cast<std::int64_t>(j + 1) * tokens] - first;
-        if (cap > 0 && rows > cap) atomicOr(status, ep_status::capacity_overflow);
-        rows_to[j] = static_cast<std::int32_t>(cap > 0 && rows > cap ? cap : rows);
+        const std::int32_t s = ep::send_counts_entry(j, scan, tokens, members, cap, send_first, rows_to);
+        if (s != 0) atomicOr(status, s);
     }
 }
 
-/// recv_first = exclusive prefix of the received counts, each clamped to [0, cap] (cap > 0): one
-/// thread, M additions.
+/// ep::receive_prefix: one thread, M additions.
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_recv_first_kernel(const std::int32_t* __restrict__ recv_counts, int members, std::int64_t cap,
                           std::int32_t* __restrict__ recv_first, std::int32_t* status)
 {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    std::int32_t sum = 0;
-    for (int j = 0; j < members; ++j) {
-        recv_first[j] = sum;
-        std::int32_t n = recv_counts[j] < 0 ? 0 : recv_counts[j];
-        if (cap > 0 && n > cap) {
-            atomicOr(status, ep_status::capacity_overflow);
-            n = static_cast<std::int32_t>(cap);
-        }
-        sum += n;
-    }
-    recv_first[members] = sum;
+    const std::int32_t s = ep::receive_prefix(recv_counts, members, cap, recv_first);
+    if (s != 0) atomicOr(status, s);
 }
 
-/// The send buffers: row r's header (ep::header_words int32 words, weights as their bits) and
-/// payload u[row_token[r]] at its block position.
+/// ep::pack_row for every sent row (up to the device total).
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_pack_kernel(const bfloat16* __restrict__ u, const std::int32_t* __restrict__ experts,
                     const float* __restrict__ weights, PlanRowsView plan, BlockLayout layout, Dispatch mode, int width,
                     int d, std::int32_t* __restrict__ header, bfloat16* __restrict__ payload)
 {
-    const int h = ep::header_words(mode, width);
     const std::int64_t rows = layout.first[layout.members];
-    for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const std::int64_t pos = ep::block_position(layout, r);
-        if (pos < 0) continue;  // over the block's capacity: flagged by ep_send_counts_kernel
-        std::int32_t* hdr = header + pos * h;
-        const int n = plan.row_count[r];
-        for (int w = static_cast<int>(threadIdx.x); w < h; w += Launch::block_threads) {
-            if (mode == Dispatch::naive) {
-                hdr[w] = experts[plan.row_pairs[r]];
-            } else if (w == 0) {
-                hdr[w] = n;
-            } else if (w <= width) {
-                const int k = w - 1;
-                hdr[w] = k < n ? experts[plan.row_pairs[r * width + k]] : -1;
-            } else {
-                const int k = w - 1 - width;
-                hdr[w] = __float_as_int(k < n ? weights[plan.row_pairs[r * width + k]] : 0.0f);
-            }
-        }
-        const bfloat16* src = u + static_cast<std::int64_t>(plan.row_token[r]) * d;
-        bfloat16* dst = payload + pos * d;
-        for (int x = static_cast<int>(threadIdx.x); x < d; x += Launch::block_threads) dst[x] = src[x];
-    }
+    for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+        ep::pack_row(r, plan, layout, mode, width, d, u, experts, weights, header, payload,
+                     static_cast<int>(threadIdx.x), Launch::block_threads);
 }
 
-/// pair_expert[i width + k] = expert k of received row i (compact), -1 past its count or the
-/// received total: permute() sorts those to the end.
+/// ep::expand_pair for pairs [0, pairs).
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_expand_kernel(const std::int32_t* __restrict__ header, BlockLayout layout, Dispatch mode, int width,
                       std::int64_t pairs, std::int32_t* __restrict__ pair_expert)
 {
-    const int h = ep::header_words(mode, width);
-    const std::int64_t rows = layout.first[layout.members];
     for (std::int64_t p = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; p < pairs;
-         p += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-        const std::int64_t i = p / width;
-        const int k = static_cast<int>(p % width);
-        std::int32_t e = -1;
-        const std::int64_t pos = i < rows ? ep::block_position(layout, i) : -1;
-        if (pos >= 0) {
-            const std::int32_t* hdr = header + pos * h;
-            const int n = mode == Dispatch::naive ? 1 : min(max(hdr[0], 0), width);
-            if (k < n) e = hdr[ep::expert_word(mode, k)];
-        }
-        pair_expert[p] = e;
-    }
+         p += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+        pair_expert[p] = ep::expand_pair(p, header, layout, mode, width);
 }
 
-/// expert_in[g] = the payload of the received row of sorted pair g, for g < offsets[E_r] (the
-/// pairs of local experts).
+/// ep::gather_pair for the pairs of local experts: g < offsets[E_r] (*routed_end).
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_gather_kernel(const bfloat16* __restrict__ payload, const std::int32_t* __restrict__ sorted_pairs,
@@ -495,87 +618,47 @@ void ep_gather_kernel(const bfloat16* __restrict__ payload, const std::int32_t* 
                       bfloat16* __restrict__ expert_in)
 {
     const std::int64_t routed = *routed_end;
-    for (std::int64_t g = blockIdx.x; g < routed; g += gridDim.x) {
-        const std::int64_t pos = ep::block_position(layout, sorted_pairs[g] / width);
-        if (pos < 0) continue;  // not reached: pairs past the received rows are not routed
-        const bfloat16* src = payload + pos * d;
-        bfloat16* dst = expert_in + g * d;
-        for (int x = static_cast<int>(threadIdx.x); x < d; x += Launch::block_threads) dst[x] = src[x];
-    }
+    for (std::int64_t g = blockIdx.x; g < routed; g += gridDim.x)
+        ep::gather_pair(g, payload, sorted_pairs, layout, width, d, expert_in, static_cast<int>(threadIdx.x),
+                        Launch::block_threads);
 }
 
-/// reply[pos(i)] for every received row i: naive, its expert's output; dedup,
-/// bf16(sum over k < n in slot order of w_k y[pair k]) in fp32.
+/// ep::reply_row for every received row (up to the device total).
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_reply_kernel(const std::int32_t* __restrict__ header, const bfloat16* __restrict__ expert_out,
                      const std::int32_t* __restrict__ inverse, BlockLayout layout, Dispatch mode, int width, int d,
                      bfloat16* __restrict__ reply, std::int32_t* status)
 {
-    const int h = ep::header_words(mode, width);
     const std::int64_t rows = layout.first[layout.members];
     for (std::int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
-        const std::int64_t pos = ep::block_position(layout, i);
-        if (pos < 0) continue;
-        const std::int32_t* hdr = header + pos * h;
-        const int n = mode == Dispatch::naive ? 1 : min(max(hdr[0], 0), width);
-        bool foreign = false;
-        for (int k = 0; k < n; ++k) foreign = foreign || inverse[i * width + k] < 0;
+        const bool foreign = ep::reply_row(i, header, expert_out, inverse, layout, mode, width, d, reply,
+                                           static_cast<int>(threadIdx.x), Launch::block_threads);
         if (foreign && threadIdx.x == 0) atomicOr(status, ep_status::foreign_expert);
-        bfloat16* dst = reply + pos * d;
-        for (int x = static_cast<int>(threadIdx.x); x < d; x += Launch::block_threads) {
-            if (mode == Dispatch::naive) {
-                const std::int32_t g = inverse[i];
-                dst[x] = g >= 0 ? expert_out[static_cast<std::int64_t>(g) * d + x] : bfloat16(0.0f);
-                continue;
-            }
-            float acc = 0.0f;
-            for (int k = 0; k < n; ++k) {
-                const std::int32_t g = inverse[i * width + k];
-                if (g < 0) continue;
-                acc = fmaf(__int_as_float(hdr[ep::weight_word(width, k)]),
-                           static_cast<float>(expert_out[static_cast<std::int64_t>(g) * d + x]), acc);
-            }
-            dst[x] = bfloat16(acc);
-        }
     }
 }
 
-/// y[target[r]] = back[pos(r)] for every sent row r.
+/// ep::land_row for every sent row (up to the device total).
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_land_kernel(const bfloat16* __restrict__ back, const std::int32_t* __restrict__ target, BlockLayout layout,
                     int d, bfloat16* __restrict__ y)
 {
     const std::int64_t rows = layout.first[layout.members];
-    for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const std::int64_t pos = ep::block_position(layout, r);
-        if (pos < 0) continue;
-        const bfloat16* src = back + pos * d;
-        bfloat16* dst = y + static_cast<std::int64_t>(target[r]) * d;
-        for (int x = static_cast<int>(threadIdx.x); x < d; x += Launch::block_threads) dst[x] = src[x];
-    }
+    for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+        ep::land_row(r, back, target, layout, d, y, static_cast<int>(threadIdx.x), Launch::block_threads);
 }
 
-/// One block per token: out[t] = bf16(base[t] + the token's returned rows, in a fixed order).
+/// ep::combine_token, one block per token.
 template <class Launch = EpLaunch>
 FOE_KERNEL(Launch::block_threads)
 void ep_combine_kernel(const bfloat16* __restrict__ y, const std::int32_t* __restrict__ parts,
                        const float* __restrict__ weights, const bfloat16* __restrict__ base, int tokens, int slots,
                        int d, Dispatch mode, bfloat16* __restrict__ out)
 {
-    for (std::int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-        const std::int64_t row0 = t * slots;
-        const int n = mode == Dispatch::naive ? slots : min(max(parts[t], 0), slots);
-        for (int x = static_cast<int>(threadIdx.x); x < d; x += Launch::block_threads) {
-            float acc = base != nullptr ? static_cast<float>(base[t * d + x]) : 0.0f;
-            for (int s = 0; s < n; ++s) {
-                const float v = static_cast<float>(y[(row0 + s) * d + x]);
-                acc = mode == Dispatch::naive ? fmaf(weights[row0 + s], v, acc) : acc + v;
-            }
-            out[t * d + x] = bfloat16(acc);
-        }
-    }
+    for (std::int64_t t = blockIdx.x; t < tokens; t += gridDim.x)
+        ep::combine_token(t, y, parts, weights, base, slots, d, mode, out, static_cast<int>(threadIdx.x),
+                          Launch::block_threads);
 }
 
 }  // namespace kernels_v0_1
