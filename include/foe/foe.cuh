@@ -1,6 +1,8 @@
 #pragma once
 // foe's CUDA parts (needs nvcc, the CUDA runtime and cuBLASLt); foe/foe.hpp is the host library.
-// The NCCL communicator is separate (foe/comm/nccl_comm.cuh; it needs NCCL).
+// The NCCL communicator is separate (foe/comm/nccl_comm.cuh; it needs NCCL), and so is expert
+// parallelism over it (foe/parallel/all_to_all_ep.cuh: DeviceAllToAllEP, naive and deduplicated
+// dispatch, dynamic or fixed capacity).
 //
 //   kernels    rmsnorm, rope, kv_cache, prefill_attention, decode_attention, router, permute,
 //              grouped_swiglu (device offsets), swiglu_experts (per-expert cuBLASLt reference),
