@@ -298,6 +298,10 @@ TEST_CASE("the dispatch plan: rows by destination in token order, dedup one row 
     CHECK(foe::parallel::worst_case_rows(Dispatch::naive, 10, 3, 2) == 20);
     CHECK(foe::parallel::worst_case_rows(Dispatch::dedup, 10, 3, 2) == 10);
 
+    r.experts[4] = 1;  // token 1 selects {1, 1, 0}: three slots on member 0, which holds two experts
+    r.experts[5] = 0;
+    CHECK_THROWS_WITH_AS(foe::parallel::plan_dispatch(r, owners, Dispatch::dedup, plan),
+                         doctest::Contains("token 1 selects more than 2 experts on member 0"), foe::CommError);
     r.experts[4] = 6;  // no member holds expert 6
     CHECK_THROWS_WITH_AS(foe::parallel::plan_dispatch(r, owners, Dispatch::dedup, plan),
                          doctest::Contains("expert 6 is not held by any of the 3 members"), foe::CommError);

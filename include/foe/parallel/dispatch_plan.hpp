@@ -143,6 +143,9 @@ inline void plan_dispatch(const routing::RoutingResult& r, const ExpertOwners& o
                 plan.row_token[static_cast<std::size_t>(row)] = i;
             }
             const index_t n = plan.row_count[static_cast<std::size_t>(row)]++;
+            // A member holds E_r experts, so a token with distinct experts has at most w on it.
+            require<CommError>(n < w, "token ", i, " selects more than ", w, " experts on member ", j,
+                               ", which holds ", owners.experts_per_member, " (an expert selected twice?)");
             plan.row_pairs[static_cast<std::size_t>(row * w + n)] = i * slots + s;
         }
     }
