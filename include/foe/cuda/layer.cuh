@@ -11,6 +11,12 @@
 //   route u inside every held group (top-k/H) or globally (MoE): fp32 logits GEMM + one warp per token
 //   x'[h] = rf + sum_{e chosen in h} w_e FFN_e(u)  permute (CUB), gather, grouped SwiGLU, deterministic combine
 //
+// Expert parallelism (the standard-MoE baselines, LayerSpec::expert_parallel): the layer holds
+// only experts [expert_begin, expert_end) and one stream; forward() takes an ExpertExchange that
+// replaces permute / gather / grouped SwiGLU / combine by its run() and combine(), a collective
+// over the ranks holding the other experts. Attention stays this rank's own (data-parallel:
+// each rank runs its own sequences). With no exchange every path is as before.
+//
 // What makes a decode step capturable in a CUDA graph: the kernels read the batch (positions,
 // slots, lengths) from device memory; every buffer comes from an arena sized by the LayerSpec;
 // the grouped expert GEMM reads the expert offsets on the device; nothing here synchronises with
@@ -34,6 +40,7 @@
 #include "foe/cuda/combine.cuh"
 #include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/elementwise.cuh"
+#include "foe/cuda/expert_exchange.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/cuda/kv_cache.cuh"
@@ -52,7 +59,10 @@ using DeviceReduce = std::function<void(float* values, std::size_t n, cudaStream
 
 /// What a layer is planned for: its buffers hold `max_tokens` rows of a batch of at most
 /// `max_sequences` sequences, and its KV caches `cache_slots` sequences of `cache_capacity`
-/// positions. The held groups are [group_begin, group_end) (group_end -1: all).
+/// positions. The held groups are [group_begin, group_end) (group_end -1: all). With
+/// expert_parallel the layer holds experts [expert_begin, expert_end) of its one held group and
+/// reaches the others through the ExpertExchange its forward() is given; otherwise it holds every
+/// expert of its held groups and the expert range is ignored.
 struct LayerSpec {
     index_t max_tokens = 0;
     index_t max_sequences = 1;
@@ -60,6 +70,9 @@ struct LayerSpec {
     index_t cache_capacity = 0;
     index_t group_begin = 0;
     index_t group_end = -1;
+    bool expert_parallel = false;
+    index_t expert_begin = 0;
+    index_t expert_end = 0;
 };
 
 /// The scratch buffers of one layer's forward. Layers run one after another, so a model shares
@@ -76,8 +89,8 @@ struct LayerScratch {
     std::int32_t* sorted_rows = nullptr;  ///< [T slots]
     std::int32_t* offsets = nullptr;    ///< [held experts + 1]
     std::int32_t* inverse = nullptr;    ///< [T slots]
-    bfloat16* gathered = nullptr;       ///< [T slots, d]
-    bfloat16* expert_out = nullptr;     ///< [T slots, d]
+    bfloat16* gathered = nullptr;       ///< [T slots, d] (none with expert parallelism)
+    bfloat16* expert_out = nullptr;     ///< [T slots, d] (the exchange's y with expert parallelism)
     void* permute_ws = nullptr;
     void* attention_ws = nullptr;
     void* experts_ws = nullptr;
@@ -105,13 +118,16 @@ struct LayerScratch {
         visit(sorted_rows, t * slots);
         visit(offsets, held_experts + 1);
         visit(inverse, t * slots);
-        visit(gathered, t * slots * d);
+        // With expert parallelism the exchange gathers and runs the experts in its own buffers.
+        const bool local = !s.expert_parallel;
+        visit(gathered, local ? t * slots * d : 0);
         visit(expert_out, t * slots * d);
         visit_bytes(visit, permute_ws, permute_bytes);
         visit_bytes(visit, attention_ws, attention_workspace_bytes(shape, s.max_sequences));
         visit_bytes(visit, experts_ws,
-                    grouped_swiglu_workspace_bytes(static_cast<index_t>(t * slots), static_cast<index_t>(held_experts),
-                                                   c.intermediate_size));
+                    local ? grouped_swiglu_workspace_bytes(static_cast<index_t>(t * slots),
+                                                           static_cast<index_t>(held_experts), c.intermediate_size)
+                          : 0);
     }
 
 private:
@@ -169,13 +185,19 @@ public:
     /// in: [in_streams, T, d] (in_streams 1: the embedding, shared by every group; or streams());
     /// out: [streams(), T, d], T = batch.tokens <= spec.max_tokens. Appends the batch's keys and
     /// values to the caches. `reduce` must be set exactly when other ranks hold groups.
+    /// `experts` must be given exactly when the layer was planned expert-parallel; it is then
+    /// called even for an empty batch (T = 0: only the exchange runs, so that the ranks holding
+    /// the other experts are not left waiting).
     void forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* in, index_t in_streams, bfloat16* out,
-                 LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream);
+                 LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream,
+                 ExpertExchange* experts = nullptr);
 
     [[nodiscard]] index_t streams() const noexcept { return group_end_ - group_begin_; }
     [[nodiscard]] index_t slots_per_token() const noexcept { return streams() * config_.top_k_per_group(); }
-    [[nodiscard]] index_t expert_begin() const noexcept { return group_begin_ * config_.experts_per_group(); }
-    [[nodiscard]] index_t held_experts() const noexcept { return streams() * config_.experts_per_group(); }
+    /// The experts this layer holds: its groups' (local), or its spec's range (expert-parallel).
+    [[nodiscard]] index_t expert_begin() const noexcept { return expert_begin_; }
+    [[nodiscard]] index_t held_experts() const noexcept { return held_experts_; }
+    [[nodiscard]] bool expert_parallel() const noexcept { return spec_.expert_parallel; }
     [[nodiscard]] index_t group_begin() const noexcept { return group_begin_; }
     [[nodiscard]] std::size_t weight_bytes() const noexcept { return weights_.bytes(); }
     [[nodiscard]] std::size_t cache_bytes() const noexcept { return cache_.bytes(); }
@@ -192,6 +214,7 @@ private:
     ModelConfig config_;
     LayerSpec spec_;
     index_t group_begin_, group_end_;
+    index_t expert_begin_ = 0, held_experts_ = 0;
     DeviceArena weights_, cache_;
     bfloat16 *input_norm_ = nullptr, *post_norm_ = nullptr, *q_norm_ = nullptr, *k_norm_ = nullptr;
     bfloat16* gate_ = nullptr;        // [E, d]
@@ -254,6 +277,19 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     require<InvalidArgument>(0 <= group_begin_ && group_begin_ < group_end_ && group_end_ <= config.groups(),
                              "held groups [", group_begin_, ", ", group_end_, ") are not a non-empty range inside [0, ",
                              config.groups(), ")");
+    const index_t per_group = config.experts_per_group();
+    expert_begin_ = spec.expert_parallel ? spec.expert_begin : group_begin_ * per_group;
+    held_experts_ = spec.expert_parallel ? spec.expert_end - spec.expert_begin : streams() * per_group;
+    if (spec.expert_parallel) {
+        // One stream: the exchange's combine adds every slot of a token into one output row.
+        require<InvalidArgument>(streams() == 1, "an expert-parallel layer holds one group (one stream), not ",
+                                 streams());
+        require<InvalidArgument>(group_begin_ * per_group <= spec.expert_begin && spec.expert_begin < spec.expert_end &&
+                                     spec.expert_end <= group_end_ * per_group,
+                                 "expert-parallel layer: experts [", spec.expert_begin, ", ", spec.expert_end,
+                                 ") are not a non-empty range of the held group's [", group_begin_ * per_group, ", ",
+                                 group_end_ * per_group, ")");
+    }
     require<InvalidArgument>(spec.max_tokens > 0 && spec.max_sequences > 0 && spec.cache_slots > 0 &&
                                  spec.cache_capacity > 0,
                              "layer plan: max_tokens (", spec.max_tokens, "), max_sequences (", spec.max_sequences,
@@ -364,17 +400,20 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
 
 template <DeviceGemmPolicy Gemm>
 void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* in, index_t in_streams,
-                          bfloat16* out, LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream)
+                          bfloat16* out, LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream,
+                          ExpertExchange* experts)
 {
     LayerScratch& s = workspace.scratch();
     const LayerSpec& ws = workspace.spec();
     require(ws.max_tokens >= spec_.max_tokens && ws.max_sequences >= spec_.max_sequences &&
                 ws.cache_capacity >= spec_.cache_capacity && ws.group_begin == spec_.group_begin &&
-                (ws.group_end < 0 ? config_.groups() : ws.group_end) == group_end_,
+                (ws.group_end < 0 ? config_.groups() : ws.group_end) == group_end_ &&
+                ws.expert_parallel == spec_.expert_parallel,
             "layer forward: the workspace was planned for ", ws.max_tokens, " tokens, ", ws.max_sequences,
-            " sequences, capacity ", ws.cache_capacity, " and groups [", ws.group_begin, ", ", ws.group_end,
-            "); the layer needs at least ", spec_.max_tokens, ", ", spec_.max_sequences, ", ", spec_.cache_capacity,
-            " and groups [", group_begin_, ", ", group_end_, ")");
+            " sequences, capacity ", ws.cache_capacity, " and groups [", ws.group_begin, ", ", ws.group_end, ")",
+            ws.expert_parallel ? ", expert-parallel" : "", "; the layer needs at least ", spec_.max_tokens, ", ",
+            spec_.max_sequences, ", ", spec_.cache_capacity, " and groups [", group_begin_, ", ", group_end_, ")",
+            spec_.expert_parallel ? ", expert-parallel" : "");
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size, held = streams(), groups = c.groups();
     const index_t qh = c.q_heads_per_group(), kvh = c.kv_heads_per_group(), hd = c.head_dim;
@@ -388,6 +427,22 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
     require(static_cast<bool>(reduce) == (held < groups), "layer forward: this rank holds ", held, " of ", groups,
             " groups, so a cross-rank reduce must be given ", held < groups ? "" : "not ", "(got ",
             reduce ? "one" : "none", ")");
+    require((experts != nullptr) == spec_.expert_parallel, "layer forward: the layer was planned ",
+            spec_.expert_parallel ? "expert-parallel, so an expert exchange must be given"
+                                  : "with local experts, so no expert exchange may be given");
+    const GroupedExpertWeights held_weights{gate_up_, down_, held_experts_, d, c.intermediate_size};
+    if (experts != nullptr) {
+        require(experts->expert_begin() == expert_begin_ && experts->expert_count() == held_experts_ &&
+                    experts->slots() == slots_per_token() && t <= experts->max_tokens(),
+                "layer forward: the expert exchange holds experts [", experts->expert_begin(), ", ",
+                experts->expert_begin() + experts->expert_count(), ") with ", experts->slots(),
+                " slots per token for up to ", experts->max_tokens(), " tokens; the layer holds [", expert_begin_, ", ",
+                expert_begin_ + held_experts_, "), routes ", slots_per_token(), " slots and has ", t, " tokens");
+        if (t == 0) {  // nothing of its own to do, but the peers' rows still come here
+            experts->run(held_weights, nullptr, nullptr, nullptr, 0, nullptr, stream);
+            return;
+        }
+    }
     if (t == 0) return;
     const auto rows = static_cast<std::size_t>(t * d);
     const AttentionShape shape{qh, kvh, hd, spec_.cache_capacity};
@@ -437,11 +492,15 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
     const RouterArgs args{c.scoring_func == ScoreFunction::sigmoid ? RouterScore::sigmoid : RouterScore::softmax,
                           c.num_experts, groups, c.num_experts_per_tok, group_begin_, group_end_, c.norm_topk_prob};
     route(args, s.router_logits, gate_bias_, t, routed_experts_, routed_weights_, stream);
+    if (experts != nullptr) {  // the routed rows go to the ranks holding their experts and come back
+        experts->run(held_weights, routed_experts_, routed_weights_, s.u, t, s.expert_out, stream);
+        experts->combine(s.expert_out, routed_weights_, rf, t, out, stream);
+        return;
+    }
     permute(workspace.permute_plan(), t * slots, routed_experts_, expert_begin(), s.permute_ws,
             PermuteOutputs{s.sorted_rows, s.offsets, s.inverse}, stream);
     gather_rows(s.u, s.sorted_rows, t * slots, slots, d, s.gathered, stream);
-    grouped_swiglu(GroupedExpertWeights{gate_up_, down_, held_experts(), d, c.intermediate_size}, s.offsets,
-                   s.gathered, t * slots, s.experts_ws, s.expert_out, stream);
+    grouped_swiglu(held_weights, s.offsets, s.gathered, t * slots, s.experts_ws, s.expert_out, stream);
     combine(s.expert_out, s.inverse, routed_weights_, rf, t, d, slots, c.top_k_per_group(), out, stream);
 }
 

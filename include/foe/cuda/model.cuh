@@ -14,6 +14,14 @@
 // model's stream, and copies the logits back. A decode step (every sequence one new token) is
 // captured once per batch size into a CUDA graph and replayed: the kernels read the batch from
 // those fixed buffers, so a replay with new tokens and positions needs no new capture.
+//
+// Expert parallelism (the standard-MoE baseline with data-parallel attention): give the model an
+// ExpertExchange (parallel::NcclExpertExchange) and it holds only that exchange's experts; every
+// layer sends its routed rows through it. Each rank runs its own sequences, and every rank calls
+// forward() for every step (an empty Batch when it has nothing to run: its layers still serve the
+// peers' rows). The dynamic exchange synchronises with the host once per layer, so it is not
+// capturable: decode steps replay CUDA graphs only with a second, fixed-capacity exchange
+// (decode_expert_exchange, sized for max_sequences tokens), and otherwise run eagerly.
 
 #include <algorithm>
 #include <cstdint>
@@ -32,6 +40,7 @@
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/combine.cuh"
 #include "foe/cuda/elementwise.cuh"
+#include "foe/cuda/expert_exchange.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/layer.cuh"
@@ -71,6 +80,20 @@ struct CudaModelOptions {
     /// the collectives inside the graph are watched like eager ones).
     std::function<void(cudaStream_t)> after_graph_launch;
     bool check_finite = false;     ///< throw NumericalError for a non-finite logit (checked on the host)
+    /// Expert parallelism: the model holds the experts this exchange says this rank holds and
+    /// reaches the others through it, in every forward but a captured decode step. Needs a config
+    /// of one expert group (the standard MoE) and max_tokens() >= max_batch_tokens. The exchange
+    /// (and its communicator) must outlive the model; its device memory is not in memory().
+    std::shared_ptr<ExpertExchange> expert_exchange;
+    /// The exchange of decode steps replayed from CUDA graphs: capturable() (fixed capacity), the
+    /// same experts, max_tokens() >= max_sequences. Every rank must then make the same kind of step
+    /// at the same time (all decode steps, or none), since the two exchanges do not talk to each
+    /// other. Null: with an expert_exchange, decode steps run eagerly (no graphs).
+    std::shared_ptr<ExpertExchange> decode_expert_exchange;
+    /// Called while a forward is enqueued, before layer l (l = 0 .. L-1) and after the last
+    /// (l = L), with the model's stream: e.g. to record CUDA events that time the layers. Also
+    /// called during a decode graph's capture (what it enqueues is captured).
+    std::function<void(index_t layer, cudaStream_t)> layer_boundary;
 };
 
 /// Device bytes a CudaModel holds, by purpose (the GEMM policy's own workspace, 32 MiB for
@@ -115,7 +138,7 @@ public:
 private:
     /// Enqueues embedding, layers, stream average, final norm and LM head for the batch staged
     /// in the device batch buffers: the part of a forward a graph captures.
-    void enqueue_forward(const DeviceBatch& batch);
+    void enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts);
     void stage(const Batch& batch, std::span<const std::int32_t> tokens);
     void run_decode_graph(const DeviceBatch& batch);
 
@@ -186,6 +209,30 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     require<InvalidArgument>(static_cast<bool>(o.reduce_streams) == (held_ < c.groups()), "this model holds ", held_,
                              " of ", c.groups(), " groups: reduce_streams must be set exactly when other ranks hold "
                              "groups");
+    if (o.expert_exchange) {
+        const ExpertExchange& ep = *o.expert_exchange;
+        require<InvalidArgument>(c.groups() == 1, "expert parallelism in CudaModel is the standard-MoE baseline's: the "
+                                 "config needs one expert group, it has ", c.groups());
+        require<InvalidArgument>(ep.max_tokens() >= o.max_batch_tokens, "the expert exchange takes ", ep.max_tokens(),
+                                 " tokens; the model is planned for max_batch_tokens = ", o.max_batch_tokens);
+        require<InvalidArgument>(ep.expert_count() > 0 && ep.expert_begin() >= 0 &&
+                                     ep.expert_begin() + ep.expert_count() <= c.num_experts,
+                                 "the expert exchange holds experts [", ep.expert_begin(), ", ",
+                                 ep.expert_begin() + ep.expert_count(), "), not a range of the config's ",
+                                 c.num_experts);
+    }
+    if (o.decode_expert_exchange) {
+        const ExpertExchange& dec = *o.decode_expert_exchange;
+        require<InvalidArgument>(o.expert_exchange != nullptr && o.cuda_graphs,
+                                 "decode_expert_exchange is for captured decode steps: it needs an expert_exchange and "
+                                 "cuda_graphs");
+        require<InvalidArgument>(dec.capturable(), "decode_expert_exchange must be capturable (fixed capacity)");
+        require<InvalidArgument>(dec.expert_begin() == o.expert_exchange->expert_begin() &&
+                                     dec.expert_count() == o.expert_exchange->expert_count() &&
+                                     dec.slots() == o.expert_exchange->slots() && dec.max_tokens() >= o.max_sequences,
+                                 "decode_expert_exchange must hold the expert_exchange's experts and take "
+                                 "max_sequences (", o.max_sequences, ") tokens; it takes ", dec.max_tokens());
+    }
     lengths_.assign(static_cast<std::size_t>(o.cache_slots), 0);
     const int devices = cuda_device_count();
     require<CudaError>(devices > 0, "CudaModel: no CUDA device is available");
@@ -196,8 +243,12 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     stream_ = std::make_unique<Stream>();
     gemm_ = std::make_unique<Gemm>();
 
-    const LayerSpec spec{o.max_batch_tokens, o.max_sequences, o.cache_slots, o.cache_capacity, o.group_begin,
-                         o.group_end};
+    LayerSpec spec{o.max_batch_tokens, o.max_sequences, o.cache_slots, o.cache_capacity, o.group_begin, o.group_end};
+    if (o.expert_exchange) {
+        spec.expert_parallel = true;
+        spec.expert_begin = o.expert_exchange->expert_begin();
+        spec.expert_end = spec.expert_begin + o.expert_exchange->expert_count();
+    }
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
         layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*weights, l), spec));
         memory_.weights += layers_.back()->weight_bytes();
@@ -272,7 +323,7 @@ void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> to
 }
 
 template <DeviceGemmPolicy Gemm>
-void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch)
+void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts)
 {
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size;
@@ -280,11 +331,17 @@ void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch)
     embedding(embed_, batch_device_ + batch_layout_->offset(BatchLayout::ids), t, d, stream_a_, stream_->get());
     bfloat16 *in = stream_a_, *out = stream_b_;
     index_t in_streams = 1;
-    for (auto& layer : layers_) {
-        layer->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_->get());
+    const auto boundary = [&](index_t l) {
+        if (options_.layer_boundary) options_.layer_boundary(l, stream_->get());
+    };
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+        boundary(static_cast<index_t>(l));
+        layers_[l]->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_->get(),
+                            experts);
         std::swap(in, out);
         in_streams = held_;
     }
+    boundary(static_cast<index_t>(layers_.size()));
     // Average the H streams (in order, then over the ranks holding the others), final norm, head.
     if (options_.reduce_streams) {
         stream_sum(in, held_, td, hidden32_, stream_->get());
@@ -303,8 +360,9 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
     // The graph bakes in every host-side argument of the decode step: the token count (= the
     // sequence count) and the buffers' addresses. Positions, slots, lengths and token ids are
     // read on the device, so one graph per batch size serves every later step of that size.
+    ExpertExchange* experts = options_.decode_expert_exchange.get();
     if (uncapturable_.contains(batch.tokens)) {
-        enqueue_forward(batch);
+        enqueue_forward(batch, experts);
         return;
     }
     auto it = graphs_.find(batch.tokens);
@@ -312,7 +370,7 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
         cudaGraph_t graph = nullptr;
         check(cudaStreamBeginCapture(stream_->get(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
         try {
-            enqueue_forward(batch);
+            enqueue_forward(batch, experts);
         } catch (...) {
             (void)cudaStreamEndCapture(stream_->get(), &graph);  // leaves capture mode; the partial graph is dropped
             if (graph != nullptr) (void)cudaGraphDestroy(graph);
@@ -325,12 +383,12 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
             if (graph != nullptr) (void)cudaGraphDestroy(graph);
             // With collectives in the step every rank must capture alike (NCCL requires it): a
             // rank cannot quietly fall back on its own, so that is an error for the caller.
-            require<CudaError>(!options_.reduce_streams, "CudaModel: capturing the decode step of ", batch.tokens,
-                               " tokens failed (", cudaGetErrorString(ended),
-                               "); with a cross-rank reduce, set cuda_graphs = false on every rank");
+            require<CudaError>(!options_.reduce_streams && experts == nullptr, "CudaModel: capturing the decode step of ",
+                               batch.tokens, " tokens failed (", cudaGetErrorString(ended),
+                               "); with a cross-rank reduce or expert exchange, set cuda_graphs = false on every rank");
             // Something in the step cannot be captured: run this size eagerly from now on.
             uncapturable_.insert(batch.tokens);
-            enqueue_forward(batch);
+            enqueue_forward(batch, experts);
             return;
         }
         cudaGraphExec_t exec = nullptr;
@@ -367,6 +425,18 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
             lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
     };
     if (t == 0) {  // as on the host: an empty chunk still sets its slot's length
+        if (options_.expert_exchange) {
+            // The peers' routed rows still come to this rank's experts, layer by layer.
+            const DeviceBatch none{};
+            for (std::size_t l = 0; l < layers_.size(); ++l) {
+                if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(l), stream_->get());
+                layers_[l]->forward(*gemm_, none, nullptr, 1, nullptr, *workspace_, options_.reduce_streams,
+                                    stream_->get(), options_.expert_exchange.get());
+            }
+            if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(layers_.size()), stream_->get());
+            if (options_.synchronize) options_.synchronize(stream_->get());
+            else check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
+        }
         commit_lengths();
         return logits;
     }
@@ -376,8 +446,10 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     // A graph only for a pure decode step: every sequence exactly one token (a zero-length chunk
     // would change the sequence count, which the graph bakes in).
     const bool decode_step = db.max_new_tokens == 1 && batch.tokens() == batch.sequences();
-    if (options_.cuda_graphs && decode_step) run_decode_graph(db);
-    else enqueue_forward(db);
+    // With expert parallelism a graph needs the capturable exchange.
+    const bool graphs = options_.cuda_graphs && (!options_.expert_exchange || options_.decode_expert_exchange);
+    if (graphs && decode_step) run_decode_graph(db);
+    else enqueue_forward(db, options_.expert_exchange.get());
     if (n_kept == t) {
         check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
                               cudaMemcpyDeviceToHost, stream_->get()),

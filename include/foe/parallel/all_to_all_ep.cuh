@@ -50,6 +50,10 @@
 //            capacity_bytes(spec) returns all of it but the CUB temporaries; bytes() the arena.
 //            The wire carries S (4 h + 2 d) + S 2 d bytes per exchange whatever the routing.
 //
+// NcclExpertExchange binds one to its NcclComm as the CUDA layer's ExpertExchange
+// (foe/cuda/expert_exchange.cuh): CudaModel then runs the standard-MoE baseline expert-parallel,
+// the dynamic variant in eager forwards and a fixed one in captured decode steps.
+//
 // Errors found on the device (an expert no member holds, a token naming one expert twice, a block
 // over its capacity, a row for an expert this rank does not hold) drop the rows concerned, never
 // write outside a buffer, and set bits of a status word: the dynamic variant throws CommError
@@ -67,10 +71,12 @@
 #include <vector>
 
 #include "foe/comm/nccl_comm.cuh"
+#include "foe/core/config.hpp"
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/arena.cuh"
 #include "foe/cuda/check.cuh"
+#include "foe/cuda/expert_exchange.cuh"
 #include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/cuda/permute.cuh"
 #include "foe/parallel/dispatch_plan.hpp"
@@ -517,6 +523,67 @@ private:
     index_t planned_tokens_ = 0;
     std::vector<index_t> send_rows_, recv_rows_, send_n_, recv_n_, ones_;  // [members], reused
 };
+
+/// A DeviceAllToAllEP bound to its communicator: the ExpertExchange of the CUDA layer and model
+/// (CudaModelOptions::expert_exchange, decode_expert_exchange). This rank holds owners' block
+/// spec.rank. The communicator must outlive it, and it must outlive every CUDA graph that
+/// captured it.
+class NcclExpertExchange final : public cuda::ExpertExchange {
+public:
+    /// Plans and allocates the exchange; throws InvalidArgument when comm is not the spec's
+    /// members (size) or rank.
+    NcclExpertExchange(comm::NcclComm& comm, const DeviceEpSpec& spec);
+
+    void run(const cuda::GroupedExpertWeights& held, const std::int32_t* experts, const float* weights,
+             const bfloat16* u, index_t tokens, bfloat16* y, cudaStream_t stream) override
+    {
+        ep_.run(*comm_, held, experts, weights, u, tokens, y, stream);
+    }
+    void combine(const bfloat16* y, const float* weights, const bfloat16* base, index_t tokens, bfloat16* out,
+                 cudaStream_t stream) override
+    {
+        ep_.combine(y, weights, base, tokens, out, stream);
+    }
+    [[nodiscard]] index_t max_tokens() const noexcept override { return ep_.spec().max_tokens; }
+    [[nodiscard]] index_t slots() const noexcept override { return ep_.spec().slots; }
+    [[nodiscard]] index_t expert_begin() const noexcept override
+    {
+        const DeviceEpSpec& s = ep_.spec();
+        return s.owners.first_expert + s.rank * s.owners.experts_per_member;
+    }
+    [[nodiscard]] index_t expert_count() const noexcept override { return ep_.spec().owners.experts_per_member; }
+    [[nodiscard]] bool capturable() const noexcept override { return ep_.spec().fixed_capacity; }
+
+    [[nodiscard]] DeviceAllToAllEP& exchange() noexcept { return ep_; }
+    [[nodiscard]] const DeviceAllToAllEP& exchange() const noexcept { return ep_; }
+
+private:
+    comm::NcclComm* comm_;
+    DeviceAllToAllEP ep_;
+};
+
+/// The exchange of a standard-MoE model (one expert group, global top-k) whose E experts are
+/// spread evenly over `members` ranks, member j holding [j E/members, (j+1) E/members): one
+/// exchange serves every layer (they run one after another). Throws ConfigError when the
+/// experts do not split evenly or the config has more than one group.
+[[nodiscard]] inline DeviceEpSpec moe_ep_spec(const ModelConfig& c, int members, int rank, Dispatch mode,
+                                              bool fixed_capacity, index_t max_tokens)
+{
+    require<ConfigError>(c.groups() == 1, "moe_ep_spec: expert parallelism of the MoE baseline needs one expert group, "
+                         "the config has ", c.groups());
+    require<ConfigError>(members > 0 && c.num_experts % members == 0, "moe_ep_spec: ", c.num_experts,
+                         " experts do not split evenly over ", members, " ranks");
+    DeviceEpSpec s;
+    s.mode = mode;
+    s.fixed_capacity = fixed_capacity;
+    s.max_tokens = max_tokens;
+    s.slots = c.num_experts_per_tok;
+    s.hidden = c.hidden_size;
+    s.intermediate = c.intermediate_size;
+    s.owners = ExpertOwners{0, c.num_experts / members, members};
+    s.rank = rank;
+    return s;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Kernels.
@@ -1016,6 +1083,15 @@ inline std::int32_t DeviceAllToAllEP::status(cudaStream_t stream) const
                 "cudaMemcpyAsync (status)");
     cuda::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     return s;
+}
+
+inline NcclExpertExchange::NcclExpertExchange(comm::NcclComm& comm, const DeviceEpSpec& spec)
+    : comm_((require<InvalidArgument>(comm.size() == spec.owners.members && comm.rank() == spec.rank,
+                                      "NcclExpertExchange: planned as member ", spec.rank, " of ", spec.owners.members,
+                                      ", the communicator is rank ", comm.rank(), " of ", comm.size()),
+             &comm)),
+      ep_(spec)
+{
 }
 
 }  // namespace foe::parallel

@@ -1,0 +1,297 @@
+// Expert parallelism in the CUDA layer and model (CudaModelOptions::expert_exchange, a
+// parallel::NcclExpertExchange): the standard-MoE model whose experts go through DeviceAllToAllEP
+// over a one-rank NcclComm equals the same model with local experts and the host model, for naive
+// and deduplicated dispatch, dynamic and fixed capacity; a decode step replayed from a CUDA graph
+// with the fixed-capacity exchange equals the eager step; an empty batch still runs the
+// exchanges. With two GPUs, two ranks of a data-parallel MoE (each its own sequence, half the
+// experts, naive dispatch) equal the one-rank model on each sequence. Without a CUDA device every test case says
+// so and passes.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "cuda_test_util.hpp"
+#include "foe/comm/nccl_comm.cuh"
+#include "foe/cuda/model.cuh"
+#include "foe/model/host_model.hpp"
+#include "foe/parallel/all_to_all_ep.cuh"
+
+using namespace foe::cuda::testing;
+using foe::Batch;
+using foe::ModelConfig;
+using foe::ModelWeights;
+using foe::comm::NcclComm;
+using foe::parallel::Dispatch;
+using foe::parallel::NcclExpertExchange;
+
+namespace {
+
+/// As test_cuda_model.cu: a logit carries a few bf16 roundings per layer.
+constexpr double model_tolerance = 4e-2;
+
+/// got against want row by row (logits [rows, vocab]), skipping the rows whose experts differ in
+/// some layer between the two models (a near tie decided the other way on bf16 activations; they
+/// must be rare).
+void check_close(const foe::ModelInterface& ref, const foe::ModelInterface& dev, const std::vector<float>& want,
+                 const std::vector<float>& got, double tolerance)
+{
+    const foe::index_t vocab = ref.config().vocab_size;
+    REQUIRE(want.size() == got.size());
+    const auto rows = static_cast<foe::index_t>(want.size()) / vocab;
+    std::vector<bool> flipped(sz(rows), false);
+    for (foe::index_t l = 0; l < ref.config().num_hidden_layers; ++l) {
+        const auto& a = ref.last_routing(l);
+        const auto& b = dev.last_routing(l);
+        REQUIRE(a.tokens == b.tokens);
+        REQUIRE(a.slots_per_token == b.slots_per_token);
+        for (foe::index_t t = 0; t < a.tokens && t < rows; ++t) {
+            std::vector<std::int32_t> x, y;
+            for (foe::index_t s = 0; s < a.slots_per_token; ++s) {
+                x.push_back(a.expert(t, s));
+                y.push_back(b.expert(t, s));
+            }
+            std::sort(x.begin(), x.end());
+            std::sort(y.begin(), y.end());
+            if (x != y) flipped[sz(t)] = true;
+        }
+    }
+    const auto flips = std::count(flipped.begin(), flipped.end(), true);
+    CHECK_MESSAGE(flips <= rows / 10 + 1, flips, " of ", rows, " rows were routed differently");
+    double scale = 0.0, worst = 0.0;
+    for (float v : want) scale = std::max(scale, std::abs(static_cast<double>(v)));
+    for (foe::index_t t = 0; t < rows; ++t) {
+        if (flipped[sz(t)]) continue;
+        for (foe::index_t j = 0; j < vocab; ++j) {
+            const auto g = static_cast<double>(got[sz(t * vocab + j)]);
+            worst = std::isfinite(g) ? std::max(worst, std::abs(g - static_cast<double>(want[sz(t * vocab + j)])))
+                                     : std::numeric_limits<double>::infinity();
+        }
+    }
+    CHECK(worst / scale < tolerance);
+}
+
+/// The standard MoE (one group, global top-k) in a shape the tensor-core attention takes.
+ModelConfig moe_config(foe::ScoreFunction score = foe::ScoreFunction::softmax)
+{
+    ModelConfig c = foe::named_config("moe-small");
+    c.hidden_size = 256;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 4;
+    c.head_dim = 32;
+    c.num_hidden_layers = 2;
+    c.num_experts = 16;
+    c.num_experts_per_tok = 4;
+    c.intermediate_size = 128;
+    c.vocab_size = 512;
+    c.max_position_embeddings = 256;
+    c.scoring_func = score;
+    c.validate();
+    return c;
+}
+
+std::shared_ptr<const ModelWeights> bf16_weights(const ModelConfig& c, std::uint64_t seed)
+{
+    return std::make_shared<const ModelWeights>(foe::stored_as(foe::random_weights(c, seed), foe::DType::bf16));
+}
+
+std::vector<std::int32_t> random_tokens(foe::index_t n, foe::index_t vocab, std::uint64_t seed)
+{
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(vocab - 1));
+    std::vector<std::int32_t> t(sz(n));
+    for (auto& v : t) v = d(rng);
+    return t;
+}
+
+constexpr foe::index_t max_tokens = 96;
+
+fc::CudaModelOptions base_options(const ModelConfig& c, bool graphs, foe::index_t slots = 2)
+{
+    fc::CudaModelOptions o;
+    o.cache_slots = slots;
+    o.cache_capacity = c.max_position_embeddings;
+    o.max_batch_tokens = max_tokens;
+    o.cuda_graphs = graphs;
+    return o;
+}
+
+std::shared_ptr<NcclExpertExchange> exchange(NcclComm& comm, const ModelConfig& c, Dispatch mode, bool fixed,
+                                             foe::index_t tokens, int members = 1, int rank = 0)
+{
+    return std::make_shared<NcclExpertExchange>(comm, foe::parallel::moe_ep_spec(c, members, rank, mode, fixed, tokens));
+}
+
+}  // namespace
+
+TEST_CASE("cuda ep model: one-rank expert parallelism (naive, dedup; dynamic, fixed) equals local experts and the host")
+{
+    if (!have_device()) return;
+    auto comm = NcclComm::with_self(0);
+    for (const auto score : {foe::ScoreFunction::softmax, foe::ScoreFunction::sigmoid}) {
+        const ModelConfig c = moe_config(score);
+        const auto w = bf16_weights(c, 31);
+        const auto tokens = random_tokens(41, c.vocab_size, 32);
+        const auto host = foe::make_model(w);
+        const auto want = host->prefill(tokens);
+        fc::CudaModel<> local(w, base_options(c, false));
+        for (const Dispatch mode : {Dispatch::naive, Dispatch::dedup})
+            for (const bool fixed : {false, true}) {
+                CAPTURE(static_cast<int>(score));
+                CAPTURE(foe::parallel::to_string(mode));
+                CAPTURE(fixed);
+                const auto plain = local.prefill(tokens);  // (its routing is what check_close compares)
+                auto o = base_options(c, false);
+                o.expert_exchange = exchange(comm, c, mode, fixed, max_tokens);
+                fc::CudaModel<> ep(w, o);
+                const auto got = ep.prefill(tokens);
+                check_close(local, ep, plain.values(), got.values(), bf16_tolerance);
+                check_close(*host, ep, want.values(), got.values(), model_tolerance);
+                // Again, and a ragged batch of two sequences: the exchange's buffers are reused.
+                CHECK(same_bits(ep.prefill(tokens).values(), got.values()));
+                const auto a = random_tokens(9, c.vocab_size, 33), b = random_tokens(14, c.vocab_size, 34);
+                std::vector<std::int32_t> ids(a);
+                ids.insert(ids.end(), b.begin(), b.end());
+                const Batch batch({foe::SequenceChunk{0, 0, 9}, foe::SequenceChunk{1, 0, 14}});
+                const auto want_ragged = local.forward(batch, ids);
+                const auto got_ragged = ep.forward(batch, ids);
+                check_close(local, ep, want_ragged.values(), got_ragged.values(), bf16_tolerance);
+                // An empty batch still runs every layer's exchange (0 tokens) and changes nothing.
+                CHECK(ep.forward(Batch{}, {}).values().empty());
+                CHECK(ep.sequence_length(1) == 14);
+            }
+    }
+    CHECK_FALSE(comm.aborted());
+}
+
+TEST_CASE("cuda ep model: a decode step replayed from a graph with the fixed-capacity exchange equals the eager step")
+{
+    if (!have_device()) return;
+    auto comm = NcclComm::with_self(0);
+    const ModelConfig c = moe_config();
+    const auto w = bf16_weights(c, 35);
+    const foe::index_t vocab = c.vocab_size, slots = 3;
+    for (const Dispatch mode : {Dispatch::naive, Dispatch::dedup}) {
+        CAPTURE(foe::parallel::to_string(mode));
+        auto graphed_o = base_options(c, true, slots);
+        graphed_o.expert_exchange = exchange(comm, c, mode, false, max_tokens);
+        graphed_o.decode_expert_exchange = exchange(comm, c, mode, true, slots);
+        auto eager_o = base_options(c, false, slots);
+        eager_o.expert_exchange = exchange(comm, c, mode, true, max_tokens);  // eager, fixed capacity
+        fc::CudaModel<> graphed(w, graphed_o), eager(w, eager_o), local(w, base_options(c, false, slots));
+        for (foe::index_t s = 0; s < slots; ++s) {
+            const auto prompt = random_tokens(6 + 5 * s, vocab, 40 + static_cast<std::uint64_t>(s));
+            (void)graphed.prefill(prompt, s);
+            (void)eager.prefill(prompt, s);
+            (void)local.prefill(prompt, s);
+        }
+        for (int step = 0; step < 3; ++step) {  // one graph of 3 tokens, captured once, replayed
+            CAPTURE(step);
+            std::vector<foe::SequenceChunk> chunks;
+            for (const foe::index_t s : {2, 0, 1}) chunks.push_back({s, graphed.sequence_length(s), 1});
+            const Batch batch(chunks);
+            const auto ids = random_tokens(3, vocab, 50 + static_cast<std::uint64_t>(step));
+            const auto g = graphed.forward(batch, ids);
+            const auto e = eager.forward(batch, ids);
+            const auto l = local.forward(batch, ids);
+            check_close(eager, graphed, e.values(), g.values(), bf16_tolerance);
+            check_close(local, graphed, l.values(), g.values(), bf16_tolerance);
+        }
+        CHECK(graphed.captured_graphs() == 1);
+        CHECK(eager.captured_graphs() == 0);
+    }
+    CHECK_FALSE(comm.aborted());
+}
+
+TEST_CASE("cuda ep model: bad expert-parallel options are typed errors")
+{
+    if (!have_device()) return;
+    auto comm = NcclComm::with_self(0);
+    const ModelConfig c = moe_config();
+    const auto w = bf16_weights(c, 36);
+    auto o = base_options(c, true);
+    o.expert_exchange = exchange(comm, c, Dispatch::naive, false, max_tokens - 1);  // below max_batch_tokens
+    CHECK_THROWS_AS(fc::CudaModel<>(w, o), foe::InvalidArgument);
+    o.expert_exchange = exchange(comm, c, Dispatch::naive, false, max_tokens);
+    o.decode_expert_exchange = exchange(comm, c, Dispatch::naive, false, 2);  // not capturable
+    CHECK_THROWS_AS(fc::CudaModel<>(w, o), foe::InvalidArgument);
+    // An FoE config of several groups is not the MoE baseline.
+    ModelConfig foe_c = c;
+    foe_c.architecture = foe::Architecture::foe;
+    foe_c.num_expert_groups = 4;
+    foe_c.qk_norm = foe::QkNorm::per_head;
+    CHECK_THROWS_AS((void)foe::parallel::moe_ep_spec(foe_c, 1, 0, Dispatch::naive, false, 8), foe::ConfigError);
+    CHECK_THROWS_AS((void)foe::parallel::moe_ep_spec(c, 3, 0, Dispatch::naive, false, 8), foe::ConfigError);
+    CHECK_FALSE(comm.aborted());
+}
+
+TEST_CASE("cuda ep model: two ranks of a data-parallel MoE (a sequence and half the experts each) equal one rank")
+{
+    if (fc::cuda_device_count() < 2) {
+        MESSAGE("fewer than two CUDA devices (", fc::cuda_device_count(), "): the two-rank EP model is skipped");
+        return;
+    }
+    constexpr int ranks = 2;
+    const ModelConfig c = moe_config();
+    const auto w = bf16_weights(c, 37);
+    const std::vector<std::vector<std::int32_t>> prompts{random_tokens(19, c.vocab_size, 60),
+                                                         random_tokens(27, c.vocab_size, 61)};
+    std::vector<foe::Tensor<float>> want(ranks), got(ranks);
+    {
+        fc::CudaModel<> whole(w, base_options(c, false));
+        for (int p = 0; p < ranks; ++p) want[sz(p)] = whole.prefill(prompts[sz(p)], p);
+    }
+    const ncclUniqueId id = NcclComm::make_unique_id();
+    std::vector<std::exception_ptr> failed(ranks);
+    std::vector<std::thread> threads;
+    for (int p = 0; p < ranks; ++p)
+        threads.emplace_back([&, p] {
+            try {
+                fc::check(cudaSetDevice(p), "cudaSetDevice");
+                auto comm = NcclComm::from_unique_id(id, p, ranks, p);
+                // This rank's experts only, as foe_gpus loads them.
+                const foe::index_t per = c.num_experts / ranks;
+                const auto mine = std::make_shared<const ModelWeights>(foe::stored_as(
+                    foe::random_weights(c, 37,
+                                        [&](std::string_view name) {
+                                            const auto at = name.find(".mlp.experts.");
+                                            if (at == std::string_view::npos) return true;
+                                            const auto e = std::stoll(std::string(name.substr(at + 13)));
+                                            return p * per <= e && e < (p + 1) * per;
+                                        }),
+                    foe::DType::bf16));
+                auto o = base_options(c, false);
+                o.device = p;
+                o.expert_exchange = exchange(comm, c, Dispatch::naive, false, max_tokens, ranks, p);
+                o.synchronize = [&comm](cudaStream_t s) { comm.synchronize(s); };
+                fc::CudaModel<> model(mine, o);
+                got[sz(p)] = model.prefill(prompts[sz(p)], 0);
+                // Rank 1 idles (an empty batch) while rank 0 runs its sequence again.
+                const auto again = p == 0 ? model.prefill(prompts[0], 0) : model.forward(Batch{}, {});
+                if (p == 0) CHECK(same_bits(again.values(), got[0].values()));
+            } catch (...) {
+                failed[sz(p)] = std::current_exception();
+            }
+        });
+    for (auto& t : threads) t.join();
+    for (int p = 0; p < ranks; ++p) {
+        CAPTURE(p);
+        if (failed[sz(p)]) {
+            try {
+                std::rethrow_exception(failed[sz(p)]);
+            } catch (const std::exception& e) {
+                FAIL("rank ", p, ": ", e.what());
+            } catch (...) {
+                FAIL("rank ", p, ": a REQUIRE failed (see above)");
+            }
+        }
+        CHECK(rel_error(got[sz(p)].values(), want[sz(p)].values()) < model_tolerance);
+    }
+}
