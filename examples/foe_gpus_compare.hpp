@@ -34,6 +34,7 @@ struct CompareOptions {
     int warmup = 2;          ///< untimed forwards per token count and architecture
     int repeats = 5;         ///< timed forwards; the median is reported
     bool allow_shared_gpus = false;  ///< let ranks share a GPU (timings then mean little)
+    bool help = false;       ///< --help: print compare_usage and stop
     index_t layers = 0;      ///< 0: the config's; else fewer layers (a quicker sweep)
 };
 
@@ -86,6 +87,7 @@ inline CompareOptions parse_compare(const std::vector<std::string>& args)
         else if (a == "--repeats") o.repeats = static_cast<int>(number(1));
         else if (a == "--layers") o.layers = number(1);
         else if (a == "--allow-shared-gpus") o.allow_shared_gpus = true;
+        else if (a == "--help" || a == "-h") o.help = true;
         else foe::raise<foe::InvalidArgument>("unknown option ", a, "\n", compare_usage);
     }
     return o;
