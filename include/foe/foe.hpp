@@ -42,6 +42,7 @@
 #include "foe/sync/residual_sync.hpp"
 
 #include "foe/layer/batch.hpp"
+#include "foe/layer/block_table.hpp"
 #include "foe/layer/foe_layer.hpp"
 #include "foe/layer/layer_options.hpp"
 #include "foe/layer/layer_weights.hpp"
@@ -61,5 +62,7 @@
 
 #include "foe/perf/cost_model.hpp"
 #include "foe/perf/hardware.hpp"
+
+#include "foe/serve/block_manager.hpp"
 
 // Not included: foe/comm/mpi_comm.hpp (needs <mpi.h>; include it and link MPI to use MpiComm).

@@ -26,6 +26,8 @@ struct AttentionSpec {
     double rope_theta = 10000.0;
     index_t cache_slots = 1;     ///< sequences the KV cache holds at once
     index_t cache_capacity = 0;  ///< positions per sequence
+    index_t page_size = 16;      ///< paged KV cache: positions per page
+    index_t cache_pages = 0;     ///< paged KV cache: pages in the pool (0: slots x capacity worth)
 
     /// The spec of group `group` of H for a model config.
     [[nodiscard]] static AttentionSpec for_group(const ModelConfig& c, index_t cache_slots, index_t cache_capacity)
@@ -39,6 +41,16 @@ struct AttentionSpec {
                              c.rope_theta,
                              cache_slots,
                              cache_capacity};
+    }
+
+    /// The same with the KV-cache options of a layer (paged caches' page size and pool).
+    template <class Options>
+    [[nodiscard]] static AttentionSpec for_group(const ModelConfig& c, const Options& o, index_t cache_capacity)
+    {
+        AttentionSpec s = for_group(c, o.cache_slots, cache_capacity);
+        s.page_size = o.page_size;
+        s.cache_pages = o.cache_pages;
+        return s;
     }
 };
 

@@ -9,6 +9,8 @@
 //   ctx[t, head] = softmax(q k_cache^T / sqrt(head_dim)) v_cache over positions <= pos(t)
 //   out = ctx o_proj^T                        [T, d]
 // Query head j uses KV head j / (q_heads / kv_heads), as Hugging Face's repeat_kv arranges.
+// The KV-cache layout is the Cache policy (attention/kv_cache.hpp): contiguous slots or a pool
+// of pages behind the batch's block tables; the sums run in the same order either way.
 
 #include <algorithm>
 #include <cmath>
@@ -23,17 +25,18 @@
 
 namespace foe::attention {
 
-template <gemm::GemmPolicy Gemm = gemm::Default>
+template <gemm::GemmPolicy Gemm = gemm::Default, KvCachePolicy Cache = ContiguousKvCache>
 class GqaAttention {
 public:
     GqaAttention(const AttentionSpec& spec, const AttentionWeights& w);
 
     /// out = o_proj(attention(RMSNorm(x))) for the batch's tokens; appends their K/V to the cache.
-    /// x and out are [batch.tokens(), hidden]. Throws CapacityError when a chunk overflows its slot.
+    /// x and out are [batch.tokens(), hidden]. Throws CapacityError when a chunk overflows its slot
+    /// (or, paged, has no page for a position), before anything is written.
     void forward(const Batch& batch, MatrixView<const float> x, MatrixView<float> out);
 
     [[nodiscard]] const AttentionSpec& spec() const noexcept { return spec_; }
-    [[nodiscard]] const KvCache& cache() const noexcept { return cache_; }
+    [[nodiscard]] const Cache& cache() const noexcept { return cache_; }
 
 private:
     void project(MatrixView<const float> xn, index_t tokens);
@@ -42,7 +45,7 @@ private:
     AttentionSpec spec_;
     AttentionWeights w_;
     ops::Rope rope_;
-    KvCache cache_;
+    Cache cache_;
     // Activations of the current batch, grown to the largest batch seen and then reused.
     std::vector<float> xn_, q_, k_, v_, ctx_;
     std::vector<index_t> row_slot_;
@@ -51,8 +54,8 @@ static_assert(AttentionPolicy<GqaAttention<>>);
 
 // ---------------------------------------------------------------------------------------------
 
-template <gemm::GemmPolicy Gemm>
-GqaAttention<Gemm>::GqaAttention(const AttentionSpec& spec, const AttentionWeights& w)
+template <gemm::GemmPolicy Gemm, KvCachePolicy Cache>
+GqaAttention<Gemm, Cache>::GqaAttention(const AttentionSpec& spec, const AttentionWeights& w)
     : spec_(spec), w_(w), rope_(spec.head_dim, spec.rope_theta)
 {
     const index_t d = spec.hidden_size, qw = spec.q_heads * spec.head_dim, kw = spec.kv_heads * spec.head_dim;
@@ -60,7 +63,8 @@ GqaAttention<Gemm>::GqaAttention(const AttentionSpec& spec, const AttentionWeigh
                          " query heads, not a multiple of its ", spec.kv_heads, " KV heads");
     require<ConfigError>(spec.cache_slots > 0 && spec.cache_capacity > 0, "KV cache needs at least one slot (got ",
                          spec.cache_slots, ") and one position (got ", spec.cache_capacity, ")");
-    cache_ = KvCache(spec.cache_slots, spec.cache_capacity, spec.kv_heads, spec.head_dim);
+    cache_ = Cache(KvCacheShape{spec.kv_heads, spec.head_dim, spec.cache_slots, spec.cache_capacity, spec.page_size,
+                                spec.cache_pages});
     auto check = [](const auto& view, const auto& expected, const char* name) {
         require<InvalidArgument>(std::ranges::equal(view.shape(), expected), "attention weight ", name, " has shape ",
                                  format_shape(view.shape()), ", expected ", format_shape(expected));
@@ -81,15 +85,15 @@ GqaAttention<Gemm>::GqaAttention(const AttentionSpec& spec, const AttentionWeigh
     }
 }
 
-template <gemm::GemmPolicy Gemm>
-void GqaAttention<Gemm>::forward(const Batch& batch, MatrixView<const float> x, MatrixView<float> out)
+template <gemm::GemmPolicy Gemm, KvCachePolicy Cache>
+void GqaAttention<Gemm, Cache>::forward(const Batch& batch, MatrixView<const float> x, MatrixView<float> out)
 {
     const index_t t = batch.tokens(), d = spec_.hidden_size;
     require(x.extent(0) == t && x.extent(1) == d, "attention input is [", x.extent(0), ", ", x.extent(1),
             "], expected [", t, ", ", d, "]");
     require(out.extent(0) == t && out.extent(1) == d, "attention output is [", out.extent(0), ", ", out.extent(1),
             "], expected [", t, ", ", d, "]");
-    batch.check_fits(cache_.slots(), cache_.capacity());
+    cache_.check_fits(batch);
     if (t == 0) return;
 
     xn_.resize(static_cast<std::size_t>(t * d));
@@ -101,8 +105,8 @@ void GqaAttention<Gemm>::forward(const Batch& batch, MatrixView<const float> x, 
     gemm::nt<Gemm>(MatrixView<const float>(ctx_.data(), {t, qw}), w_.o_proj, out, false);
 }
 
-template <gemm::GemmPolicy Gemm>
-void GqaAttention<Gemm>::project(MatrixView<const float> xn, index_t t)
+template <gemm::GemmPolicy Gemm, KvCachePolicy Cache>
+void GqaAttention<Gemm, Cache>::project(MatrixView<const float> xn, index_t t)
 {
     const index_t hd = spec_.head_dim, qh = spec_.q_heads, kh = spec_.kv_heads;
     q_.resize(static_cast<std::size_t>(t * qh * hd));
@@ -124,8 +128,8 @@ void GqaAttention<Gemm>::project(MatrixView<const float> xn, index_t t)
     }
 }
 
-template <gemm::GemmPolicy Gemm>
-void GqaAttention<Gemm>::attend(const Batch& batch)
+template <gemm::GemmPolicy Gemm, KvCachePolicy Cache>
+void GqaAttention<Gemm, Cache>::attend(const Batch& batch)
 {
     const index_t t = batch.tokens(), hd = spec_.head_dim, qh = spec_.q_heads, kh = spec_.kv_heads;
     const auto& positions = batch.positions();
@@ -133,16 +137,14 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
     rope_.apply(TensorView<float, 3>(k_.data(), {t, kh, hd}), positions);
 
     // Append the new keys and values to their slots.
-    auto keys = cache_.keys();
-    auto values = cache_.values();
     for (index_t b = 0; b < batch.sequences(); ++b) {
         const auto& c = batch.chunks()[static_cast<std::size_t>(b)];
         const index_t row0 = batch.offset(b);
         for (index_t i = 0; i < c.length; ++i) {
             for (index_t h = 0; h < kh; ++h) {
                 const auto from = static_cast<std::size_t>(((row0 + i) * kh + h) * hd);
-                std::copy_n(&k_[from], hd, &keys(c.slot, h, c.start + i, 0));
-                std::copy_n(&v_[from], hd, &values(c.slot, h, c.start + i, 0));
+                std::copy_n(&k_[from], hd, cache_.key(batch, c.slot, h, c.start + i));
+                std::copy_n(&v_[from], hd, cache_.value(batch, c.slot, h, c.start + i));
             }
         }
     }
@@ -157,8 +159,7 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
     ctx_.resize(static_cast<std::size_t>(t * qh * hd));
     const index_t group = qh / kh;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const auto ckeys = cache_.keys();
-    const auto cvalues = cache_.values();
+    const Cache& cache = cache_;
     // Each (token, head) pair is independent: one thread computes it whole, so results do not
     // depend on the thread count. Pairs are dealt out one at a time in turn: under the causal
     // mask a later token costs more, and equal contiguous halves would leave one thread with
@@ -173,7 +174,7 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
         scores.resize(static_cast<std::size_t>(len));
         float max_score = -std::numeric_limits<float>::infinity();
         for (index_t j = 0; j < len; ++j) {
-            const float s = gemm::detail::dot(qv, &ckeys(slot, kv, j, 0), hd) * scale;
+            const float s = gemm::detail::dot(qv, cache.key(batch, slot, kv, j), hd) * scale;
             scores[static_cast<std::size_t>(j)] = s;
             max_score = std::max(max_score, s);
         }
@@ -188,7 +189,7 @@ void GqaAttention<Gemm>::attend(const Batch& batch)
         std::fill_n(o, hd, 0.0f);
         for (index_t j = 0; j < len; ++j) {
             const float p = scores[static_cast<std::size_t>(j)] * inv;
-            const float* vv = &cvalues(slot, kv, j, 0);
+            const float* vv = cache.value(batch, slot, kv, j);
             for (index_t e = 0; e < hd; ++e) o[e] += p * vv[e];
         }
     }

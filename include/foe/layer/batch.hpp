@@ -5,12 +5,15 @@
 // a decode chunk is one token at the sequence's current length.
 //
 // Tokens are laid out sequence after sequence: rows [offset(b), offset(b) + length) of every
-// activation matrix belong to sequence b.
+// activation matrix belong to sequence b. A batch for a paged KV cache also carries the block
+// tables that map its sequences' positions to pages (with_block_tables; a view, never owned).
 
+#include <optional>
 #include <vector>
 
 #include "foe/core/error.hpp"
 #include "foe/core/types.hpp"
+#include "foe/layer/block_table.hpp"
 
 namespace foe {
 
@@ -57,6 +60,22 @@ public:
     /// Position of every token in its sequence, row by row.
     [[nodiscard]] const std::vector<index_t>& positions() const noexcept { return positions_; }
 
+    /// This batch with the block tables of a paged KV cache (the view must outlive the forward).
+    Batch& with_block_tables(const BlockTableView& tables)
+    {
+        require(tables.page_size > 0 && tables.slots >= 0 && tables.max_pages >= 0 &&
+                    (tables.pages != nullptr || tables.slots * tables.max_pages == 0),
+                "block tables need a positive page size and a table of slots x max_pages entries (got page size ",
+                tables.page_size, ", ", tables.slots, " x ", tables.max_pages, ")");
+        block_tables_ = tables;
+        return *this;
+    }
+    /// The block tables, or null for a contiguous KV cache.
+    [[nodiscard]] const BlockTableView* block_tables() const noexcept
+    {
+        return block_tables_ ? &*block_tables_ : nullptr;
+    }
+
     /// Throws CapacityError if a chunk does not fit `slots` slots of `capacity` positions.
     void check_fits(index_t slots, index_t capacity) const
     {
@@ -73,10 +92,39 @@ public:
         }
     }
 
+    /// Throws unless the block tables map every position [0, start + length) of every chunk to a
+    /// page of a pool of `pool_pages` pages: InvalidArgument for a slot outside the tables or a
+    /// page outside the pool, CapacityError for a position without a page.
+    void check_pages(index_t pool_pages) const
+    {
+        const BlockTableView& t = *block_tables_;
+        for (std::size_t b = 0; b < chunks_.size(); ++b) {
+            const auto& c = chunks_[b];
+            for (std::size_t a = 0; a < b; ++a)
+                require<InvalidArgument>(chunks_[a].slot != c.slot, "sequences ", a, " and ", b,
+                                         " of the batch both use KV-cache slot ", c.slot);
+            require<InvalidArgument>(c.slot < t.slots, "sequence ", b, " uses slot ", c.slot, " but the block tables have ",
+                                     t.slots, " slot(s)");
+            const index_t end = c.start + c.length;
+            require<CapacityError>(end <= t.capacity(), "KV cache full: sequence ", b, " (slot ", c.slot,
+                                   ") needs positions up to ", end, " but a block table row holds ", t.max_pages,
+                                   " pages of ", t.page_size, " positions");
+            for (index_t i = 0; i * t.page_size < end; ++i) {
+                const index_t page = t.page(c.slot, i);
+                require<CapacityError>(page >= 0, "KV cache: sequence ", b, " (slot ", c.slot, ") has no page for positions [",
+                                       i * t.page_size, ", ", (i + 1) * t.page_size, "); allocate pages up to position ",
+                                       end, " before the forward");
+                require<InvalidArgument>(page < pool_pages, "block table of slot ", c.slot, " names page ", page,
+                                         " but the pool has ", pool_pages, " pages");
+            }
+        }
+    }
+
 private:
     std::vector<SequenceChunk> chunks_;
     std::vector<index_t> offsets_{0};
     std::vector<index_t> positions_;
+    std::optional<BlockTableView> block_tables_;
 };
 
 }  // namespace foe

@@ -165,8 +165,7 @@ FoeLayer<Attention, Routing, Experts, ExpertParallel, Sync>::FoeLayer(const Mode
 {
     require<InvalidArgument>(post_norm_.extent(0) == config.hidden_size, "post_attention_layernorm has ",
                              post_norm_.extent(0), " elements, expected hidden_size ", config.hidden_size);
-    const auto spec = attention::AttentionSpec::for_group(config, options.cache_slots,
-                                                          detail::cache_capacity(config, options));
+    const auto spec = attention::AttentionSpec::for_group(config, options, detail::cache_capacity(config, options));
     attention_.reserve(static_cast<std::size_t>(streams()));
     for (index_t h = group_begin_; h < group_end_; ++h)
         attention_.emplace_back(spec, group_attention_weights(config, weights, h));

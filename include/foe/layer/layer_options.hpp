@@ -10,6 +10,11 @@ namespace foe {
 struct LayerOptions {
     index_t cache_slots = 1;     ///< sequences whose KV caches the layer holds at once
     index_t cache_capacity = 0;  ///< positions per sequence; 0 means max_position_embeddings
+    /// Paged KV caches (attention::PagedKvCache): positions per page, and pages in each
+    /// attention instance's pool (0: cache_slots x cache_capacity worth). Contiguous caches
+    /// ignore both.
+    index_t page_size = 16;
+    index_t cache_pages = 0;
     index_t group_begin = 0;     ///< the expert groups this rank holds: [group_begin, group_end)
     index_t group_end = -1;      ///< -1 means every group
     /// The experts this rank holds: [expert_begin, expert_end); -1 means every expert of the

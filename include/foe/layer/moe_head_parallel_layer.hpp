@@ -50,7 +50,7 @@ public:
 private:
     [[nodiscard]] static attention::AttentionSpec share_spec(const ModelConfig& c, const LayerOptions& o, index_t parts)
     {
-        auto spec = attention::AttentionSpec::for_group(c, o.cache_slots, detail::cache_capacity(c, o));
+        auto spec = attention::AttentionSpec::for_group(c, o, detail::cache_capacity(c, o));
         spec.q_heads = c.num_attention_heads / parts;
         spec.kv_heads = c.num_key_value_heads / parts;
         return spec;

@@ -62,7 +62,7 @@ MoeLayer<Attention, Routing, Experts, ExpertParallel>::MoeLayer(const ModelConfi
                                                                 const LayerOptions& options, ExpertParallel ep)
     : config_(detail::single_group(config, "MoeLayer")),
       post_norm_(weights.post_norm),
-      attention_(attention::AttentionSpec::for_group(config, options.cache_slots, detail::cache_capacity(config, options)),
+      attention_(attention::AttentionSpec::for_group(config, options, detail::cache_capacity(config, options)),
                  group_attention_weights(config, weights, 0)),
       router_(routing::RoutingSpec{config.num_experts, config.num_experts_per_tok, 1, 0, 1, config.norm_topk_prob},
               weights.gate, weights.gate_bias),

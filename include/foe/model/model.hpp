@@ -41,6 +41,10 @@ namespace foe {
 struct ModelOptions {
     index_t cache_slots = 1;     ///< sequences held at once
     index_t cache_capacity = 0;  ///< positions per sequence; 0 means max_position_embeddings
+    /// Paged KV caches (a layer whose attention uses attention::PagedKvCache): positions per
+    /// page and pages per pool; every forward's batch then carries the block tables.
+    index_t page_size = 16;
+    index_t cache_pages = 0;  ///< 0: cache_slots x cache_capacity worth of pages
     /// Check the hidden state after every layer, and the logits, for NaN and infinity: the first
     /// one found throws NumericalError naming the layer, the stream, the token row, its sequence
     /// and position (one extra read of each activation). The forward then changes no sequence's
@@ -279,6 +283,8 @@ Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const Mod
     LayerOptions lo;
     lo.cache_slots = options.cache_slots;
     lo.cache_capacity = capacity_;
+    lo.page_size = options.page_size;
+    lo.cache_pages = options.cache_pages;
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
         if (make_layer) {
             layers_.push_back(make_layer(l, layer_weights(*weights_, l), lo));
