@@ -8,6 +8,7 @@
 #include <set>
 
 #include "foe/serve/block_manager.hpp"
+#include "foe/serve/scheduler.hpp"
 #include "test_util.hpp"
 
 using foe::index_t;
@@ -171,4 +172,136 @@ TEST_CASE("block manager: no page twice, everything freed, impossible requests r
     CHECK(fresh.view().page(0, 0) == 0);
     CHECK(fresh.view().page(0, 2) == 2);
     CHECK_THROWS_AS(fresh.grow(3, 1), foe::InvalidArgument);
+}
+
+namespace {
+
+/// A virtual clock: each step takes `step_time`; waiting jumps to the arrival.
+struct VirtualClock {
+    double now = 0.0;
+    double step_time = 1.0;
+};
+
+/// Serves `requests` with a host model (paged KV cache of the given pool) on a virtual clock.
+std::vector<foe::serve::RequestRecord> serve(const foe::ModelConfig& c, const std::vector<foe::serve::Request>& requests,
+                                             index_t slots, index_t pages, index_t page_size, index_t budget)
+{
+    foe::ModelOptions options;
+    options.cache_slots = slots;
+    options.cache_capacity = 64;
+    options.page_size = page_size;
+    options.cache_pages = pages;
+    auto model = foe::make_model<foe::gemm::Default, foe::attention::PagedKvCache>(test::weights(c, 3), options);
+    foe::serve::BlockManager manager(pages, page_size, slots, (64 + page_size - 1) / page_size);
+    foe::serve::SchedulerOptions so;
+    so.token_budget = budget;
+    foe::serve::Scheduler scheduler(manager, so);
+    for (const auto& r : requests) scheduler.submit(r);
+    VirtualClock clock;
+    foe::serve::run(
+        scheduler, [&] { return clock.now; }, [&](double t) { clock.now = t; },
+        [&](const foe::serve::StepPlan& step) {
+            clock.now += clock.step_time;
+            return model->forward(step.batch, step.tokens, foe::LogitRows::last_per_chunk);
+        });
+    return scheduler.records();
+}
+
+std::vector<foe::serve::Request> seeded_trace(index_t n, index_t vocab, std::uint64_t seed)
+{
+    const foe::CounterRng rng(seed, 2);
+    std::vector<foe::serve::Request> out;
+    double t = 0.0;
+    for (index_t i = 0; i < n; ++i) {
+        t += 2.0 * rng.uniform01(static_cast<std::uint64_t>(3 * i));  // about one arrival per step
+        const auto prompt = 3 + static_cast<index_t>(rng.bits(static_cast<std::uint64_t>(3 * i + 1)) % 18);
+        const auto length = 2 + static_cast<index_t>(rng.bits(static_cast<std::uint64_t>(3 * i + 2)) % 7);
+        out.push_back({i, t, test::random_tokens(static_cast<std::size_t>(prompt), vocab, 40 + static_cast<std::uint64_t>(i)), length});
+    }
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("scheduler: TTFT and TBT of a hand-made trace, step by step")
+{
+    // Budget 4, two slots. A (t = 0, prompt 3, 3 tokens) and B (t = 0.5, prompt 6, 2 tokens);
+    // every step takes 1 s. Step 1 [0, 1): A's prompt. Step 2 [1, 2): A decodes, B's first 3.
+    // Step 3 [2, 3): A decodes, B's last 3. Step 4 [3, 4): B decodes.
+    foe::serve::BlockManager manager(16, 4, 2, 4);
+    foe::serve::SchedulerOptions so;
+    so.token_budget = 4;
+    foe::serve::Scheduler scheduler(manager, so);
+    scheduler.submit({0, 0.0, {1, 2, 3}, 3});
+    scheduler.submit({1, 0.5, {4, 5, 6, 7, 8, 9}, 2});
+    VirtualClock clock;
+    std::vector<std::pair<index_t, index_t>> shape;  // (prefill, decode) tokens per step
+    const index_t vocab = 8;
+    foe::serve::run(
+        scheduler, [&] { return clock.now; }, [&](double t) { clock.now = t; },
+        [&](const foe::serve::StepPlan& step) {
+            clock.now += 1.0;
+            shape.emplace_back(step.prefill_tokens(), step.decode_tokens());
+            // The next token is the chunk's last token + 1 (mod vocab): a deterministic fake model.
+            foe::Tensor<float> logits({step.batch.sequences(), vocab});
+            for (index_t c = 0; c < step.batch.sequences(); ++c) {
+                const auto last = step.tokens[static_cast<std::size_t>(step.batch.offset(c + 1) - 1)];
+                logits.values()[static_cast<std::size_t>(c * vocab + (last + 1) % vocab)] = 1.0f;
+            }
+            return logits;
+        });
+    CHECK(shape == std::vector<std::pair<index_t, index_t>>{{3, 0}, {3, 1}, {3, 1}, {0, 1}});
+    const auto& a = scheduler.records()[0];
+    const auto& b = scheduler.records()[1];
+    CHECK(a.tokens == std::vector<std::int32_t>{4, 5, 6});
+    CHECK(a.token_times == std::vector<double>{1.0, 2.0, 3.0});
+    CHECK(a.ttft() == 1.0);
+    CHECK(a.tbt() == std::vector<double>{1.0, 1.0});
+    CHECK(b.tokens == std::vector<std::int32_t>{2, 3});  // 9 + 1 = 10 = 2 (mod 8), then 3
+    CHECK(b.ttft() == 2.5);
+    CHECK(b.tbt() == std::vector<double>{1.0});
+    CHECK(manager.free_pages() == 16);
+}
+
+TEST_CASE("scheduler: a seeded trace on a model gives every request the tokens it gets alone, with and without preemption")
+{
+    for (auto arch : {foe::Architecture::foe, foe::Architecture::olmoe}) {
+        const auto c = test::tiny(arch, arch == foe::Architecture::foe ? 4 : 1);
+        const auto requests = seeded_trace(8, c.vocab_size, 17);
+        // Each alone, greedy, on a contiguous model of the same weights.
+        std::vector<std::vector<std::int32_t>> alone;
+        for (const auto& r : requests) {
+            foe::ModelOptions o;
+            o.cache_capacity = 64;
+            alone.push_back(foe::make_model(test::weights(c, 3), o)->generate(r.prompt, r.max_new_tokens));
+        }
+        // Plenty of pages; then a pool of 9 pages of 4 positions for 3 slots (one 20-token
+        // prompt with 8 new tokens needs 7), which forces preemptions.
+        for (index_t pages : {48, 9}) {
+            CAPTURE(pages);
+            const auto records = serve(c, requests, 3, pages, 4, 16);
+            index_t preemptions = 0;
+            for (std::size_t i = 0; i < records.size(); ++i) {
+                CAPTURE(i);
+                CHECK(records[i].tokens == alone[i]);
+                CHECK(records[i].token_times.size() == records[i].tokens.size());
+                CHECK(records[i].ttft() > 0.0);
+                preemptions += records[i].preemptions;
+            }
+            if (pages == 9) CHECK(preemptions > 0);
+            else CHECK(preemptions == 0);
+        }
+    }
+}
+
+TEST_CASE("scheduler: a request that can never fit is refused when submitted, naming it and the limit")
+{
+    foe::serve::BlockManager manager(4, 4, 2, 8);
+    foe::serve::Scheduler scheduler(manager);
+    CHECK_THROWS_WITH_AS(scheduler.submit({7, 0.0, std::vector<std::int32_t>(15, 1), 3}),
+                         doctest::Contains("request 7 can never be served"), foe::CapacityError);
+    CHECK_THROWS_AS(scheduler.submit({8, 0.0, {}, 3}), foe::InvalidArgument);
+    scheduler.submit({9, 1.0, std::vector<std::int32_t>(14, 1), 3});  // 16 positions: the whole pool
+    CHECK_THROWS_WITH_AS(scheduler.submit({10, 0.5, {1}, 1}), doctest::Contains("before the request submitted before it"),
+                         foe::InvalidArgument);
 }

@@ -64,5 +64,6 @@
 #include "foe/perf/hardware.hpp"
 
 #include "foe/serve/block_manager.hpp"
+#include "foe/serve/scheduler.hpp"
 
 // Not included: foe/comm/mpi_comm.hpp (needs <mpi.h>; include it and link MPI to use MpiComm).
