@@ -441,3 +441,42 @@ TEST_CASE("kernel rates from Google Benchmark JSON: fastest run per class, skipp
     format_error("{\"benchmarks\": [{\"name\": \"foe_layer/1b/512\", \"FLOP/s\": 1e11}]}", "nothing to replace");
     CHECK_THROWS_AS((void)perf::load_kernel_rates(std::filesystem::path("/nonexistent/bench.json")), foe::IoError);
 }
+
+TEST_CASE("step_cost: a step of whole prompts costs what layer_cost says; decode reads the context")
+{
+    const auto config = foe::named_config("foe-1b");
+    auto moe = config;
+    moe.architecture = foe::Architecture::foe;
+    moe.num_expert_groups = 1;
+    const auto hw = balanced_h100();
+    // 16 prompts of 256 tokens from position 0: the same work as layer_cost's workload.
+    const std::vector<perf::ChunkShape> prompts(16, perf::ChunkShape{0, 256});
+    for (index_t g : {8, 16}) {
+        for (auto strategy : {Strategy::foe, Strategy::moe_data_parallel, Strategy::moe_head_parallel}) {
+            for (auto dispatch : {perf::Dispatch::naive, perf::Dispatch::dedup}) {
+                CAPTURE(g);
+                CAPTURE(perf::short_name(strategy));
+                if (strategy == Strategy::moe_head_parallel && g > 8) continue;  // 8 KV heads
+                perf::CostOptions o;
+                o.dispatch = dispatch;
+                const auto& c = strategy == Strategy::foe ? config : moe;
+                const auto layer = perf::layer_cost(c, strategy, {16 * 256, 256}, {g, 8}, hw, o);
+                const auto step = perf::step_cost(c, strategy, prompts, {g, 8}, hw, o);
+                CHECK(step.attention.flops == doctest::Approx(layer.attention.flops));
+                CHECK(step.experts.flops == doctest::Approx(layer.experts.flops));
+                CHECK(step.all_reduce.bytes.total() == doctest::Approx(layer.all_reduce.bytes.total()));
+                CHECK(step.all_to_all.bytes.intra == doctest::Approx(layer.all_to_all.bytes.intra));
+                CHECK(step.all_to_all.bytes.inter == doctest::Approx(layer.all_to_all.bytes.inter));
+                CHECK(step.busiest_tokens == layer.busiest_tokens);
+            }
+        }
+    }
+    // Decode: one token each after a long context reads the cached K and V (memory-bound).
+    const std::vector<perf::ChunkShape> short_ctx(64, perf::ChunkShape{128, 1}), long_ctx(64, perf::ChunkShape{8192, 1});
+    const auto a = perf::step_cost(config, Strategy::foe, short_ctx, {8, 8}, hw);
+    const auto b = perf::step_cost(config, Strategy::foe, long_ctx, {8, 8}, hw);
+    const double kv_bytes = 2.0 * 2.0 * config.kv_heads_per_group() * config.head_dim * 64.0 * (8193.0 - 129.0);
+    CHECK(b.attention.hbm_bytes - a.attention.hbm_bytes == doctest::Approx(kv_bytes));
+    CHECK(b.attention.time > a.attention.time);
+    CHECK_THROWS_AS((void)perf::step_cost(config, Strategy::foe, std::vector<perf::ChunkShape>{}, {8, 8}, hw), foe::InvalidArgument);
+}

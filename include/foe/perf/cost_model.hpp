@@ -31,7 +31,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <string_view>
+#include <vector>
 
 #include "foe/core/config.hpp"
 #include "foe/core/error.hpp"
@@ -166,6 +168,23 @@ struct LayerCost {
 [[nodiscard]] LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const Workload& workload,
                                    const Cluster& placement, const HardwareProfile& hardware,
                                    const CostOptions& options = {});
+
+/// One chunk of a serving step: `tokens` new tokens appended after `context` cached positions
+/// (a prefill chunk, or a decode token with context = the sequence's length).
+struct ChunkShape {
+    index_t context = 0;
+    index_t tokens = 0;
+};
+
+/// The cost of one layer in one step of a continuous-batching server (foe/serve/scheduler.hpp):
+/// a ragged batch of chunks, each reading its cached context. The placement spreads sequences as
+/// layer_cost's does (a data-parallel rank holds whole sequences: chunk i goes to rank i mod
+/// shards), the busiest rank sets the time, attention reads every chunk's K and V once, and the
+/// collectives move the step's tokens. G must not exceed E (no replicated experts here).
+/// Throws as layer_cost does; InvalidArgument for an empty step or a negative chunk.
+[[nodiscard]] LayerCost step_cost(const ModelConfig& config, Strategy strategy, std::span<const ChunkShape> chunks,
+                                  const Cluster& placement, const HardwareProfile& hardware,
+                                  const CostOptions& options = {});
 
 /// The whole forward pass as L identical layers (serial or overlapped), without the embedding
 /// and the LM head.
@@ -482,6 +501,140 @@ inline LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const 
     out.all_to_all = detail::all_to_all_cost(CommShape::of(p, 1, r), per_peer, hardware);
     const double pairs = ep_imbalance * replica_tokens * kd / pd;
     out.experts = detail::moe_cost(config, dispatch_tokens, pairs, static_cast<double>(e / p), replica_tokens, rates);
+    return out;
+}
+
+namespace detail {
+
+/// Attention of a rank over some chunks of a step, with `q_heads`/`kv_heads` of the heads and
+/// `streams` residual streams: projections of every new token, the causal core against each
+/// chunk's context, and (in the memory floor) one read of every chunk's cached K and V.
+[[nodiscard]] inline ComputeCost step_attention_cost(const ModelConfig& c, index_t q_heads, index_t kv_heads,
+                                                     index_t streams, std::span<const ChunkShape> chunks, const Rates& r)
+{
+    const auto d = static_cast<double>(c.hidden_size), hd = static_cast<double>(c.head_dim);
+    const double qkv_width = static_cast<double>(q_heads + 2 * kv_heads) * hd, o_width = static_cast<double>(q_heads) * hd;
+    double tokens = 0.0, pairs = 0.0, kv_positions = 0.0;
+    for (const ChunkShape& ch : chunks) {
+        const auto l = static_cast<double>(ch.tokens), ctx = static_cast<double>(ch.context);
+        tokens += l;
+        pairs += l * ctx + l * (l + 1.0) / 2.0;
+        kv_positions += ctx + l;
+    }
+    const double projections = 2.0 * tokens * d * (qkv_width + o_width);
+    const double core = 2.0 * 2.0 * pairs * o_width;
+    ComputeCost out;
+    out.flops = projections + core;
+    out.hbm_bytes = weight_bytes * d * (qkv_width + o_width) +
+                    activation_bytes * (tokens * (2.0 * d * static_cast<double>(streams) + 2.0 * (qkv_width + o_width)) +
+                                        2.0 * static_cast<double>(kv_heads) * hd * kv_positions);
+    out.time = std::max(projections / r.dense + core / r.attention, out.hbm_bytes / r.memory);
+    return out;
+}
+
+}  // namespace detail
+
+inline LayerCost step_cost(const ModelConfig& config, Strategy strategy, std::span<const ChunkShape> chunks,
+                           const Cluster& placement, const HardwareProfile& hardware, const CostOptions& options)
+{
+    using detail::CommShape;
+    config.validate();
+    hardware.validate();
+    placement.validate(hardware);
+    require<InvalidArgument>(!chunks.empty(), "a serving step needs at least one chunk");
+    for (const ChunkShape& ch : chunks)
+        require<InvalidArgument>(ch.context >= 0 && ch.tokens > 0, "a step's chunk has context ", ch.context,
+                                 " and ", ch.tokens, " tokens; the context must be >= 0 and the tokens positive");
+    const detail::Rates rates = detail::Rates::of(hardware, options.rates);
+    const CrossNodeAllReduce across = options.cross_node_all_reduce;
+    const index_t g = placement.ranks, r = std::min(placement.ranks_per_node, g);
+    const index_t e = config.num_experts, k = config.num_experts_per_tok, h = config.groups();
+    require<ConfigError>(g <= e && e % g == 0, "a serving step spreads ", e, " experts over G (", g,
+                         ") ranks: G must divide E (replicated experts are not modelled per step)");
+    const double token_bytes = static_cast<double>(config.hidden_size) * activation_bytes;
+    const double imbalance = hardware.load_imbalance;
+
+    // Which ranks split the chunks (attention groups), and the heads each rank holds.
+    index_t shards = 1, q_heads = config.num_attention_heads, kv_heads = config.num_key_value_heads, streams = 1, tp = 1;
+    if (strategy == Strategy::foe) {
+        if (g <= h) {
+            require<ConfigError>(h % g == 0, "FoE on G (", g, ") ranks holds H/G whole groups each, but H (", h,
+                                 ") is not a multiple of G");
+            streams = h / g;
+        } else {
+            require<ConfigError>(g % h == 0, "FoE on G (", g, ") > H (", h, ") ranks needs G a multiple of H");
+            shards = g / h;
+        }
+        q_heads = config.q_heads_per_group() * streams;
+        kv_heads = config.kv_heads_per_group() * streams;
+    } else if (strategy == Strategy::moe_data_parallel) {
+        shards = g;
+    } else {
+        tp = std::min(g, config.num_key_value_heads);
+        require<ConfigError>(config.num_key_value_heads % tp == 0 && g % tp == 0, "head-parallel attention over ", tp,
+                             " ranks needs the KV heads (", config.num_key_value_heads, ") and G (", g,
+                             ") to be multiples of it");
+        shards = g / tp;
+        q_heads /= tp;
+        kv_heads /= tp;
+    }
+
+    // Chunk i on shard i mod shards; the busiest shard's attention and tokens.
+    std::vector<std::vector<ChunkShape>> by_shard(static_cast<std::size_t>(shards));
+    double total = 0.0;
+    for (std::size_t i = 0; i < chunks.size(); ++i) {
+        by_shard[i % static_cast<std::size_t>(shards)].push_back(chunks[i]);
+        total += static_cast<double>(chunks[i].tokens);
+    }
+    LayerCost out;
+    out.strategy = strategy;
+    out.expert_parallel_size = g;
+    double busiest = 0.0;
+    for (const auto& mine : by_shard) {
+        if (mine.empty()) continue;
+        const ComputeCost a = detail::step_attention_cost(config, q_heads, kv_heads, streams, mine, rates);
+        double tokens = 0.0;
+        for (const ChunkShape& ch : mine) tokens += static_cast<double>(ch.tokens);
+        if (a.time > out.attention.time) out.attention = a;
+        busiest = std::max(busiest, tokens);
+    }
+    out.busiest_tokens = static_cast<index_t>(busiest);
+    const double mean = total / static_cast<double>(shards);
+
+    auto per_peer_fraction = [&](index_t pool, index_t k_pool, index_t members) {
+        return options.dispatch == Dispatch::naive ? static_cast<double>(k_pool) / static_cast<double>(members)
+                                                   : detail::hit_probability(pool, pool / members, k_pool);
+    };
+    if (strategy == Strategy::foe) {
+        const index_t k_group = config.top_k_per_group();
+        if (shards == 1) {
+            out.all_reduce = detail::all_reduce_cost(CommShape::of(g, 1, r), total * token_bytes, hardware, across);
+            out.experts = detail::moe_cost(config, total, total * static_cast<double>(k_group * streams),
+                                           static_cast<double>(e / g), total, rates);
+            return out;
+        }
+        const index_t m = shards;
+        require<ConfigError>(m % r == 0 || r % m == 0, "an FoE group of G/H = ", m, " ranks does not tile nodes of R (",
+                             r, ") ranks");
+        out.all_reduce = detail::all_reduce_cost(CommShape::of(h, m, r), busiest * token_bytes, hardware, across);
+        const double bound = std::max(busiest / mean, imbalance);
+        out.all_to_all = detail::all_to_all_cost(
+            CommShape::of(m, 1, r), bound * mean * per_peer_fraction(config.experts_per_group(), k_group, m) * token_bytes,
+            hardware);
+        out.experts = detail::moe_cost(config, busiest, imbalance * total * static_cast<double>(k) / static_cast<double>(g),
+                                       static_cast<double>(e / g), total, rates);
+        return out;
+    }
+    // MoE: head-parallel attention all-reduces its tokens among the tp ranks of its shard; then
+    // every rank dispatches its share of its shard's tokens over all G ranks.
+    out.all_reduce = detail::all_reduce_cost(CommShape::of(tp, 1, r), busiest * token_bytes, hardware, across);
+    const double dispatch_tokens = busiest / static_cast<double>(tp), mean_dispatch = total / static_cast<double>(g);
+    const double ep_imbalance = g > 1 ? imbalance : 1.0;
+    const double bound = std::max(dispatch_tokens / mean_dispatch, ep_imbalance);
+    out.all_to_all = detail::all_to_all_cost(CommShape::of(g, 1, r),
+                                             bound * mean_dispatch * per_peer_fraction(e, k, g) * token_bytes, hardware);
+    out.experts = detail::moe_cost(config, dispatch_tokens, ep_imbalance * total * static_cast<double>(k) / static_cast<double>(g),
+                                   static_cast<double>(e / g), total, rates);
     return out;
 }
 
