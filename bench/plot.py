@@ -164,6 +164,49 @@ def projection(results, summary):
     plt.close(fig)
 
 
+def serving_simulation(results, summary):
+    path = os.path.join(results, "serving_sim_foe-1b_h100.json")
+    if not os.path.exists(path):
+        return
+    data = load(path)
+    clusters = data["clusters"]
+    fig, axes = plt.subplots(len(clusters), 2, figsize=(10, 3.6 * len(clusters)), squeeze=False)
+    summary.append(f"## Simulated serving ({data['config']} on {data['hardware']}, {data['requests']} LongBench-like "
+                   f"requests, cost-model step times)\n")
+    summary.append("| G | load | req/s | FoE TTFT (ms) | DP naive / FoE | DP dedup / FoE | FoE TBT (ms) | DP naive / FoE | DP dedup / FoE |")
+    summary.append("|---|---|---|---|---|---|---|---|---|")
+    for row, c in enumerate(clusters):
+        rates = [l["rate"] for l in c["loads"]]
+        names = list(c["loads"][0]["architectures"].keys())
+        for col, (metric, label) in enumerate((("ttft_s", "TTFT mean (ms)"), ("tbt_s", "TBT mean (ms)"))):
+            ax = axes[row][col]
+            for name in names:
+                ys = [l["architectures"][name][metric]["mean"] * 1e3 if name in l["architectures"] else None
+                      for l in c["loads"]]
+                ax.plot(rates, ys, "-o", label=name)
+            ax.set_xlabel("arrival rate (requests/s)")
+            ax.set_ylabel(label)
+            ax.set_title(f"G = {c['ranks']} ({c['nodes']} node(s))")
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        for l in c["loads"]:
+            a = l["architectures"]
+            f = a["FoE"]
+            def ratio(name, metric):
+                return a[name][metric]["mean"] / f[metric]["mean"] if name in a else float("nan")
+            summary.append(f"| {c['ranks']} | {l['load']:.2f} | {l['rate']:.1f} | {f['ttft_s']['mean'] * 1e3:.2f} | "
+                           f"{ratio('MoE DP+EP naive', 'ttft_s'):.2f} | {ratio('MoE DP+EP dedup', 'ttft_s'):.2f} | "
+                           f"{f['tbt_s']['mean'] * 1e3:.3f} | {ratio('MoE DP+EP naive', 'tbt_s'):.2f} | "
+                           f"{ratio('MoE DP+EP dedup', 'tbt_s'):.2f} |")
+    summary.append("")
+    stamp(axes[-1][0], {"host_name": "cost model", "date": datetime.date.today().isoformat()},
+          "foe_serve --simulate: scheduler on a virtual clock, perf::step_cost step times")
+    fig.tight_layout()
+    fig.savefig(os.path.join(results, "serving_sim.png"), dpi=120)
+    plt.close(fig)
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -172,6 +215,7 @@ def main():
     layers(results, summary)
     bytes_per_rank(results, summary)
     projection(results, summary)
+    serving_simulation(results, summary)
     with open(os.path.join(results, "summary.md"), "w") as f:
         f.write("\n".join(summary) + "\n")
     print("\n".join(summary))

@@ -22,6 +22,11 @@ if [ -x "$build/examples/foe_project" ]; then
   "$build/examples/foe_project" --json --seq-len 2048 > "$results/projection_foe-1b_h100_seq2048.json"
 fi
 
+if [ -x "$build/examples/foe_serve" ]; then
+  echo "== foe_serve --simulate (scheduler on the cost model's step times, foe-1b on 8 and 16 H100s)"
+  "$build/examples/foe_serve" --simulate --json "$results/serving_sim_foe-1b_h100.json" > "$results/serving_sim_foe-1b_h100.txt"
+fi
+
 if [ -x "$build/examples/foe_comm" ] && command -v mpirun > /dev/null; then
   mpi=(mpirun --oversubscribe)
   [ "$(id -u)" -eq 0 ] && mpi+=(--allow-run-as-root)

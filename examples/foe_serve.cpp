@@ -15,9 +15,29 @@
 // p99) and throughput for both models, and the baseline over FoE. A progress line goes to
 // stderr. The CUDA backend has no paged KV cache yet, so foe_serve runs on the host only.
 //
+//   foe_serve ... --predict
+// then also predicts the run: it times forwards of other shapes than the trace's, fits a linear
+// host step model to them (HostStepModel below), replays the same trace through the same
+// scheduler on a virtual clock with that model's step times (foe/serve/simulate.hpp), and
+// prints predicted against measured TTFT and TBT.
+//
+//   foe_serve --simulate [--config foe-1b] [--hardware h100] [--ranks 8,16] [--ranks-per-node 8]
+//             [--loads 0.25,0.5,0.75,0.9] [--requests 200] [--prompt-len longbench] [--output-len longbench]
+//             [--slots 64] [--token-budget 8192] [--json FILE]
+// simulates serving at GPU scale with no weights: the scheduler driven by the cost model's step
+// times for FoE and the MoE baselines (data-parallel attention + EP, naive and dedup dispatch;
+// head-parallel + EP where the KV heads divide), at arrival rates that are the given fractions
+// of the naive baseline's saturated throughput (measured by the same simulation with every
+// request arriving at once), in the shape of the paper's Tables 5 and 6.
+//
 // Errors go to stderr with exit status 1 (2 for a usage error).
 
+#include <algorithm>
+#include <array>
 #include <chrono>
+#include <cmath>
+#include <limits>
+#include <span>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -30,6 +50,7 @@
 
 #include "foe/foe.hpp"
 #include "foe/io/model_dir.hpp"
+#include "foe/serve/simulate.hpp"
 #include "foe/serve/trace.hpp"
 
 namespace {
@@ -40,7 +61,9 @@ namespace serve = foe::serve;
 constexpr std::string_view usage =
     "usage: foe_serve (--config NAME [--baseline-config NAME] | --model DIR [--baseline DIR])\n"
     "                 [--requests N] [--rate R] [--seed S] [--prompt-len DIST] [--output-len DIST] [--trace FILE]\n"
-    "                 [--slots N] [--page-size P] [--pages N] [--token-budget T] [--json FILE]\n"
+    "                 [--slots N] [--page-size P] [--pages N] [--token-budget T] [--predict] [--json FILE]\n"
+    "       foe_serve --simulate [--config foe-1b] [--hardware h100] [--ranks 8,16] [--ranks-per-node 8]\n"
+    "                 [--loads 0.25,0.5,0.75,0.9] [--requests N] [--prompt-len DIST] [--output-len DIST] [--json FILE]\n"
     "  DIST: fixed:N, uniform:A:B or longbench (see foe/serve/trace.hpp)\n";
 
 struct UsageError : std::runtime_error {
@@ -54,7 +77,38 @@ struct Options {
     std::string trace_file;
     index_t slots = 8, page_size = 16, pages = 0, token_budget = 256;
     std::string json;
+    bool predict = false;
+    // --simulate
+    bool simulate = false;
+    std::string hardware = "h100";
+    std::vector<index_t> ranks{8, 16};
+    index_t ranks_per_node = 8;
+    std::vector<double> loads{0.25, 0.5, 0.75, 0.9};
+    bool slots_given = false, budget_given = false, requests_given = false, prompt_given = false, output_given = false;
 };
+
+template <class T>
+std::vector<T> parse_list(std::string_view flag, std::string_view v, T (*one)(std::string_view, std::string_view))
+{
+    std::vector<T> out;
+    for (std::size_t begin = 0; begin <= v.size();) {
+        const std::size_t comma = std::min(v.find(',', begin), v.size());
+        out.push_back(one(flag, v.substr(begin, comma - begin)));
+        begin = comma + 1;
+    }
+    return out;
+}
+
+double positive_real(std::string_view flag, std::string_view v)
+{
+    try {
+        std::size_t used = 0;
+        const double x = std::stod(std::string(v), &used);
+        if (used == v.size() && std::isfinite(x) && x > 0.0) return x;
+    } catch (const std::exception&) {
+    }
+    throw UsageError(foe::detail::concat(flag, ": \"", v, "\" is not a positive number"));
+}
 
 index_t positive(std::string_view flag, std::string_view v)
 {
@@ -76,29 +130,47 @@ Options parse(int argc, char** argv)
             std::cout << usage;
             std::exit(0);
         }
+        if (flag == "--predict") {
+            o.predict = true;
+            continue;
+        }
+        if (flag == "--simulate") {
+            o.simulate = true;
+            continue;
+        }
         if (i + 1 >= argc) throw UsageError(foe::detail::concat(flag, " needs a value (or is unknown)"));
         const std::string_view v = argv[++i];
         if (flag == "--config") o.config = v;
         else if (flag == "--baseline-config") o.baseline_config = v;
         else if (flag == "--model") o.model = v;
         else if (flag == "--baseline") o.baseline = v;
-        else if (flag == "--requests") o.trace.requests = positive(flag, v);
-        else if (flag == "--rate") {
-            try {
-                o.trace.rate = std::stod(std::string(v));
-            } catch (const std::exception&) {
-                throw UsageError(foe::detail::concat("--rate: \"", v, "\" is not a number"));
-            }
-        } else if (flag == "--seed") o.trace.seed = static_cast<std::uint64_t>(positive(flag, v));
-        else if (flag == "--prompt-len") o.trace.prompt = serve::LengthDistribution::parse(v);
-        else if (flag == "--output-len") o.trace.output = serve::LengthDistribution::parse(v);
+        else if (flag == "--requests") o.trace.requests = positive(flag, v), o.requests_given = true;
+        else if (flag == "--rate") o.trace.rate = positive_real(flag, v);
+        else if (flag == "--seed") o.trace.seed = static_cast<std::uint64_t>(positive(flag, v));
+        else if (flag == "--prompt-len") o.trace.prompt = serve::LengthDistribution::parse(v), o.prompt_given = true;
+        else if (flag == "--output-len") o.trace.output = serve::LengthDistribution::parse(v), o.output_given = true;
         else if (flag == "--trace") o.trace_file = v;
-        else if (flag == "--slots") o.slots = positive(flag, v);
+        else if (flag == "--slots") o.slots = positive(flag, v), o.slots_given = true;
         else if (flag == "--page-size") o.page_size = positive(flag, v);
         else if (flag == "--pages") o.pages = positive(flag, v);
-        else if (flag == "--token-budget") o.token_budget = positive(flag, v);
+        else if (flag == "--token-budget") o.token_budget = positive(flag, v), o.budget_given = true;
         else if (flag == "--json") o.json = v;
+        else if (flag == "--hardware") o.hardware = v;
+        else if (flag == "--ranks") o.ranks = parse_list<index_t>(flag, v, positive);
+        else if (flag == "--ranks-per-node") o.ranks_per_node = positive(flag, v);
+        else if (flag == "--loads") o.loads = parse_list<double>(flag, v, positive_real);
         else throw UsageError(foe::detail::concat("unknown option ", flag));
+    }
+    if (o.simulate) {
+        // GPU-scale defaults: foe-1b, LongBench-like requests, a large server.
+        if (!o.model.empty()) throw UsageError("--simulate needs no weights: use --config NAME");
+        if (o.config.empty()) o.config = "foe-1b";
+        if (!o.requests_given) o.trace.requests = 200;
+        if (!o.prompt_given) o.trace.prompt = serve::LengthDistribution::parse("longbench");
+        if (!o.output_given) o.trace.output = serve::LengthDistribution::parse("longbench");
+        if (!o.slots_given) o.slots = 64;
+        if (!o.budget_given) o.token_budget = 8192;
+        return o;
     }
     if (o.config.empty() == o.model.empty()) throw UsageError("give exactly one of --config and --model");
     if (!o.config.empty() && !o.baseline.empty()) throw UsageError("--baseline goes with --model; use --baseline-config");
@@ -123,7 +195,133 @@ struct Run {
     std::string name;
     serve::ServingSummary summary;
     index_t steps = 0;
+    std::optional<serve::ServingSummary> predicted;  ///< --predict
+    std::string calibration;                         ///< --predict: the fitted rates
 };
+
+/// Median wall time of `repeats` calls of f.
+template <class F>
+double median_seconds(int repeats, F&& f)
+{
+    std::vector<double> t;
+    for (int i = 0; i < repeats; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        f();
+        t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+/// The host's step time as a linear function of a step's shape, fitted to timed forwards:
+///   t = a + b chunks + c tokens + e attention pairs
+/// (a: per-step work, b: per kept row, the LM head; c: per token, projections and experts; e:
+/// per query-key pair of the attention core). The GPU cost model (perf::step_cost) is a
+/// roofline that a 2-core CPU running a 4-layer model does not follow (its decode steps are
+/// dominated by fixed costs), so --predict validates the simulator with this host model.
+struct HostStepModel {
+    std::array<double, 4> coef{};
+
+    [[nodiscard]] static std::array<double, 4> features(std::span<const foe::SequenceChunk> chunks)
+    {
+        double tokens = 0.0, pairs = 0.0;
+        for (const auto& c : chunks) {
+            const auto l = static_cast<double>(c.length), ctx = static_cast<double>(c.start);
+            tokens += l;
+            pairs += l * ctx + l * (l + 1.0) / 2.0;
+        }
+        return {1.0, static_cast<double>(chunks.size()), tokens, pairs};
+    }
+    [[nodiscard]] double operator()(std::span<const foe::SequenceChunk> chunks) const
+    {
+        const auto f = features(chunks);
+        double t = 0.0;
+        for (std::size_t i = 0; i < f.size(); ++i) t += coef[i] * f[i];
+        return std::max(t, 0.0);
+    }
+
+    /// Least squares over (features, seconds) samples (normal equations, Gaussian elimination).
+    [[nodiscard]] static HostStepModel fit(const std::vector<std::pair<std::array<double, 4>, double>>& samples)
+    {
+        constexpr std::size_t n = 4;
+        double m[n][n + 1] = {};
+        for (const auto& [f, t] : samples)
+            for (std::size_t i = 0; i < n; ++i) {
+                for (std::size_t j = 0; j < n; ++j) m[i][j] += f[i] * f[j];
+                m[i][n] += f[i] * t;
+            }
+        for (std::size_t col = 0; col < n; ++col) {
+            std::size_t pivot = col;
+            for (std::size_t r = col + 1; r < n; ++r)
+                if (std::abs(m[r][col]) > std::abs(m[pivot][col])) pivot = r;
+            std::swap(m[col], m[pivot]);
+            foe::require(m[col][col] != 0.0, "--predict: the calibration forwards do not determine the host step model");
+            for (std::size_t r = 0; r < n; ++r) {
+                if (r == col) continue;
+                const double k = m[r][col] / m[col][col];
+                for (std::size_t j = col; j <= n; ++j) m[r][j] -= k * m[col][j];
+            }
+        }
+        HostStepModel model;
+        for (std::size_t i = 0; i < n; ++i) model.coef[i] = m[i][n] / m[i][i];
+        return model;
+    }
+};
+
+/// --predict: times forwards of shapes unlike the trace's steps (single prefills of 32 to 256
+/// tokens, decode steps of 1 to 8 sequences at contexts 32 and 128, one mixed step), fits the
+/// host step model to them, and replays the trace through the same scheduler on a virtual clock
+/// with its step times (foe/serve/simulate.hpp). Returns the predicted summary.
+serve::ServingSummary predict(std::shared_ptr<const foe::ModelWeights> weights, const std::vector<serve::TraceEntry>& trace,
+                              const Options& o, std::string& calibration)
+{
+    const foe::ModelConfig& c = weights->config;
+    foe::ModelOptions mo;
+    mo.cache_slots = 8;
+    mo.cache_capacity = std::min<index_t>(c.max_position_embeddings, 400);
+    auto model = foe::make_model(weights, mo);
+    const foe::CounterRng rng(o.trace.seed, 77);
+    std::vector<std::int32_t> tokens(1024);
+    for (std::size_t i = 0; i < tokens.size(); ++i)
+        tokens[i] = static_cast<std::int32_t>(rng.bits(i) % static_cast<std::uint64_t>(c.vocab_size));
+    std::vector<std::pair<std::array<double, 4>, double>> samples;
+    auto time = [&](const std::vector<foe::SequenceChunk>& chunks) {
+        const foe::Batch batch(chunks);
+        const auto ids = std::span<const std::int32_t>(tokens).first(static_cast<std::size_t>(batch.tokens()));
+        (void)model->forward(batch, ids, foe::LogitRows::last_per_chunk);  // warm-up (and the context)
+        const double t = median_seconds(5, [&] { (void)model->forward(batch, ids, foe::LogitRows::last_per_chunk); });
+        samples.emplace_back(HostStepModel::features(chunks), t);
+    };
+    for (index_t len : {16, 32, 64, 128, 256}) time({{0, 0, len}});
+    for (index_t ctx : {32, 128}) {
+        std::vector<foe::SequenceChunk> prompts, step;
+        for (index_t s = 0; s < 8; ++s) prompts.push_back({s, 0, ctx});
+        (void)model->forward(foe::Batch(prompts), std::span<const std::int32_t>(tokens).first(static_cast<std::size_t>(8 * ctx)),
+                             foe::LogitRows::last_per_chunk);
+        for (index_t b : {1, 2, 4, 8}) {
+            step.clear();
+            for (index_t s = 0; s < b; ++s) step.push_back({s, ctx, 1});
+            time(step);
+        }
+    }
+    time({{0, 128, 1}, {1, 128, 1}, {2, 128, 1}, {3, 128, 1}, {4, 0, 64}});
+    const HostStepModel host = HostStepModel::fit(samples);
+    calibration = foe::detail::concat("host step model fitted to ", samples.size(), " timed forwards: ",
+                                      std::round(host.coef[0] * 1e7) / 10, " us + ", std::round(host.coef[1] * 1e7) / 10,
+                                      " us per sequence + ", std::round(host.coef[2] * 1e7) / 10, " us per token + ",
+                                      std::round(host.coef[3] * 1e10) / 10, " ns per attention pair");
+
+    index_t longest = 0;
+    for (const auto& e : trace) longest = std::max(longest, e.prompt_tokens + e.output_tokens);
+    const index_t per_slot = (longest + o.page_size - 1) / o.page_size;
+    serve::BlockManager pages(o.pages > 0 ? o.pages : o.slots * per_slot, o.page_size, o.slots, per_slot);
+    serve::SchedulerOptions so;
+    so.token_budget = o.token_budget;
+    const auto records = serve::simulate(trace, pages, so, [&](const serve::StepPlan& step) {
+        return host(std::span<const foe::SequenceChunk>(step.batch.chunks()));
+    });
+    return serve::ServingSummary::of(records);
+}
 
 Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights> weights,
                 const std::vector<serve::TraceEntry>& trace, const Options& o)
@@ -159,7 +357,8 @@ Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights
     using clock = std::chrono::steady_clock;
     const auto start = clock::now();
     auto now = [&] { return std::chrono::duration<double>(clock::now() - start).count(); };
-    Run run{name, {}, 0};
+    Run run;
+    run.name = name;
     serve::run(
         scheduler, now,
         [&](double t) { std::this_thread::sleep_until(start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(t))); },
@@ -172,6 +371,7 @@ Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights
             if (done == total) std::fprintf(stderr, "\n");
         });
     run.summary = serve::ServingSummary::of(scheduler.records());
+    if (o.predict) run.predicted = predict(weights, trace, o, run.calibration);
     return run;
 }
 
@@ -213,6 +413,20 @@ void print(const std::vector<Run>& runs, const std::vector<serve::TraceEntry>& t
     row("E2E mean", [](const S& s) { return s.e2e.mean; });
     row("E2E p99", [](const S& s) { return s.e2e.p99; });
     row("tokens/s", [](const S& s) { return s.tokens_per_second; });
+    if (runs.front().predicted) {
+        std::printf("\npredicted on a virtual clock by the host step model (--predict), against the measurement:\n");
+        for (const auto& r : runs) {
+            const auto& p = *r.predicted;
+            auto err = [](double predicted, double measured) { return 100.0 * (predicted / measured - 1.0); };
+            std::printf("  %s: TTFT mean %.4f (%+.0f%% of %.4f), p50 %.4f (%+.0f%% of %.4f); TBT mean %.4f (%+.0f%% of %.4f), "
+                        "p50 %.4f (%+.0f%% of %.4f)\n    %s\n",
+                        r.name.c_str(), p.ttft.mean, err(p.ttft.mean, r.summary.ttft.mean), r.summary.ttft.mean, p.ttft.p50,
+                        err(p.ttft.p50, r.summary.ttft.p50), r.summary.ttft.p50, p.tbt.mean, err(p.tbt.mean, r.summary.tbt.mean),
+                        r.summary.tbt.mean, p.tbt.p50, err(p.tbt.p50, r.summary.tbt.p50), r.summary.tbt.p50,
+                        r.calibration.c_str());
+        }
+        std::printf("\n");
+    }
     std::printf("%-14s", "preemptions");
     for (const auto& r : runs) std::printf(" %14lld", static_cast<long long>(r.summary.preemptions));
     std::printf("\n%-14s", "steps");
@@ -224,6 +438,123 @@ foe::json::Value distribution_json(const serve::Distribution& d)
 {
     return foe::json::Object{{"mean", d.mean}, {"p50", d.p50}, {"p90", d.p90}, {"p99", d.p99},
                              {"count", static_cast<index_t>(d.count)}};
+}
+
+/// --simulate: the scheduler on a virtual clock with the cost model's step times, FoE against
+/// the MoE baselines, on G GPUs, at loads relative to the naive baseline's saturated throughput.
+int simulate_gpus(const Options& o, int argc, char** argv)
+{
+    namespace perf = foe::perf;
+    const foe::ModelConfig config = foe::named_config(o.config);
+    const perf::HardwareProfile hw = perf::hardware_profile(o.hardware);
+    struct Arch {
+        std::string name;
+        perf::Strategy strategy;
+        perf::Dispatch dispatch;
+    };
+    const std::vector<Arch> archs{{"FoE", perf::Strategy::foe, perf::Dispatch::dedup},
+                                  {"MoE DP+EP naive", perf::Strategy::moe_data_parallel, perf::Dispatch::naive},
+                                  {"MoE DP+EP dedup", perf::Strategy::moe_data_parallel, perf::Dispatch::dedup},
+                                  {"MoE TP+EP dedup", perf::Strategy::moe_head_parallel, perf::Dispatch::dedup}};
+    const auto base_trace = serve::make_trace(o.trace);
+    index_t longest = 0;
+    double prompt = 0.0, output = 0.0;
+    for (const auto& e : base_trace) {
+        longest = std::max(longest, e.prompt_tokens + e.output_tokens);
+        prompt += static_cast<double>(e.prompt_tokens) / static_cast<double>(base_trace.size());
+        output += static_cast<double>(e.output_tokens) / static_cast<double>(base_trace.size());
+    }
+    const index_t per_slot = (longest + o.page_size - 1) / o.page_size;
+    serve::SchedulerOptions so;
+    so.token_budget = o.token_budget;
+    auto run_arch = [&](const Arch& a, const perf::Cluster& cluster, const std::vector<serve::TraceEntry>& trace) {
+        perf::CostOptions co;
+        co.dispatch = a.dispatch;
+        serve::BlockManager pages(o.slots * per_slot, o.page_size, o.slots, per_slot);
+        return serve::ServingSummary::of(serve::simulate(trace, pages, so, [&](const serve::StepPlan& step) {
+            return serve::cost_model_step_time(config, a.strategy, step, cluster, hw, co);
+        }));
+    };
+    auto with_rate = [&](double rate) {
+        serve::TraceSpec spec = o.trace;
+        spec.rate = rate;
+        return serve::make_trace(spec);
+    };
+
+    std::printf("foe_serve --simulate: %s on %s, %lld requests (mean prompt %.0f, mean output %.0f tokens; %s), %lld slots, "
+                "token budget %lld per step, pages of %lld\n",
+                o.config.c_str(), hw.name.c_str(), static_cast<long long>(base_trace.size()), prompt, output,
+                o.trace.prompt.kind == serve::LengthDistribution::Kind::longbench ? "LongBench-like" : "as given",
+                static_cast<long long>(o.slots), static_cast<long long>(o.token_budget), static_cast<long long>(o.page_size));
+    std::printf("step times: the cost model (perf::step_cost, roofline rates, EP load imbalance %.2f, no overlap), L layers "
+                "per step; seconds\n", hw.load_imbalance);
+    foe::json::Array clusters;
+    for (index_t g : o.ranks) {
+        const perf::Cluster cluster{g, std::min(o.ranks_per_node, g)};
+        // The naive baseline's saturated throughput: every request at once.
+        const auto burst = with_rate(1e12);
+        const auto saturated = run_arch(archs[1], cluster, burst);
+        const double capacity = static_cast<double>(burst.size()) / saturated.duration;
+        std::printf("\nG = %lld (%lld node(s)); MoE DP+EP naive saturates at %.2f requests/s\n", static_cast<long long>(g),
+                    static_cast<long long>(cluster.nodes()), capacity);
+        std::printf("%5s %8s  %-16s %9s %9s %9s %9s %9s %9s %9s\n", "load", "req/s", "arch", "TTFT mean", "p50", "p99",
+                    "TBT mean", "p50", "p99", "E2E mean");
+        foe::json::Array loads;
+        for (double load : o.loads) {
+            const double rate = load * capacity;
+            const auto trace = with_rate(rate);
+            std::vector<std::pair<std::string, serve::ServingSummary>> results;
+            for (const Arch& a : archs) {
+                try {
+                    results.emplace_back(a.name, run_arch(a, cluster, trace));
+                } catch (const foe::ConfigError& e) {
+                    std::fprintf(stderr, "foe_serve: %s on G = %lld skipped: %s\n", a.name.c_str(), static_cast<long long>(g), e.what());
+                }
+                std::fprintf(stderr, "\rfoe_serve --simulate: G = %lld, load %.2f, %s done   ", static_cast<long long>(g), load, a.name.c_str());
+            }
+            std::fprintf(stderr, "\r%80s\r", "");
+            foe::json::Object by_arch;
+            for (const auto& [name, r] : results) {
+                std::printf("%5.2f %8.2f  %-16s %9.3f %9.3f %9.3f %9.4f %9.4f %9.4f %9.2f\n", load, rate, name.c_str(), r.ttft.mean,
+                            r.ttft.p50, r.ttft.p99, r.tbt.mean, r.tbt.p50, r.tbt.p99, r.e2e.mean);
+                by_arch.emplace_back(name, foe::json::Object{{"ttft_s", distribution_json(r.ttft)},
+                                                             {"tbt_s", distribution_json(r.tbt)},
+                                                             {"e2e_s", distribution_json(r.e2e)},
+                                                             {"preemptions", r.preemptions}});
+            }
+            const auto& f = results.front().second;
+            for (std::size_t i = 1; i < results.size(); ++i) {
+                const auto& m = results[i].second;
+                std::printf("%5s %8s  %-16s %8.2fx %8.2fx %8.2fx %8.2fx %8.2fx %8.2fx %8.2fx\n", "", "",
+                            ("  " + results[i].first.substr(4) + "/FoE").c_str(), m.ttft.mean / f.ttft.mean,
+                            m.ttft.p50 / f.ttft.p50, m.ttft.p99 / f.ttft.p99, m.tbt.mean / f.tbt.mean, m.tbt.p50 / f.tbt.p50,
+                            m.tbt.p99 / f.tbt.p99, m.e2e.mean / f.e2e.mean);
+            }
+            loads.push_back(foe::json::Object{{"load", load}, {"rate", rate}, {"architectures", std::move(by_arch)}});
+        }
+        clusters.push_back(foe::json::Object{{"ranks", g},
+                                             {"nodes", cluster.nodes()},
+                                             {"naive_capacity_rps", capacity},
+                                             {"loads", std::move(loads)}});
+    }
+    if (!o.json.empty()) {
+        std::string command;
+        for (int i = 0; i < argc; ++i) command += (i ? " " : "") + std::string(argv[i]);
+        const foe::json::Value doc = foe::json::Object{{"command", command},
+                                                       {"config", o.config},
+                                                       {"hardware", hw.name},
+                                                       {"requests", o.trace.requests},
+                                                       {"mean_prompt_tokens", prompt},
+                                                       {"mean_output_tokens", output},
+                                                       {"slots", o.slots},
+                                                       {"token_budget", o.token_budget},
+                                                       {"clusters", std::move(clusters)}};
+        std::ofstream out(o.json);
+        foe::require<foe::IoError>(static_cast<bool>(out), "cannot write ", o.json);
+        out << foe::json::dump_pretty(doc) << "\n";
+        foe::require<foe::IoError>(static_cast<bool>(out), "writing ", o.json, " failed");
+    }
+    return 0;
 }
 
 void write_json(const std::string& path, const std::vector<Run>& runs, const Options& o, int argc, char** argv)
@@ -239,7 +570,13 @@ void write_json(const std::string& path, const std::vector<Run>& runs, const Opt
                                            {"tokens_per_second", r.summary.tokens_per_second},
                                            {"duration_s", r.summary.duration},
                                            {"preemptions", r.summary.preemptions},
-                                           {"steps", r.steps}});
+                                           {"steps", r.steps},
+                                           {"predicted",
+                                            r.predicted ? foe::json::Value(foe::json::Object{
+                                                              {"ttft_s", distribution_json(r.predicted->ttft)},
+                                                              {"tbt_s", distribution_json(r.predicted->tbt)},
+                                                              {"calibration", r.calibration}})
+                                                        : foe::json::Value(nullptr)}});
     const foe::json::Value doc = foe::json::Object{{"command", command},
                                                    {"requests", o.trace.requests},
                                                    {"rate", o.trace.rate},
@@ -259,6 +596,7 @@ int main(int argc, char** argv)
 {
     try {
         Options o = parse(argc, argv);
+        if (o.simulate) return simulate_gpus(o, argc, argv);
         const auto trace = o.trace_file.empty() ? serve::make_trace(o.trace) : serve::read_trace(o.trace_file);
         if (!o.trace_file.empty()) o.trace.requests = static_cast<index_t>(trace.size());
         std::vector<Run> runs;

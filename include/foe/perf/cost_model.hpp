@@ -146,8 +146,9 @@ struct LayerCost {
     ComputeCost experts;               ///< router and expert FFNs
     CollectiveCost all_reduce;         ///< FoE: residual sync; MoE head-parallel: after attention
     CollectiveCost all_to_all;         ///< expert dispatch and combine
+    double overhead = 0.0;             ///< KernelRates::layer_overhead: fixed seconds per layer
 
-    [[nodiscard]] double compute_time() const noexcept { return attention.time + experts.time; }
+    [[nodiscard]] double compute_time() const noexcept { return attention.time + experts.time + overhead; }
     [[nodiscard]] double communication_time() const noexcept { return all_reduce.time() + all_to_all.time(); }
     /// No overlap: every phase after the previous one. What foe_project reports.
     [[nodiscard]] double serial_time() const noexcept { return compute_time() + communication_time(); }
@@ -271,7 +272,7 @@ struct CommShape {
 
 /// The rates one layer is timed with: measured where given, the profile's roofline otherwise.
 struct Rates {
-    double dense, attention, expert, memory;
+    double dense, attention, expert, memory, overhead;
 
     [[nodiscard]] static Rates of(const HardwareProfile& hw, const KernelRates& measured)
     {
@@ -283,8 +284,12 @@ struct Rates {
         check("attention_flops", measured.attention_flops);
         check("expert_flops", measured.expert_flops);
         check("memory_bandwidth", measured.memory_bandwidth);
+        require<InvalidArgument>(!measured.layer_overhead || (std::isfinite(*measured.layer_overhead) && *measured.layer_overhead >= 0.0),
+                                 "measured layer_overhead (", measured.layer_overhead.value_or(0.0),
+                                 " s) must be finite and not negative");
         return {measured.dense_flops.value_or(hw.peak_flops), measured.attention_flops.value_or(hw.peak_flops),
-                measured.expert_flops.value_or(hw.peak_flops), measured.memory_bandwidth.value_or(hw.hbm_bandwidth)};
+                measured.expert_flops.value_or(hw.peak_flops), measured.memory_bandwidth.value_or(hw.hbm_bandwidth),
+                measured.layer_overhead.value_or(0.0)};
     }
 };
 
@@ -418,6 +423,7 @@ inline LayerCost layer_cost(const ModelConfig& config, Strategy strategy, const 
     // Expert parallelism over p = min(G, E) ranks; beyond E ranks, copies of the layer.
     LayerCost out;
     out.strategy = strategy;
+    out.overhead = rates.overhead;
     const index_t p = std::min(g, e);
     require<ConfigError>(g % p == 0, "G (", g, ") ranks cannot hold whole copies of the ", e,
                          " experts: with G > E, G must be a multiple of E");
@@ -588,6 +594,7 @@ inline LayerCost step_cost(const ModelConfig& config, Strategy strategy, std::sp
     }
     LayerCost out;
     out.strategy = strategy;
+    out.overhead = rates.overhead;
     out.expert_parallel_size = g;
     double busiest = 0.0;
     for (const auto& mine : by_shard) {

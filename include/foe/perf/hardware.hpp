@@ -100,10 +100,14 @@ struct KernelRates {
     std::optional<double> attention_flops;   ///< FLOP/s of the causal attention core (QK^T and PV)
     std::optional<double> expert_flops;      ///< FLOP/s of the grouped SwiGLU expert GEMMs
     std::optional<double> memory_bandwidth;  ///< bytes/s of memory-bound kernels (norms, permute, combine)
+    /// Seconds every layer costs per forward whatever its size (kernel launches, thread
+    /// synchronisation): what dominates a small model's decode step. Not read from benchmark
+    /// JSON; calibrated from whole forwards (foe_serve --predict).
+    std::optional<double> layer_overhead;
 
     [[nodiscard]] bool empty() const noexcept
     {
-        return !dense_flops && !attention_flops && !expert_flops && !memory_bandwidth;
+        return !dense_flops && !attention_flops && !expert_flops && !memory_bandwidth && !layer_overhead;
     }
 };
 
