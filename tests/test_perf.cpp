@@ -475,8 +475,22 @@ TEST_CASE("step_cost: a step of whole prompts costs what layer_cost says; decode
     const std::vector<perf::ChunkShape> short_ctx(64, perf::ChunkShape{128, 1}), long_ctx(64, perf::ChunkShape{8192, 1});
     const auto a = perf::step_cost(config, Strategy::foe, short_ctx, {8, 8}, hw);
     const auto b = perf::step_cost(config, Strategy::foe, long_ctx, {8, 8}, hw);
-    const double kv_bytes = 2.0 * 2.0 * config.kv_heads_per_group() * config.head_dim * 64.0 * (8193.0 - 129.0);
+    const double kv_bytes = 2.0 * 2.0 * static_cast<double>(config.kv_heads_per_group() * config.head_dim) * 64.0 * (8193.0 - 129.0);
     CHECK(b.attention.hbm_bytes - a.attention.hbm_bytes == doctest::Approx(kv_bytes));
     CHECK(b.attention.time > a.attention.time);
     CHECK_THROWS_AS((void)perf::step_cost(config, Strategy::foe, std::vector<perf::ChunkShape>{}, {8, 8}, hw), foe::InvalidArgument);
+}
+
+TEST_CASE("layer_overhead: fixed seconds per layer, added to the compute time; a negative one is refused")
+{
+    const auto config = foe::named_config("foe-1b");
+    const std::vector<perf::ChunkShape> step(4, perf::ChunkShape{100, 1});
+    perf::CostOptions o;
+    const auto base = perf::step_cost(config, Strategy::foe, step, {8, 8}, balanced_h100(), o);
+    o.rates.layer_overhead = 2e-5;
+    const auto slow = perf::step_cost(config, Strategy::foe, step, {8, 8}, balanced_h100(), o);
+    CHECK(slow.compute_time() == doctest::Approx(base.compute_time() + 2e-5));
+    CHECK(perf::layer_cost(config, Strategy::foe, {2048}, {8, 8}, balanced_h100(), o).overhead == 2e-5);
+    o.rates.layer_overhead = -1.0;
+    CHECK_THROWS_AS((void)perf::step_cost(config, Strategy::foe, step, {8, 8}, balanced_h100(), o), foe::InvalidArgument);
 }
