@@ -20,11 +20,13 @@
 //   DP+EP naive   the standard MoE (the same sizes, one group, per-head QK-norm as foe_comm):
 //   DP+EP dedup   rank p runs sequence p, experts E/G per rank, DeviceAllToAllEP over NCCL with
 //                 naive or deduplicated dispatch (dynamic variant: one host sync per layer)
+//   TP+EP naive   head-parallel attention (KV heads / G per rank, every rank every sequence, an
+//   TP+EP dedup   all-reduce), then each rank's slice of the tokens through EP, an all-gather
 // Timed with CUDA events around model.forward (every rank at a barrier first), warm-up runs
 // first; per run the slowest rank's time, then the median over runs. "One layer" is the mean over
 // the layers of the same forwards (events between layers). Rank 0 prints the tables and writes
-// --json FILE (date, device, G, R, config, the command line). Head-parallel attention + EP and
-// FoE with G > H are not on GPUs yet: their rows say so.
+// --json FILE (date, device, G, R, config, the command line). FoE with G > H is not on GPUs yet,
+// nor TP+EP where G does not divide the KV heads: their rows say so.
 //
 // Rank r uses GPU (local rank) mod (visible GPUs), local rank from OMPI_COMM_WORLD_LOCAL_RANK (so
 // 2 nodes x 8 GPUs work as 16 ranks); --compare refuses more ranks on a node than GPUs unless
@@ -200,11 +202,8 @@ foe_gpus::ArchitectureTimes time_architecture(CompareContext& cx, const Architec
                                             "on GPUs yet; foe_comm runs it on CPUs");
         return times;
     }
-    if (a.strategy == Strategy::moe_head_parallel) {
-        times.skipped = "head-parallel attention + EP is not on GPUs yet (foe_comm runs it on CPUs)";
-        return times;
-    }
-    const bool all_sequences = a.strategy == Strategy::foe;
+    // FoE and head-parallel attention: every rank every sequence; data-parallel: its own.
+    const bool all_sequences = a.strategy != Strategy::moe_data_parallel;
     const index_t max_tokens = *std::max_element(o.tokens.begin(), o.tokens.end());
     const index_t longest = foe_gpus::longest_sequence(o.tokens, g);
     const index_t sequences = all_sequences ? std::min<index_t>(g, max_tokens) : 1;
@@ -225,8 +224,22 @@ foe_gpus::ArchitectureTimes time_architecture(CompareContext& cx, const Architec
                 comm.all_reduce_sum(std::span<float>(v, n), s);
             };
     } else {
+        // Head-parallel: only this rank's slice of the tokens goes through the exchange.
+        const index_t routed = (mo.max_batch_tokens + p.head_parts - 1) / p.head_parts;
         mo.expert_exchange = std::make_shared<foe::parallel::NcclExpertExchange>(
-            cx.comm, foe::parallel::moe_ep_spec(config, g, rank, a.dispatch, false, mo.max_batch_tokens));
+            cx.comm, foe::parallel::moe_ep_spec(config, g, rank, a.dispatch, false, routed));
+        if (p.head_parts > 1) {
+            mo.head_part = p.head_part;
+            mo.head_parts = p.head_parts;
+            mo.head_comm.reduce = [&comm = cx.comm](float* v, std::size_t n, cudaStream_t s) {
+                comm.all_reduce_sum(std::span<float>(v, n), s);
+            };
+            mo.head_comm.gather = [&comm = cx.comm](const foe::bfloat16* in, std::size_t n, foe::bfloat16* out,
+                                                    cudaStream_t s) {
+                comm.all_gather(std::span<const foe::bfloat16>(in, n),
+                                std::span<foe::bfloat16>(out, n * static_cast<std::size_t>(comm.size())), s);
+            };
+        }
     }
     // Events at the first layer's start and the last layer's end (the hook runs while enqueueing).
     Event layers_begin, layers_end, begin, end;
@@ -348,7 +361,8 @@ int run_compare(const foe_gpus::CompareOptions& o, foe::comm::MpiComm& world, co
     report.foe = time_architecture(cx, {"FoE", Strategy::foe, Dispatch::naive}, foe_config);
     for (const Architecture& a : {Architecture{"DP+EP naive", Strategy::moe_data_parallel, Dispatch::naive},
                                   Architecture{"DP+EP dedup", Strategy::moe_data_parallel, Dispatch::dedup},
-                                  Architecture{"TP+EP naive", Strategy::moe_head_parallel, Dispatch::naive}})
+                                  Architecture{"TP+EP naive", Strategy::moe_head_parallel, Dispatch::naive},
+                                  Architecture{"TP+EP dedup", Strategy::moe_head_parallel, Dispatch::dedup}})
         report.moe.push_back(time_architecture(cx, a, moe_config));
 
     if (rank == 0) {

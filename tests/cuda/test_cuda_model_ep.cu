@@ -4,8 +4,9 @@
 // and deduplicated dispatch, dynamic and fixed capacity; a decode step replayed from a CUDA graph
 // with the fixed-capacity exchange equals the eager step; an empty batch still runs the
 // exchanges. With two GPUs, two ranks of a data-parallel MoE (each its own sequence, half the
-// experts, naive dispatch) equal the one-rank model on each sequence. Without a CUDA device every test case says
-// so and passes.
+// experts, naive dispatch) equal the one-rank model on each sequence, and so do two ranks of
+// head-parallel attention + EP (half the KV heads and experts each, both sequences on both).
+// Without a CUDA device every test case says so and passes.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
 
@@ -109,6 +110,49 @@ std::vector<std::int32_t> random_tokens(foe::index_t n, foe::index_t vocab, std:
     std::vector<std::int32_t> t(sz(n));
     for (auto& v : t) v = d(rng);
     return t;
+}
+
+/// The weights rank p of `ranks` holds: every tensor but the other ranks' experts.
+std::shared_ptr<const ModelWeights> held_weights(const ModelConfig& c, std::uint64_t seed, int p, int ranks)
+{
+    const foe::index_t per = c.num_experts / ranks;
+    return std::make_shared<const ModelWeights>(foe::stored_as(
+        foe::random_weights(c, seed,
+                            [=](std::string_view name) {
+                                const auto at = name.find(".mlp.experts.");
+                                if (at == std::string_view::npos) return true;
+                                const auto e = std::stoll(std::string(name.substr(at + 13)));
+                                return p * per <= e && e < (p + 1) * per;
+                            }),
+        foe::DType::bf16));
+}
+
+/// Runs body(p) on GPU p for p < ranks, each in its own thread, and reports what any threw.
+template <class Body>
+void on_ranks(int ranks, Body body)
+{
+    std::vector<std::exception_ptr> failed(sz(ranks));
+    std::vector<std::thread> threads;
+    for (int p = 0; p < ranks; ++p)
+        threads.emplace_back([&, p] {
+            try {
+                fc::check(cudaSetDevice(p), "cudaSetDevice");
+                body(p);
+            } catch (...) {
+                failed[sz(p)] = std::current_exception();
+            }
+        });
+    for (auto& t : threads) t.join();
+    for (int p = 0; p < ranks; ++p) {
+        if (!failed[sz(p)]) continue;
+        try {
+            std::rethrow_exception(failed[sz(p)]);
+        } catch (const std::exception& e) {
+            FAIL("rank ", p, ": ", e.what());
+        } catch (...) {
+            FAIL("rank ", p, ": a REQUIRE failed (see above)");
+        }
+    }
 }
 
 constexpr foe::index_t max_tokens = 96;
@@ -249,49 +293,71 @@ TEST_CASE("cuda ep model: two ranks of a data-parallel MoE (a sequence and half 
         for (int p = 0; p < ranks; ++p) want[sz(p)] = whole.prefill(prompts[sz(p)], p);
     }
     const ncclUniqueId id = NcclComm::make_unique_id();
-    std::vector<std::exception_ptr> failed(ranks);
-    std::vector<std::thread> threads;
-    for (int p = 0; p < ranks; ++p)
-        threads.emplace_back([&, p] {
-            try {
-                fc::check(cudaSetDevice(p), "cudaSetDevice");
-                auto comm = NcclComm::from_unique_id(id, p, ranks, p);
-                // This rank's experts only, as foe_gpus loads them.
-                const foe::index_t per = c.num_experts / ranks;
-                const auto mine = std::make_shared<const ModelWeights>(foe::stored_as(
-                    foe::random_weights(c, 37,
-                                        [&](std::string_view name) {
-                                            const auto at = name.find(".mlp.experts.");
-                                            if (at == std::string_view::npos) return true;
-                                            const auto e = std::stoll(std::string(name.substr(at + 13)));
-                                            return p * per <= e && e < (p + 1) * per;
-                                        }),
-                    foe::DType::bf16));
-                auto o = base_options(c, false);
-                o.device = p;
-                o.expert_exchange = exchange(comm, c, Dispatch::naive, false, max_tokens, ranks, p);
-                o.synchronize = [&comm](cudaStream_t s) { comm.synchronize(s); };
-                fc::CudaModel<> model(mine, o);
-                got[sz(p)] = model.prefill(prompts[sz(p)], 0);
-                // Rank 1 idles (an empty batch) while rank 0 runs its sequence again.
-                const auto again = p == 0 ? model.prefill(prompts[0], 0) : model.forward(Batch{}, {});
-                if (p == 0) CHECK(same_bits(again.values(), got[0].values()));
-            } catch (...) {
-                failed[sz(p)] = std::current_exception();
-            }
-        });
-    for (auto& t : threads) t.join();
+    on_ranks(ranks, [&](int p) {
+        auto comm = NcclComm::from_unique_id(id, p, ranks, p);
+        auto o = base_options(c, false);
+        o.device = p;
+        o.expert_exchange = exchange(comm, c, Dispatch::naive, false, max_tokens, ranks, p);
+        o.synchronize = [&comm](cudaStream_t s) { comm.synchronize(s); };
+        fc::CudaModel<> model(held_weights(c, 37, p, ranks), o);  // this rank's experts only
+        got[sz(p)] = model.prefill(prompts[sz(p)], 0);
+        // Rank 1 idles (an empty batch) while rank 0 runs its sequence again.
+        const auto again = p == 0 ? model.prefill(prompts[0], 0) : model.forward(Batch{}, {});
+        if (p == 0) CHECK(same_bits(again.values(), got[0].values()));
+    });
     for (int p = 0; p < ranks; ++p) {
         CAPTURE(p);
-        if (failed[sz(p)]) {
-            try {
-                std::rethrow_exception(failed[sz(p)]);
-            } catch (const std::exception& e) {
-                FAIL("rank ", p, ": ", e.what());
-            } catch (...) {
-                FAIL("rank ", p, ": a REQUIRE failed (see above)");
-            }
-        }
         CHECK(rel_error(got[sz(p)].values(), want[sz(p)].values()) < model_tolerance);
+    }
+}
+
+TEST_CASE("cuda ep model: two ranks of head-parallel attention + EP (half the heads and experts each) equal one rank")
+{
+    if (fc::cuda_device_count() < 2) {
+        MESSAGE("fewer than two CUDA devices (", fc::cuda_device_count(), "): the two-rank TP+EP model is skipped");
+        return;
+    }
+    constexpr int ranks = 2;
+    const ModelConfig c = moe_config();  // 4 KV heads: 2 per rank
+    const auto w = bf16_weights(c, 38);
+    const auto a = random_tokens(13, c.vocab_size, 70), b = random_tokens(20, c.vocab_size, 71);
+    std::vector<std::int32_t> ids(a);
+    ids.insert(ids.end(), b.begin(), b.end());
+    const Batch batch({foe::SequenceChunk{0, 0, 13}, foe::SequenceChunk{1, 0, 20}});  // 33 rows: slices 17 and 16
+    foe::Tensor<float> want;
+    {
+        fc::CudaModel<> whole(w, base_options(c, false));
+        want = whole.forward(batch, ids);
+    }
+    for (const Dispatch mode : {Dispatch::naive, Dispatch::dedup}) {
+        CAPTURE(foe::parallel::to_string(mode));
+        std::vector<foe::Tensor<float>> got(ranks);
+        const ncclUniqueId id = NcclComm::make_unique_id();
+        on_ranks(ranks, [&](int p) {
+            auto comm = NcclComm::from_unique_id(id, p, ranks, p);
+            auto o = base_options(c, false);
+            o.device = p;
+            o.expert_exchange = exchange(comm, c, mode, false, (max_tokens + ranks - 1) / ranks, ranks, p);
+            o.synchronize = [&comm](cudaStream_t s) { comm.synchronize(s); };
+            o.head_part = p;
+            o.head_parts = ranks;
+            o.head_comm.reduce = [&comm](float* v, std::size_t n, cudaStream_t s) {
+                comm.all_reduce_sum(std::span<float>(v, n), s);
+            };
+            o.head_comm.gather = [&comm](const foe::bfloat16* in, std::size_t n, foe::bfloat16* out, cudaStream_t s) {
+                comm.all_gather(std::span<const foe::bfloat16>(in, n), std::span<foe::bfloat16>(out, 2 * n), s);
+            };
+            fc::CudaModel<> model(held_weights(c, 38, p, ranks), o);
+            got[sz(p)] = model.forward(batch, ids);
+            // A decode step of both sequences (2 rows: one per rank's slice).
+            const Batch step({foe::SequenceChunk{0, 13, 1}, foe::SequenceChunk{1, 20, 1}});
+            const std::vector<std::int32_t> next{ids[3], ids[5]};
+            (void)model.forward(step, next);
+        });
+        CHECK(same_bits(got[0].values(), got[1].values()));  // every rank has every token's x'
+        for (int p = 0; p < ranks; ++p) {
+            CAPTURE(p);
+            CHECK(rel_error(got[sz(p)].values(), want.values()) < model_tolerance);
+        }
     }
 }

@@ -54,6 +54,17 @@ void scale_round_kernel(const float* __restrict__ x, std::size_t n, float scale,
         out[i] = bfloat16(x[i] * scale);
 }
 
+/// out[i] = bf16(x[i] + a[i]), the sum in fp32.
+template <class Launch = ElementwiseLaunch>
+FOE_KERNEL(Launch::block_threads)
+void add_round_kernel(const bfloat16* __restrict__ x, const float* __restrict__ a, std::size_t n,
+                      bfloat16* __restrict__ out)
+{
+    for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+         i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+        out[i] = bfloat16(static_cast<float>(x[i]) + a[i]);
+}
+
 }  // namespace kernels_v0_1
 
 namespace detail {
@@ -94,6 +105,15 @@ inline void scale_round(const float* x, std::size_t n, float scale, bfloat16* ou
     scale_round_kernel<<<detail::grid_stride_blocks(n), ElementwiseLaunch::block_threads, 0, stream>>>(x, n, scale,
                                                                                                         out);
     check_launch("scale_round_kernel");
+}
+
+/// out [n] (bf16) = x [n] (bf16) + a [n] (fp32), added in fp32, one rounding (a residual plus an
+/// fp32 sum over ranks). out must not overlap x or a.
+inline void add_round(const bfloat16* x, const float* a, std::size_t n, bfloat16* out, cudaStream_t stream)
+{
+    if (n == 0) return;
+    add_round_kernel<<<detail::grid_stride_blocks(n), ElementwiseLaunch::block_threads, 0, stream>>>(x, a, n, out);
+    check_launch("add_round_kernel");
 }
 
 }  // namespace foe::cuda

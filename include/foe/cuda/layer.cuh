@@ -17,6 +17,12 @@
 // over the ranks holding the other experts. Attention stays this rank's own (data-parallel:
 // each rank runs its own sequences). With no exchange every path is as before.
 //
+// Head-parallel attention + expert parallelism (the second MoE baseline, LayerSpec::head_parts >
+// 1, as the host MoeHeadParallelLayer): every rank runs every token through its share of the KV
+// heads; the partial attention outputs are summed over the ranks in fp32 (HeadParallelComm::
+// reduce), r = x + sum; the rank's slice of the tokens (ceil(T/P) rows) is normed, routed and sent
+// through the exchange; the slices are all-gathered so that every rank has x' for every token.
+//
 // What makes a decode step capturable in a CUDA graph: the kernels read the batch (positions,
 // slots, lengths) from device memory; every buffer comes from an arena sized by the LayerSpec;
 // the grouped expert GEMM reads the expert offsets on the device; nothing here synchronises with
@@ -25,6 +31,7 @@
 // either way); the dense GEMM policy (cuBLASLt or foe's tensor-core kernel) is a template
 // parameter.
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -57,6 +64,17 @@ namespace foe::cuda {
 /// (NcclComm::all_reduce_sum on the given stream). Empty when one rank holds every group.
 using DeviceReduce = std::function<void(float* values, std::size_t n, cudaStream_t stream)>;
 
+/// out [ranks * n] = the n bf16 device values `in` of every rank, in rank order
+/// (NcclComm::all_gather on the given stream).
+using DeviceGather = std::function<void(const bfloat16* in, std::size_t n, bfloat16* out, cudaStream_t stream)>;
+
+/// The collectives of head-parallel attention over the ranks sharing the heads: the fp32 sum of
+/// the partial attention outputs, and the all-gather of the ranks' token slices.
+struct HeadParallelComm {
+    DeviceReduce reduce;
+    DeviceGather gather;
+};
+
 /// What a layer is planned for: its buffers hold `max_tokens` rows of a batch of at most
 /// `max_sequences` sequences, and its KV caches `cache_slots` sequences of `cache_capacity`
 /// positions. The held groups are [group_begin, group_end) (group_end -1: all). With
@@ -73,6 +91,11 @@ struct LayerSpec {
     bool expert_parallel = false;
     index_t expert_begin = 0;
     index_t expert_end = 0;
+    /// Head-parallel attention (needs expert_parallel and one group): this rank's share
+    /// head_part of head_parts equal shares of the KV heads (with their query heads and o_proj
+    /// columns); 1 share: all heads.
+    index_t head_part = 0;
+    index_t head_parts = 1;
 };
 
 /// The scratch buffers of one layer's forward. Layers run one after another, so a model shares
@@ -91,6 +114,8 @@ struct LayerScratch {
     std::int32_t* inverse = nullptr;    ///< [T slots]
     bfloat16* gathered = nullptr;       ///< [T slots, d] (none with expert parallelism)
     bfloat16* expert_out = nullptr;     ///< [T slots, d] (the exchange's y with expert parallelism)
+    bfloat16* slice = nullptr;          ///< [ceil(T/P), d] head-parallel: this rank's token slice of x'
+    bfloat16* slices = nullptr;         ///< [P ceil(T/P), d] head-parallel: every rank's slice
     void* permute_ws = nullptr;
     void* attention_ws = nullptr;
     void* experts_ws = nullptr;
@@ -122,6 +147,10 @@ struct LayerScratch {
         const bool local = !s.expert_parallel;
         visit(gathered, local ? t * slots * d : 0);
         visit(expert_out, t * slots * d);
+        const auto parts = static_cast<std::size_t>(std::max<index_t>(s.head_parts, 1));
+        const std::size_t chunk = (t + parts - 1) / parts;
+        visit(slice, parts > 1 ? chunk * d : 0);
+        visit(slices, parts > 1 ? parts * chunk * d : 0);
         visit_bytes(visit, permute_ws, permute_bytes);
         visit_bytes(visit, attention_ws, attention_workspace_bytes(shape, s.max_sequences));
         visit_bytes(visit, experts_ws,
@@ -187,10 +216,11 @@ public:
     /// values to the caches. `reduce` must be set exactly when other ranks hold groups.
     /// `experts` must be given exactly when the layer was planned expert-parallel; it is then
     /// called even for an empty batch (T = 0: only the exchange runs, so that the ranks holding
-    /// the other experts are not left waiting).
+    /// the other experts are not left waiting). `heads` must be given exactly when the layer is
+    /// head-parallel (spec.head_parts > 1); every rank sharing the heads runs the same batch.
     void forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* in, index_t in_streams, bfloat16* out,
                  LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream,
-                 ExpertExchange* experts = nullptr);
+                 ExpertExchange* experts = nullptr, const HeadParallelComm* heads = nullptr);
 
     [[nodiscard]] index_t streams() const noexcept { return group_end_ - group_begin_; }
     [[nodiscard]] index_t slots_per_token() const noexcept { return streams() * config_.top_k_per_group(); }
@@ -198,10 +228,17 @@ public:
     [[nodiscard]] index_t expert_begin() const noexcept { return expert_begin_; }
     [[nodiscard]] index_t held_experts() const noexcept { return held_experts_; }
     [[nodiscard]] bool expert_parallel() const noexcept { return spec_.expert_parallel; }
+    [[nodiscard]] bool head_parallel() const noexcept { return spec_.head_parts > 1; }
+    /// Tokens of a T-token batch this rank routes: T, or its head-parallel slice ceil(T/P) at most.
+    [[nodiscard]] index_t routed_tokens(index_t t) const noexcept
+    {
+        return head_parallel() ? (t + spec_.head_parts - 1) / spec_.head_parts : t;
+    }
     [[nodiscard]] index_t group_begin() const noexcept { return group_begin_; }
     [[nodiscard]] std::size_t weight_bytes() const noexcept { return weights_.bytes(); }
     [[nodiscard]] std::size_t cache_bytes() const noexcept { return cache_.bytes(); }
-    /// The last forward's routing: experts [T, slots] int32 and weights [T, slots] fp32 on the device.
+    /// The last forward's routing: experts [T, slots] int32 and weights [T, slots] fp32 on the device
+    /// (head-parallel: the rows of this rank's token slice, first).
     [[nodiscard]] const std::int32_t* routed_experts() const noexcept { return routed_experts_; }
     [[nodiscard]] const float* routed_weights() const noexcept { return routed_weights_; }
 
@@ -215,6 +252,7 @@ private:
     LayerSpec spec_;
     index_t group_begin_, group_end_;
     index_t expert_begin_ = 0, held_experts_ = 0;
+    index_t q_heads_ = 0, kv_heads_ = 0;  // of a group, or of this rank's head share
     DeviceArena weights_, cache_;
     bfloat16 *input_norm_ = nullptr, *post_norm_ = nullptr, *q_norm_ = nullptr, *k_norm_ = nullptr;
     bfloat16* gate_ = nullptr;        // [E, d]
@@ -290,6 +328,19 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
                                  ") are not a non-empty range of the held group's [", group_begin_ * per_group, ", ",
                                  group_end_ * per_group, ")");
     }
+    require<InvalidArgument>(spec.head_parts >= 1 && 0 <= spec.head_part && spec.head_part < spec.head_parts,
+                             "head share ", spec.head_part, " of ", spec.head_parts, " is not a share");
+    if (spec.head_parts > 1) {
+        require<InvalidArgument>(spec.expert_parallel && config.groups() == 1,
+                                 "head-parallel attention is the standard-MoE baseline's: it needs one expert group and "
+                                 "expert parallelism");
+        require<InvalidArgument>(config.num_key_value_heads % spec.head_parts == 0, "head-parallel attention splits ",
+                                 config.num_key_value_heads, " KV heads over ", spec.head_parts, " ranks unevenly");
+        require<InvalidArgument>(config.qk_norm != QkNorm::full_width,
+                                 "head-parallel attention cannot apply a full-width q/k norm to a share of the heads");
+    }
+    q_heads_ = config.num_attention_heads / config.groups() / spec.head_parts;
+    kv_heads_ = config.num_key_value_heads / config.groups() / spec.head_parts;
     require<InvalidArgument>(spec.max_tokens > 0 && spec.max_sequences > 0 && spec.cache_slots > 0 &&
                                  spec.cache_capacity > 0,
                              "layer plan: max_tokens (", spec.max_tokens, "), max_sequences (", spec.max_sequences,
@@ -352,7 +403,8 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     // makes the token rows q | k | v that QK-norm, RoPE, the KV append and attention read in place.
     std::vector<std::vector<bfloat16>> qkv(static_cast<std::size_t>(held)), o(qkv.size());
     for (index_t g = 0; g < held; ++g) {
-        const auto a = head_share_weights(config, w, group_begin_ + g, groups);
+        const auto a = spec.head_parts > 1 ? head_share_weights(config, w, spec.head_part, spec.head_parts)
+                                           : head_share_weights(config, w, group_begin_ + g, groups);
         auto& stacked = qkv[static_cast<std::size_t>(g)];
         detail::append_bf16(stacked, a.q_proj);
         detail::append_bf16(stacked, a.k_proj);
@@ -387,7 +439,7 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     routed_weights_ = weights_.take<float>(slots_total);
 
     // KV caches, head-major per group: [slots, kv heads of the group, capacity, head_dim].
-    const auto per_cache = static_cast<std::size_t>(spec.cache_slots * config.kv_heads_per_group() *
+    const auto per_cache = static_cast<std::size_t>(spec.cache_slots * kv_heads_ *
                                                     spec.cache_capacity * hd);
     ArenaPlan cache_plan;
     for (index_t g = 0; g < 2 * held; ++g) cache_plan.add<bfloat16>(per_cache);
@@ -401,14 +453,14 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
 template <DeviceGemmPolicy Gemm>
 void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* in, index_t in_streams,
                           bfloat16* out, LayerWorkspace& workspace, const DeviceReduce& reduce, cudaStream_t stream,
-                          ExpertExchange* experts)
+                          ExpertExchange* experts, const HeadParallelComm* heads)
 {
     LayerScratch& s = workspace.scratch();
     const LayerSpec& ws = workspace.spec();
     require(ws.max_tokens >= spec_.max_tokens && ws.max_sequences >= spec_.max_sequences &&
                 ws.cache_capacity >= spec_.cache_capacity && ws.group_begin == spec_.group_begin &&
                 (ws.group_end < 0 ? config_.groups() : ws.group_end) == group_end_ &&
-                ws.expert_parallel == spec_.expert_parallel,
+                ws.expert_parallel == spec_.expert_parallel && ws.head_parts == spec_.head_parts,
             "layer forward: the workspace was planned for ", ws.max_tokens, " tokens, ", ws.max_sequences,
             " sequences, capacity ", ws.cache_capacity, " and groups [", ws.group_begin, ", ", ws.group_end, ")",
             ws.expert_parallel ? ", expert-parallel" : "", "; the layer needs at least ", spec_.max_tokens, ", ",
@@ -416,7 +468,8 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
             spec_.expert_parallel ? ", expert-parallel" : "");
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size, held = streams(), groups = c.groups();
-    const index_t qh = c.q_heads_per_group(), kvh = c.kv_heads_per_group(), hd = c.head_dim;
+    const index_t qh = q_heads_, kvh = kv_heads_, hd = c.head_dim;
+    const bool tp = head_parallel();
     const index_t qw = qh * hd, kw = kvh * hd, row = qw + 2 * kw;
     const auto eps = static_cast<float>(c.rms_norm_eps);
     require(t <= spec_.max_tokens && batch.sequences <= spec_.max_sequences, "layer forward: ", t, " tokens in ",
@@ -430,14 +483,17 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
     require((experts != nullptr) == spec_.expert_parallel, "layer forward: the layer was planned ",
             spec_.expert_parallel ? "expert-parallel, so an expert exchange must be given"
                                   : "with local experts, so no expert exchange may be given");
+    require((heads != nullptr) == tp && (!tp || (heads->reduce && heads->gather)), "layer forward: the layer was planned ",
+            tp ? "head-parallel, so the heads' reduce and gather must be given" : "with all heads, so no head comm may be given");
     const GroupedExpertWeights held_weights{gate_up_, down_, held_experts_, d, c.intermediate_size};
     if (experts != nullptr) {
         require(experts->expert_begin() == expert_begin_ && experts->expert_count() == held_experts_ &&
-                    experts->slots() == slots_per_token() && t <= experts->max_tokens(),
+                    experts->slots() == slots_per_token() && routed_tokens(t) <= experts->max_tokens(),
                 "layer forward: the expert exchange holds experts [", experts->expert_begin(), ", ",
                 experts->expert_begin() + experts->expert_count(), ") with ", experts->slots(),
                 " slots per token for up to ", experts->max_tokens(), " tokens; the layer holds [", expert_begin_, ", ",
-                expert_begin_ + held_experts_, "), routes ", slots_per_token(), " slots and has ", t, " tokens");
+                expert_begin_ + held_experts_, "), routes ", slots_per_token(), " slots and ", routed_tokens(t),
+                " tokens");
         if (t == 0) {  // nothing of its own to do, but the peers' rows still come here
             experts->run(held_weights, nullptr, nullptr, nullptr, 0, nullptr, stream);
             return;
@@ -468,6 +524,12 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
         rope(k, batch.positions, t, kvh, hd, row, c.rope_theta, stream);
         append_kv(batch, k, v, row, kvh, hd, spec_.cache_capacity, gw.kcache, gw.vcache, stream);
         attention(shape, batch, q, row, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
+        if (tp) {  // r = x + the fp32 sum over the ranks of their heads' o_proj outputs
+            gemm.nt(s.attn, gw.o, s.synced32, OutType::fp32, t, d, qw, stream, 0.0f);
+            heads->reduce(s.synced32, rows, stream);
+            add_round(x, s.synced32, rows, r, stream);
+            continue;
+        }
         check(cudaMemcpyAsync(r, x, rows * sizeof(bfloat16), cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync (residual)");
         gemm.nt(s.attn, gw.o, r, OutType::bf16, t, d, qw, stream, 1.0f);
     }
@@ -484,13 +546,31 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
         stream_mean(s.residual, held, t, d, groups, s.synced, stream);
         rf = s.synced;
     }
+    const RouterArgs args{c.scoring_func == ScoreFunction::sigmoid ? RouterScore::sigmoid : RouterScore::softmax,
+                          c.num_experts, groups, c.num_experts_per_tok, group_begin_, group_end_, c.norm_topk_prob};
+    if (tp) {
+        // This rank's slice of the tokens (equal chunks of ceil(T/P) rows; the last ones may be
+        // short or empty) through the experts, then every rank's slice to every rank.
+        const index_t chunk = routed_tokens(t);
+        const index_t first = std::min(t, spec_.head_part * chunk), mine = std::min(t, first + chunk) - first;
+        const bfloat16* rs = rf + static_cast<std::size_t>(first * d);
+        if (mine > 0) {
+            rms_norm(rs, post_norm_, s.u, mine, d, eps, stream);
+            gemm.nt(s.u, gate_, s.router_logits, OutType::fp32, mine, c.num_experts, d, stream, 0.0f);
+            route(args, s.router_logits, gate_bias_, mine, routed_experts_, routed_weights_, stream);
+        }
+        experts->run(held_weights, routed_experts_, routed_weights_, s.u, mine, s.expert_out, stream);
+        experts->combine(s.expert_out, routed_weights_, rs, mine, s.slice, stream);
+        heads->gather(s.slice, static_cast<std::size_t>(chunk * d), s.slices, stream);
+        check(cudaMemcpyAsync(out, s.slices, rows * sizeof(bfloat16), cudaMemcpyDeviceToDevice, stream),
+              "cudaMemcpyAsync (gathered slices)");
+        return;
+    }
     rms_norm(rf, post_norm_, s.u, t, d, eps, stream);
 
     // Route inside the held groups, group the rows by expert, run the experts, combine.
     const index_t slots = slots_per_token();
     gemm.nt(s.u, gate_, s.router_logits, OutType::fp32, t, c.num_experts, d, stream, 0.0f);
-    const RouterArgs args{c.scoring_func == ScoreFunction::sigmoid ? RouterScore::sigmoid : RouterScore::softmax,
-                          c.num_experts, groups, c.num_experts_per_tok, group_begin_, group_end_, c.norm_topk_prob};
     route(args, s.router_logits, gate_bias_, t, routed_experts_, routed_weights_, stream);
     if (experts != nullptr) {  // the routed rows go to the ranks holding their experts and come back
         experts->run(held_weights, routed_experts_, routed_weights_, s.u, t, s.expert_out, stream);

@@ -22,6 +22,9 @@
 // peers' rows). The dynamic exchange synchronises with the host once per layer, so it is not
 // capturable: decode steps replay CUDA graphs only with a second, fixed-capacity exchange
 // (decode_expert_exchange, sized for max_sequences tokens), and otherwise run eagerly.
+// With head_parts > 1 attention is head-parallel as well (the second MoE baseline): every rank
+// runs every sequence over its share of the KV heads, and only its slice of the tokens goes
+// through the exchange (ceil(T / head_parts) rows).
 
 #include <algorithm>
 #include <cstdint>
@@ -94,6 +97,14 @@ struct CudaModelOptions {
     /// (l = L), with the model's stream: e.g. to record CUDA events that time the layers. Also
     /// called during a decode graph's capture (what it enqueues is captured).
     std::function<void(index_t layer, cudaStream_t)> layer_boundary;
+    /// Head-parallel attention (with expert_exchange; the second MoE baseline): this rank holds
+    /// KV-head share head_part of head_parts (and their KV caches), every rank runs the same
+    /// batch, and head_comm's reduce (fp32 sum, NcclComm::all_reduce_sum) and gather
+    /// (NcclComm::all_gather) join the shares; the exchanges then take ceil(tokens / head_parts)
+    /// tokens. last_routing() then holds this rank's token slice in its first rows.
+    index_t head_part = 0;
+    index_t head_parts = 1;
+    HeadParallelComm head_comm;
 };
 
 /// Device bytes a CudaModel holds, by purpose (the GEMM policy's own workspace, 32 MiB for
@@ -141,6 +152,10 @@ private:
     void enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts);
     void stage(const Batch& batch, std::span<const std::int32_t> tokens);
     void run_decode_graph(const DeviceBatch& batch);
+    [[nodiscard]] const HeadParallelComm* head_comm() const noexcept
+    {
+        return options_.head_parts > 1 ? &options_.head_comm : nullptr;
+    }
 
     /// Owns an instantiated graph.
     struct GraphExec {
@@ -209,12 +224,15 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     require<InvalidArgument>(static_cast<bool>(o.reduce_streams) == (held_ < c.groups()), "this model holds ", held_,
                              " of ", c.groups(), " groups: reduce_streams must be set exactly when other ranks hold "
                              "groups");
+    require<InvalidArgument>(o.head_parts >= 1, "head_parts (", o.head_parts, ") must be positive");
     if (o.expert_exchange) {
         const ExpertExchange& ep = *o.expert_exchange;
         require<InvalidArgument>(c.groups() == 1, "expert parallelism in CudaModel is the standard-MoE baseline's: the "
                                  "config needs one expert group, it has ", c.groups());
-        require<InvalidArgument>(ep.max_tokens() >= o.max_batch_tokens, "the expert exchange takes ", ep.max_tokens(),
-                                 " tokens; the model is planned for max_batch_tokens = ", o.max_batch_tokens);
+        const index_t routed = (o.max_batch_tokens + o.head_parts - 1) / std::max<index_t>(o.head_parts, 1);
+        require<InvalidArgument>(ep.max_tokens() >= routed, "the expert exchange takes ", ep.max_tokens(),
+                                 " tokens; the model routes up to ", routed, " (max_batch_tokens = ", o.max_batch_tokens,
+                                 " over ", o.head_parts, " head shares)");
         require<InvalidArgument>(ep.expert_count() > 0 && ep.expert_begin() >= 0 &&
                                      ep.expert_begin() + ep.expert_count() <= c.num_experts,
                                  "the expert exchange holds experts [", ep.expert_begin(), ", ",
@@ -229,10 +247,17 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
         require<InvalidArgument>(dec.capturable(), "decode_expert_exchange must be capturable (fixed capacity)");
         require<InvalidArgument>(dec.expert_begin() == o.expert_exchange->expert_begin() &&
                                      dec.expert_count() == o.expert_exchange->expert_count() &&
-                                     dec.slots() == o.expert_exchange->slots() && dec.max_tokens() >= o.max_sequences,
+                                     dec.slots() == o.expert_exchange->slots() &&
+                                     dec.max_tokens() >= (o.max_sequences + o.head_parts - 1) / o.head_parts,
                                  "decode_expert_exchange must hold the expert_exchange's experts and take "
-                                 "max_sequences (", o.max_sequences, ") tokens; it takes ", dec.max_tokens());
+                                 "max_sequences (", o.max_sequences, ") tokens (over ", o.head_parts,
+                                 " head shares); it takes ", dec.max_tokens());
     }
+    require<InvalidArgument>(o.head_parts >= 1 && 0 <= o.head_part && o.head_part < o.head_parts, "head share ",
+                             o.head_part, " of ", o.head_parts, " is not a share");
+    require<InvalidArgument>(o.head_parts == 1 || (o.expert_exchange && o.head_comm.reduce && o.head_comm.gather),
+                             "head-parallel attention (head_parts ", o.head_parts,
+                             ") needs an expert_exchange and head_comm's reduce and gather");
     lengths_.assign(static_cast<std::size_t>(o.cache_slots), 0);
     const int devices = cuda_device_count();
     require<CudaError>(devices > 0, "CudaModel: no CUDA device is available");
@@ -249,6 +274,8 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
         spec.expert_begin = o.expert_exchange->expert_begin();
         spec.expert_end = spec.expert_begin + o.expert_exchange->expert_count();
     }
+    spec.head_part = o.head_part;
+    spec.head_parts = o.head_parts;
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
         layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*weights, l), spec));
         memory_.weights += layers_.back()->weight_bytes();
@@ -337,7 +364,7 @@ void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, ExpertExchange* 
     for (std::size_t l = 0; l < layers_.size(); ++l) {
         boundary(static_cast<index_t>(l));
         layers_[l]->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_->get(),
-                            experts);
+                            experts, head_comm());
         std::swap(in, out);
         in_streams = held_;
     }
@@ -431,7 +458,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
             for (std::size_t l = 0; l < layers_.size(); ++l) {
                 if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(l), stream_->get());
                 layers_[l]->forward(*gemm_, none, nullptr, 1, nullptr, *workspace_, options_.reduce_streams,
-                                    stream_->get(), options_.expert_exchange.get());
+                                    stream_->get(), options_.expert_exchange.get(), head_comm());
             }
             if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(layers_.size()), stream_->get());
             if (options_.synchronize) options_.synchronize(stream_->get());
