@@ -292,8 +292,12 @@ serve::ServingSummary predict(std::shared_ptr<const foe::ModelWeights> weights, 
         const double t = median_seconds(5, [&] { (void)model->forward(batch, ids, foe::LogitRows::last_per_chunk); });
         samples.emplace_back(HostStepModel::features(chunks), t);
     };
-    for (index_t len : {16, 32, 64, 128, 256}) time({{0, 0, len}});
-    for (index_t ctx : {32, 128}) {
+    // Shapes inside the model's positions (foe-tiny holds 64).
+    const index_t capacity = mo.cache_capacity, long_context = std::min<index_t>(128, capacity - 1),
+                  short_context = std::min<index_t>(32, capacity / 2);
+    for (index_t len : {16, 32, 64, 128, 256})
+        if (len <= capacity) time({{0, 0, len}});
+    for (index_t ctx : {short_context, long_context}) {
         std::vector<foe::SequenceChunk> prompts, step;
         for (index_t s = 0; s < 8; ++s) prompts.push_back({s, 0, ctx});
         (void)model->forward(foe::Batch(prompts), std::span<const std::int32_t>(tokens).first(static_cast<std::size_t>(8 * ctx)),
@@ -304,7 +308,8 @@ serve::ServingSummary predict(std::shared_ptr<const foe::ModelWeights> weights, 
             time(step);
         }
     }
-    time({{0, 128, 1}, {1, 128, 1}, {2, 128, 1}, {3, 128, 1}, {4, 0, 64}});
+    time({{0, long_context, 1}, {1, long_context, 1}, {2, long_context, 1}, {3, long_context, 1},
+          {4, 0, std::min<index_t>(64, capacity)}});
     const HostStepModel host = HostStepModel::fit(samples);
     calibration = foe::detail::concat("host step model fitted to ", samples.size(), " timed forwards: ",
                                       std::round(host.coef[0] * 1e7) / 10, " us + ", std::round(host.coef[1] * 1e7) / 10,
