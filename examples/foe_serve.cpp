@@ -16,10 +16,10 @@
 // stderr. The CUDA backend has no paged KV cache yet, so foe_serve runs on the host only.
 //
 //   foe_serve ... --predict
-// then also predicts the run: it times forwards of other shapes than the trace's, fits a linear
-// host step model to them (HostStepModel below), replays the same trace through the same
-// scheduler on a virtual clock with that model's step times (foe/serve/simulate.hpp), and
-// prints predicted against measured TTFT and TBT.
+// then also predicts the run: it first replays a held-out trace (the same distributions, seed + 1)
+// and fits a linear host step model (HostStepModel below) to that replay's measured forwards,
+// then replays the measured trace through the same scheduler on a virtual clock with the
+// model's step times (foe/serve/simulate.hpp), and prints predicted against measured TTFT and TBT.
 //
 //   foe_serve --simulate [--config foe-1b] [--hardware h100] [--ranks 8,16] [--ranks-per-node 8]
 //             [--loads 0.25,0.5,0.75,0.9] [--requests 200] [--prompt-len longbench] [--output-len longbench]
@@ -197,6 +197,8 @@ struct Run {
     index_t steps = 0;
     std::optional<serve::ServingSummary> predicted;  ///< --predict
     std::string calibration;                         ///< --predict: the fitted rates
+    /// The measured forward of every step, by its chunks (for --predict's per-step check).
+    std::vector<std::pair<std::vector<foe::SequenceChunk>, double>> step_times;
 };
 
 /// Median wall time of `repeats` calls of f.
@@ -220,9 +222,16 @@ double median_seconds(int repeats, F&& f)
 /// roofline that a 2-core CPU running a 4-layer model does not follow (its decode steps are
 /// dominated by fixed costs), so --predict validates the simulator with this host model.
 struct HostStepModel {
-    std::array<double, 4> coef{};
+    static constexpr std::size_t n = 5;
+    using Features = std::array<double, n>;
+    std::array<double, n> coef{};
 
-    [[nodiscard]] static std::array<double, 4> features(std::span<const foe::SequenceChunk> chunks)
+    /// Per step: 1, sequences, tokens, attention (query, key) pairs, and the experts the step
+    /// reads: a token picks k of E, so T tokens touch E (1 - (1 - k/E)^T) distinct experts on
+    /// average. Weight reads, not tokens, bound a small step, and that count grows sublinearly
+    /// (8 experts for one decode token of foe-small, 42 for eight); a fit that is linear in
+    /// tokens alone overpredicts the decode steps of a model with many active experts.
+    [[nodiscard]] static Features features(const foe::ModelConfig& config, std::span<const foe::SequenceChunk> chunks)
     {
         double tokens = 0.0, pairs = 0.0;
         for (const auto& c : chunks) {
@@ -230,32 +239,41 @@ struct HostStepModel {
             tokens += l;
             pairs += l * ctx + l * (l + 1.0) / 2.0;
         }
-        return {1.0, static_cast<double>(chunks.size()), tokens, pairs};
+        const auto experts = static_cast<double>(config.num_experts), k = static_cast<double>(config.num_experts_per_tok);
+        const double touched = experts * (1.0 - std::pow(1.0 - k / experts, tokens));
+        return {1.0, static_cast<double>(chunks.size()), tokens, pairs, touched};
     }
-    [[nodiscard]] double operator()(std::span<const foe::SequenceChunk> chunks) const
+    [[nodiscard]] double operator()(const foe::ModelConfig& config, std::span<const foe::SequenceChunk> chunks) const
     {
-        const auto f = features(chunks);
+        const auto f = features(config, chunks);
         double t = 0.0;
         for (std::size_t i = 0; i < f.size(); ++i) t += coef[i] * f[i];
         return std::max(t, 0.0);
     }
 
-    /// Least squares over (features, seconds) samples (normal equations, Gaussian elimination).
-    [[nodiscard]] static HostStepModel fit(const std::vector<std::pair<std::array<double, 4>, double>>& samples)
+    /// Least squares over (features, seconds) samples: normal equations of the features scaled to
+    /// unit RMS with a small ridge, so that a short replay whose features are collinear (every
+    /// step one token, say) still gives a model instead of a singular system.
+    [[nodiscard]] static HostStepModel fit(const std::vector<std::pair<Features, double>>& samples)
     {
-        constexpr std::size_t n = 4;
+        foe::require(!samples.empty(), "--predict: the held-out replay ran no step to fit the host step model to");
+        Features scale{};
+        for (const auto& [f, t] : samples)
+            for (std::size_t i = 0; i < n; ++i) scale[i] += f[i] * f[i];
+        for (auto& v : scale) v = v > 0.0 ? std::sqrt(v / static_cast<double>(samples.size())) : 1.0;
         double m[n][n + 1] = {};
         for (const auto& [f, t] : samples)
             for (std::size_t i = 0; i < n; ++i) {
-                for (std::size_t j = 0; j < n; ++j) m[i][j] += f[i] * f[j];
-                m[i][n] += f[i] * t;
+                for (std::size_t j = 0; j < n; ++j) m[i][j] += f[i] / scale[i] * f[j] / scale[j];
+                m[i][n] += f[i] / scale[i] * t;
             }
+        constexpr double ridge = 1e-6;
+        for (std::size_t i = 0; i < n; ++i) m[i][i] += ridge * static_cast<double>(samples.size());
         for (std::size_t col = 0; col < n; ++col) {
             std::size_t pivot = col;
             for (std::size_t r = col + 1; r < n; ++r)
                 if (std::abs(m[r][col]) > std::abs(m[pivot][col])) pivot = r;
             std::swap(m[col], m[pivot]);
-            foe::require(m[col][col] != 0.0, "--predict: the calibration forwards do not determine the host step model");
             for (std::size_t r = 0; r < n; ++r) {
                 if (r == col) continue;
                 const double k = m[r][col] / m[col][col];
@@ -263,58 +281,37 @@ struct HostStepModel {
             }
         }
         HostStepModel model;
-        for (std::size_t i = 0; i < n; ++i) model.coef[i] = m[i][n] / m[i][i];
+        for (std::size_t i = 0; i < n; ++i) model.coef[i] = m[i][n] / m[i][i] / scale[i];
         return model;
     }
 };
 
-/// --predict: times forwards of shapes unlike the trace's steps (single prefills of 32 to 256
-/// tokens, decode steps of 1 to 8 sequences at contexts 32 and 128, one mixed step), fits the
-/// host step model to them, and replays the trace through the same scheduler on a virtual clock
-/// with its step times (foe/serve/simulate.hpp). Returns the predicted summary.
-serve::ServingSummary predict(std::shared_ptr<const foe::ModelWeights> weights, const std::vector<serve::TraceEntry>& trace,
-                              const Options& o, std::string& calibration)
+/// --predict: fits the host step model to the measured forwards of another replay (`held_out`:
+/// a trace of the same distributions with another seed, or the --trace file with other prompt
+/// tokens), replays `trace` through the same scheduler on a virtual clock with the model's step
+/// times (foe/serve/simulate.hpp), and returns the predicted summary. The held-out replay runs
+/// the real path (paged cache, scheduler, sampling, caches as cold as serving leaves them), which
+/// forwards timed in isolation do not: their fit predicted 75-95% of a run's step time.
+serve::ServingSummary predict(const foe::ModelConfig& c, const std::vector<serve::TraceEntry>& trace, const Options& o,
+                              const Run& held_out, const Run& measured, std::string& calibration)
 {
-    const foe::ModelConfig& c = weights->config;
-    foe::ModelOptions mo;
-    mo.cache_slots = 8;
-    mo.cache_capacity = std::min<index_t>(c.max_position_embeddings, 400);
-    auto model = foe::make_model(weights, mo);
-    const foe::CounterRng rng(o.trace.seed, 77);
-    std::vector<std::int32_t> tokens(1024);
-    for (std::size_t i = 0; i < tokens.size(); ++i)
-        tokens[i] = static_cast<std::int32_t>(rng.bits(i) % static_cast<std::uint64_t>(c.vocab_size));
-    std::vector<std::pair<std::array<double, 4>, double>> samples;
-    auto time = [&](const std::vector<foe::SequenceChunk>& chunks) {
-        const foe::Batch batch(chunks);
-        const auto ids = std::span<const std::int32_t>(tokens).first(static_cast<std::size_t>(batch.tokens()));
-        (void)model->forward(batch, ids, foe::LogitRows::last_per_chunk);  // warm-up (and the context)
-        const double t = median_seconds(5, [&] { (void)model->forward(batch, ids, foe::LogitRows::last_per_chunk); });
-        samples.emplace_back(HostStepModel::features(chunks), t);
-    };
-    // Shapes inside the model's positions (foe-tiny holds 64).
-    const index_t capacity = mo.cache_capacity, long_context = std::min<index_t>(128, capacity - 1),
-                  short_context = std::min<index_t>(32, capacity / 2);
-    for (index_t len : {16, 32, 64, 128, 256})
-        if (len <= capacity) time({{0, 0, len}});
-    for (index_t ctx : {short_context, long_context}) {
-        std::vector<foe::SequenceChunk> prompts, step;
-        for (index_t s = 0; s < 8; ++s) prompts.push_back({s, 0, ctx});
-        (void)model->forward(foe::Batch(prompts), std::span<const std::int32_t>(tokens).first(static_cast<std::size_t>(8 * ctx)),
-                             foe::LogitRows::last_per_chunk);
-        for (index_t b : {1, 2, 4, 8}) {
-            step.clear();
-            for (index_t s = 0; s < b; ++s) step.push_back({s, ctx, 1});
-            time(step);
-        }
-    }
-    time({{0, long_context, 1}, {1, long_context, 1}, {2, long_context, 1}, {3, long_context, 1},
-          {4, 0, std::min<index_t>(64, capacity)}});
+    std::vector<std::pair<HostStepModel::Features, double>> samples;
+    for (const auto& [chunks, seconds] : held_out.step_times) samples.emplace_back(HostStepModel::features(c, chunks), seconds);
     const HostStepModel host = HostStepModel::fit(samples);
-    calibration = foe::detail::concat("host step model fitted to ", samples.size(), " timed forwards: ",
+    calibration = foe::detail::concat("host step model fitted to the ", samples.size(), " forwards of a held-out replay: ",
                                       std::round(host.coef[0] * 1e7) / 10, " us + ", std::round(host.coef[1] * 1e7) / 10,
                                       " us per sequence + ", std::round(host.coef[2] * 1e7) / 10, " us per token + ",
-                                      std::round(host.coef[3] * 1e10) / 10, " ns per attention pair");
+                                      std::round(host.coef[3] * 1e10) / 10, " ns per attention pair + ",
+                                      std::round(host.coef[4] * 1e7) / 10, " us per expert read");
+    // How well it predicts the forwards this run measured (their time, not the latencies).
+    double predicted_sum = 0.0, measured_sum = 0.0;
+    for (const auto& [chunks, seconds] : measured.step_times) {
+        predicted_sum += host(c, chunks);
+        measured_sum += seconds;
+    }
+    if (measured_sum > 0.0)
+        calibration += foe::detail::concat("; on this run's ", measured.step_times.size(), " forwards it predicts ",
+                                           std::round(1000.0 * predicted_sum / measured_sum) / 10, "% of their time");
 
     index_t longest = 0;
     for (const auto& e : trace) longest = std::max(longest, e.prompt_tokens + e.output_tokens);
@@ -323,13 +320,14 @@ serve::ServingSummary predict(std::shared_ptr<const foe::ModelWeights> weights, 
     serve::SchedulerOptions so;
     so.token_budget = o.token_budget;
     const auto records = serve::simulate(trace, pages, so, [&](const serve::StepPlan& step) {
-        return host(std::span<const foe::SequenceChunk>(step.batch.chunks()));
+        return host(c, std::span<const foe::SequenceChunk>(step.batch.chunks()));
     });
     return serve::ServingSummary::of(records);
 }
 
-Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights> weights,
-                const std::vector<serve::TraceEntry>& trace, const Options& o)
+/// Serves `trace` on `weights` in real time; prompt tokens are drawn from `prompt_seed`.
+Run replay(const std::string& name, std::shared_ptr<const foe::ModelWeights> weights,
+           const std::vector<serve::TraceEntry>& trace, const Options& o, std::uint64_t prompt_seed)
 {
     const foe::ModelConfig& c = weights->config;
     index_t longest = 0;
@@ -352,7 +350,7 @@ Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights
         scheduler.submit({static_cast<index_t>(i), trace[i].arrival,
                           [&] {
                               std::vector<std::int32_t> p(static_cast<std::size_t>(trace[i].prompt_tokens));
-                              const foe::CounterRng rng(o.trace.seed, 1000 + i);
+                              const foe::CounterRng rng(prompt_seed, 1000 + i);
                               for (std::size_t j = 0; j < p.size(); ++j)
                                   p[j] = static_cast<std::int32_t>(rng.bits(j) % static_cast<std::uint64_t>(c.vocab_size));
                               return p;
@@ -369,14 +367,32 @@ Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights
         [&](double t) { std::this_thread::sleep_until(start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(t))); },
         [&](const serve::StepPlan& step) {
             ++run.steps;
-            return model->forward(step.batch, step.tokens, foe::LogitRows::last_per_chunk);
+            const auto t0 = clock::now();
+            auto logits = model->forward(step.batch, step.tokens, foe::LogitRows::last_per_chunk);
+            run.step_times.emplace_back(step.batch.chunks(), std::chrono::duration<double>(clock::now() - t0).count());
+            return logits;
         },
         [&](std::size_t done, std::size_t total) {
             std::fprintf(stderr, "\rfoe_serve: %s: %zu/%zu requests done, %.1f s", name.c_str(), done, total, now());
             if (done == total) std::fprintf(stderr, "\n");
         });
     run.summary = serve::ServingSummary::of(scheduler.records());
-    if (o.predict) run.predicted = predict(weights, trace, o, run.calibration);
+    return run;
+}
+
+/// The measured run, and with --predict first a held-out replay to fit the host step model to.
+Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights> weights,
+                const std::vector<serve::TraceEntry>& trace, const Options& o)
+{
+    std::optional<Run> held_out;
+    if (o.predict) {
+        serve::TraceSpec spec = o.trace;
+        spec.seed = o.trace.seed + 1;
+        held_out = replay(name + " (held-out replay)", weights, o.trace_file.empty() ? serve::make_trace(spec) : trace, o,
+                          spec.seed);
+    }
+    Run run = replay(name, weights, trace, o, o.trace.seed);
+    if (held_out) run.predicted = predict(weights->config, trace, o, *held_out, run, run.calibration);
     return run;
 }
 
