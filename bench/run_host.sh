@@ -25,6 +25,9 @@ fi
 if [ -x "$build/examples/foe_serve" ]; then
   echo "== foe_serve --simulate (scheduler on the cost model's step times, foe-1b on 8 and 16 H100s)"
   "$build/examples/foe_serve" --simulate --json "$results/serving_sim_foe-1b_h100.json" > "$results/serving_sim_foe-1b_h100.txt"
+  # The paper's regime: compute far from peak and a fixed cost per layer (chosen, see README).
+  "$build/examples/foe_serve" --simulate --compute-tflops 20 --layer-overhead-ms 1 \
+    --json "$results/serving_sim_foe-1b_h100_20tflops_1ms.json" > "$results/serving_sim_foe-1b_h100_20tflops_1ms.txt"
 fi
 
 if [ -x "$build/examples/foe_comm" ] && command -v mpirun > /dev/null; then

@@ -23,12 +23,15 @@
 //
 //   foe_serve --simulate [--config foe-1b] [--hardware h100] [--ranks 8,16] [--ranks-per-node 8]
 //             [--loads 0.25,0.5,0.75,0.9] [--requests 200] [--prompt-len longbench] [--output-len longbench]
-//             [--slots 64] [--token-budget 8192] [--json FILE]
+//             [--slots 64] [--token-budget 8192] [--compute-tflops T] [--layer-overhead-ms M] [--json FILE]
 // simulates serving at GPU scale with no weights: the scheduler driven by the cost model's step
 // times for FoE and the MoE baselines (data-parallel attention + EP, naive and dedup dispatch;
 // head-parallel + EP where the KV heads divide), at arrival rates that are the given fractions
 // of the naive baseline's saturated throughput (measured by the same simulation with every
-// request arriving at once), in the shape of the paper's Tables 5 and 6.
+// request arriving at once), in the shape of the paper's Tables 5 and 6. Compute runs at the
+// profile's roofline unless --compute-tflops gives an achieved rate for the GEMMs and attention,
+// and --layer-overhead-ms adds fixed milliseconds per layer and step (launches, synchronisation):
+// the knobs that put the simulation in the paper's regime, where compute was far from peak.
 //
 // Errors go to stderr with exit status 1 (2 for a usage error).
 
@@ -63,7 +66,8 @@ constexpr std::string_view usage =
     "                 [--requests N] [--rate R] [--seed S] [--prompt-len DIST] [--output-len DIST] [--trace FILE]\n"
     "                 [--slots N] [--page-size P] [--pages N] [--token-budget T] [--predict] [--json FILE]\n"
     "       foe_serve --simulate [--config foe-1b] [--hardware h100] [--ranks 8,16] [--ranks-per-node 8]\n"
-    "                 [--loads 0.25,0.5,0.75,0.9] [--requests N] [--prompt-len DIST] [--output-len DIST] [--json FILE]\n"
+    "                 [--loads 0.25,0.5,0.75,0.9] [--requests N] [--prompt-len DIST] [--output-len DIST]\n"
+    "                 [--compute-tflops T] [--layer-overhead-ms M] [--json FILE]\n"
     "  DIST: fixed:N, uniform:A:B or longbench (see foe/serve/trace.hpp)\n";
 
 struct UsageError : std::runtime_error {
@@ -84,6 +88,7 @@ struct Options {
     std::vector<index_t> ranks{8, 16};
     index_t ranks_per_node = 8;
     std::vector<double> loads{0.25, 0.5, 0.75, 0.9};
+    foe::perf::KernelRates rates;  ///< --compute-tflops, --layer-overhead-ms; empty: the roofline
     bool slots_given = false, budget_given = false, requests_given = false, prompt_given = false, output_given = false;
 };
 
@@ -159,6 +164,10 @@ Options parse(int argc, char** argv)
         else if (flag == "--ranks") o.ranks = parse_list<index_t>(flag, v, positive);
         else if (flag == "--ranks-per-node") o.ranks_per_node = positive(flag, v);
         else if (flag == "--loads") o.loads = parse_list<double>(flag, v, positive_real);
+        else if (flag == "--compute-tflops") {
+            const double f = positive_real(flag, v) * 1e12;
+            o.rates.dense_flops = o.rates.attention_flops = o.rates.expert_flops = f;
+        } else if (flag == "--layer-overhead-ms") o.rates.layer_overhead = positive_real(flag, v) * 1e-3;
         else throw UsageError(foe::detail::concat("unknown option ", flag));
     }
     if (o.simulate) {
@@ -491,6 +500,7 @@ int simulate_gpus(const Options& o, int argc, char** argv)
     auto run_arch = [&](const Arch& a, const perf::Cluster& cluster, const std::vector<serve::TraceEntry>& trace) {
         perf::CostOptions co;
         co.dispatch = a.dispatch;
+        co.rates = o.rates;
         serve::BlockManager pages(o.slots * per_slot, o.page_size, o.slots, per_slot);
         return serve::ServingSummary::of(serve::simulate(trace, pages, so, [&](const serve::StepPlan& step) {
             return serve::cost_model_step_time(config, a.strategy, step, cluster, hw, co);
@@ -507,8 +517,12 @@ int simulate_gpus(const Options& o, int argc, char** argv)
                 o.config.c_str(), hw.name.c_str(), static_cast<long long>(base_trace.size()), prompt, output,
                 o.trace.prompt.kind == serve::LengthDistribution::Kind::longbench ? "LongBench-like" : "as given",
                 static_cast<long long>(o.slots), static_cast<long long>(o.token_budget), static_cast<long long>(o.page_size));
-    std::printf("step times: the cost model (perf::step_cost, roofline rates, EP load imbalance %.2f, no overlap), L layers "
-                "per step; seconds\n", hw.load_imbalance);
+    const std::string compute = o.rates.dense_flops
+        ? foe::detail::concat(*o.rates.dense_flops / 1e12, " TFLOP/s compute") : std::string("roofline compute");
+    const std::string overhead = o.rates.layer_overhead
+        ? foe::detail::concat(", ", *o.rates.layer_overhead * 1e3, " ms per layer and step") : std::string();
+    std::printf("step times: the cost model (perf::step_cost, %s%s, EP load imbalance %.2f, no overlap), L layers per step; "
+                "seconds\n", compute.c_str(), overhead.c_str(), hw.load_imbalance);
     foe::json::Array clusters;
     for (index_t g : o.ranks) {
         const perf::Cluster cluster{g, std::min(o.ranks_per_node, g)};
