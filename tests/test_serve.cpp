@@ -4,9 +4,13 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <set>
+#include <vector>
 
+#include "foe/attention/kv_cache.hpp"
+#include "foe/attention/kv_layout.hpp"
 #include "foe/serve/block_manager.hpp"
 #include "foe/serve/scheduler.hpp"
 #include "test_util.hpp"
@@ -87,6 +91,95 @@ TEST_CASE("paged KV cache: the same logits bit for bit as the contiguous cache, 
         CHECK(paged_equals_contiguous(test::tiny(foe::Architecture::foe, 4), page, steps, 3, 48));
         CHECK(paged_equals_contiguous(test::tiny(foe::Architecture::olmoe, 1), page, steps, 3, 48));
     }
+}
+
+TEST_CASE("paged KV layout: the index rule the device kernels use is the host PagedKvCache's addressing")
+{
+    // Pages of 1, 16 and 5 positions; each slot's pages a shuffled, non-consecutive subset of the
+    // pool; some rows end in unassigned (-1) pages, one entry names a page past the pool.
+    for (const index_t page : {1, 16, 5}) {
+        CAPTURE(page);
+        const index_t slots = 4, max_pages = 9, kv_heads = 3, head_dim = 6;
+        const index_t pool = slots * max_pages;
+        foe::attention::KvCacheShape shape;
+        shape.kv_heads = kv_heads;
+        shape.head_dim = head_dim;
+        shape.page_size = page;
+        shape.pages = pool;
+        foe::attention::PagedKvCache cache(shape);
+
+        std::vector<std::int32_t> order(static_cast<std::size_t>(pool));
+        for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::int32_t>(i);
+        const foe::CounterRng rng(static_cast<std::uint64_t>(page), 7);
+        for (std::size_t i = order.size() - 1; i > 0; --i)
+            std::swap(order[i], order[static_cast<std::size_t>(rng.bits(i) % (i + 1))]);
+        std::vector<std::int32_t> table = order;  // [slots, max_pages]: every pool page once
+        table[1 * max_pages + 7] = -1;            // slot 1 holds 7 pages, slot 3 holds 4
+        table[1 * max_pages + 8] = -1;
+        for (index_t i = 4; i < max_pages; ++i) table[static_cast<std::size_t>(3 * max_pages + i)] = -1;
+        table[2 * max_pages + 5] = static_cast<std::int32_t>(pool);  // not a page of this pool
+
+        const foe::BlockTableView view{page, slots, max_pages, table.data()};
+        foe::Batch batch = foe::Batch::single(0, 1);
+        batch.with_block_tables(view);
+        const auto layout = cache.layout(view);
+        CHECK(layout.positions() == max_pages * page);
+
+        // Host addresses relative to row (slot 0, head 0, position 0), which slot 0's first page holds.
+        const std::int64_t origin_offset = std::int64_t{table[0]} * kv_heads * page * head_dim;
+        const float* origin = cache.key(batch, 0, 0, 0);
+        const float* value_origin = cache.value(batch, 0, 0, 0);
+
+        std::set<std::int64_t> seen;
+        for (index_t s = 0; s < slots; ++s)
+            for (index_t pos = -2; pos < max_pages * page + 3; ++pos) {
+                const index_t i = pos < 0 ? -1 : pos / page;
+                const index_t entry = i < 0 || i >= max_pages ? -1 : table[static_cast<std::size_t>(s * max_pages + i)];
+                const bool mapped = entry >= 0 && entry < pool;
+                CHECK(layout.page(s, pos) == (mapped ? entry : -1));
+                CHECK(layout.page(static_cast<int>(s), static_cast<int>(pos)) == (mapped ? entry : -1));
+                for (index_t kv = 0; kv < kv_heads; ++kv) {
+                    const std::int64_t got = layout.offset(s, kv, pos, kv_heads, head_dim);
+                    // int32 arguments, as the kernels pass them, give the same offset.
+                    CHECK(got == layout.offset(static_cast<int>(s), static_cast<int>(kv), static_cast<int>(pos),
+                                               static_cast<int>(kv_heads), static_cast<int>(head_dim)));
+                    if (!mapped) {
+                        CHECK(got == -1);
+                        continue;
+                    }
+                    const std::int64_t want = ((entry * kv_heads + kv) * page + pos % page) * head_dim;
+                    CHECK(got == want);
+                    CHECK(cache.key(batch, s, kv, pos) - origin == want - origin_offset);
+                    CHECK(cache.value(batch, s, kv, pos) - value_origin == want - origin_offset);
+                    CHECK(seen.insert(got).second);  // no two (slot, head, position) share a row
+                }
+            }
+        // Every mapped pool page's rows are addressed once: all pages but the one replaced by an
+        // entry past the pool and the ones behind -1 entries.
+        const index_t unmapped_pages = 2 + (max_pages - 4) + 1;
+        CHECK(static_cast<index_t>(seen.size()) == (pool - unmapped_pages) * page * kv_heads);
+
+        // The contiguous layout's rule is the tensor's row-major one, and maps [0, capacity) only.
+        const foe::attention::ContiguousKvLayout contiguous{static_cast<std::int32_t>(max_pages * page)};
+        foe::attention::ContiguousKvCache flat(slots, max_pages * page, kv_heads, head_dim);
+        for (index_t s = 0; s < slots; ++s)
+            for (index_t pos = -1; pos <= max_pages * page; ++pos)
+                for (index_t kv = 0; kv < kv_heads; ++kv) {
+                    const std::int64_t got = contiguous.offset(s, kv, pos, kv_heads, head_dim);
+                    if (pos < 0 || pos == max_pages * page) {
+                        CHECK(got == -1);
+                        continue;
+                    }
+                    CHECK(flat.key(batch, s, kv, pos) - flat.key(batch, 0, 0, 0) == got);
+                }
+    }
+    const foe::attention::PagedKvLayout bad{0, 4, nullptr, 8};
+    CHECK_THROWS_WITH_AS(bad.check("test"), doctest::Contains("KV page size 0 must be positive"), foe::InvalidArgument);
+    const foe::attention::PagedKvLayout no_table{16, 4, nullptr, 8};
+    CHECK_THROWS_WITH_AS(no_table.check("test"), doctest::Contains("needs a block table"), foe::InvalidArgument);
+    const std::int32_t one = 0;
+    const foe::attention::PagedKvLayout huge{1 << 16, 1 << 16, &one, 8};
+    CHECK_THROWS_WITH_AS(huge.check("test"), doctest::Contains("exceed the 2^31 - 1 positions"), foe::InvalidArgument);
 }
 
 TEST_CASE("paged KV cache: a batch without block tables, or with a missing page, is refused before anything changes")

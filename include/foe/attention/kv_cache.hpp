@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "foe/attention/kv_layout.hpp"
 #include "foe/core/error.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/layer/batch.hpp"
@@ -100,7 +101,8 @@ public:
         : page_size_(s.page_size), pages_(s.pages > 0 ? s.pages : s.slots * ((s.capacity + s.page_size - 1) / s.page_size)),
           kv_heads_(s.kv_heads), head_dim_(s.head_dim)
     {
-        require<ConfigError>(s.page_size > 0, "KV page size (", s.page_size, ") must be positive");
+        require<ConfigError>(s.page_size > 0 && s.page_size <= 0x7fffffff, "KV page size (", s.page_size,
+                             ") must be positive and fit int32");
         require<ConfigError>(pages_ > 0, "a paged KV cache needs at least one page (got ", s.pages,
                              " pages for ", s.slots, " slots of ", s.capacity, " positions)");
         require<ConfigError>(pages_ <= max_pages, "a paged KV cache of ", pages_, " pages exceeds the ", max_pages,
@@ -131,12 +133,21 @@ public:
     [[nodiscard]] const float* key(const Batch& b, index_t slot, index_t kv, index_t pos) const noexcept { return &keys_[at(b, slot, kv, pos)]; }
     [[nodiscard]] const float* value(const Batch& b, index_t slot, index_t kv, index_t pos) const noexcept { return &values_[at(b, slot, kv, pos)]; }
 
+    /// The layout of this pool under block tables `t` (whose page size check_fits() compares):
+    /// the index rule of the device kernels, which key() and value() follow too.
+    [[nodiscard]] PagedKvLayout layout(const BlockTableView& t) const noexcept
+    {
+        return PagedKvLayout{static_cast<std::int32_t>(page_size_), static_cast<std::int32_t>(t.max_pages), t.pages,
+                             pages_};
+    }
+
 private:
-    /// Element offset of (slot, kv, pos): page table[slot][pos / P], row pos % P of head kv.
+    /// Element offset of (slot, kv, pos): page table[slot][pos / P], row pos % P of head kv, by
+    /// the rule the device kernels use (kv_layout.hpp). check_fits() has made every position the
+    /// batch touches mapped, so the offset is never -1 here.
     [[nodiscard]] std::size_t at(const Batch& b, index_t slot, index_t kv, index_t pos) const noexcept
     {
-        const index_t page = b.block_tables()->page(slot, pos / page_size_);
-        return static_cast<std::size_t>(((page * kv_heads_ + kv) * page_size_ + pos % page_size_) * head_dim_);
+        return static_cast<std::size_t>(layout(*b.block_tables()).offset(slot, kv, pos, kv_heads_, head_dim_));
     }
 
     index_t page_size_ = 16, pages_ = 0, kv_heads_ = 0, head_dim_ = 0;
