@@ -21,7 +21,9 @@
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/kv_cache.cuh"
+#include "foe/cuda/kv_layout.cuh"
 #include "foe/cuda/prefill_attention.cuh"
+#include "foe/cuda/stream.cuh"
 #include "foe/layer/batch.hpp"
 
 using foe::bfloat16;
@@ -333,6 +335,303 @@ TEST_CASE("cuda: attention's decode path (split-KV) matches the prefill kernel o
     fc::attention(sc.shape(), dev.batch.view, dev.qkv.data(), sc.stride, dev.k.data(), dev.v.data(), ws.data(),
                   out.data(), nullptr);
     CHECK(rel_error(to_float(fc::download(out)), want) < bf16_tolerance);
+}
+
+namespace {
+
+/// A scenario's caches as a paged pool: each slot the batch uses gets the pages its sequence needs
+/// ([0, start + length), pages of `page` positions), drawn from a shuffled pool so that a
+/// sequence's pages are neither consecutive nor in order; the rest of each block-table row is -1,
+/// and the pool holds `spare` pages nobody owns. Every pool row no sequence owns is NaN, so a
+/// kernel that reads one (or writes one) shows.
+struct PagedScenario {
+    index_t page = 0, max_pages = 0, pages = 0;
+    std::vector<std::int32_t> table;                  // [slots, max_pages]
+    std::vector<bfloat16> before_k, before_v, k, v;  // pools [pages, nkv, page, hd]
+
+    [[nodiscard]] fc::PagedKvLayout layout(const std::int32_t* device_table) const
+    {
+        return {static_cast<std::int32_t>(page), static_cast<std::int32_t>(max_pages), device_table, pages};
+    }
+};
+
+PagedScenario make_paged(const Scenario& sc, index_t page, std::mt19937_64& rng, index_t spare = 3)
+{
+    PagedScenario ps;
+    ps.page = page;
+    ps.max_pages = (sc.capacity + page - 1) / page;
+    std::vector<index_t> need(sz(sc.slots), 0);  // pages per slot
+    for (const auto& c : sc.batch.chunks()) need[sz(c.slot)] = (c.start + c.length + page - 1) / page;
+    for (const index_t n : need) ps.pages += n;
+    ps.pages += spare;
+    std::vector<std::int32_t> order(sz(ps.pages));
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::int32_t>(i);
+    std::shuffle(order.begin(), order.end(), rng);
+    ps.table.assign(sz(sc.slots * ps.max_pages), -1);
+    // Hand out pages a round at a time over the slots (as a block manager growing them together).
+    std::size_t next = 0;
+    for (index_t i = 0; i < ps.max_pages; ++i)
+        for (index_t s = 0; s < sc.slots; ++s)
+            if (i < need[sz(s)]) ps.table[sz(s * ps.max_pages + i)] = order[next++];
+
+    const auto pool_size = sz(ps.pages * sc.h.nkv * page * sc.h.hd);
+    ps.before_k.assign(pool_size, bfloat16::from_bits(nan_bits));
+    ps.before_v = ps.before_k;
+    ps.k = ps.before_k;
+    ps.v = ps.before_k;
+    const auto hd = static_cast<std::ptrdiff_t>(sc.h.hd);
+    for (index_t s = 0; s < sc.slots; ++s)
+        for (index_t pos = 0; pos < need[sz(s)] * page && pos < sc.capacity; ++pos) {
+            const index_t p = ps.table[sz(s * ps.max_pages + pos / page)];
+            for (index_t kvh = 0; kvh < sc.h.nkv; ++kvh) {
+                const auto from = static_cast<std::ptrdiff_t>(sc.cache_at(s, kvh, pos));
+                const auto to = static_cast<std::ptrdiff_t>(((p * sc.h.nkv + kvh) * page + pos % page) * sc.h.hd);
+                std::copy_n(sc.before_k.begin() + from, hd, ps.before_k.begin() + to);
+                std::copy_n(sc.before_v.begin() + from, hd, ps.before_v.begin() + to);
+                std::copy_n(sc.k.begin() + from, hd, ps.k.begin() + to);
+                std::copy_n(sc.v.begin() + from, hd, ps.v.begin() + to);
+            }
+        }
+    return ps;
+}
+
+/// A paged scenario on the device: its block table and pools holding `before`.
+struct DevicePaged {
+    fc::DeviceBuffer<std::int32_t> table;
+    fc::DeviceBuffer<bfloat16> k, v;
+    fc::PagedKvLayout layout;
+
+    explicit DevicePaged(const PagedScenario& ps)
+        : table(fc::upload(ps.table)), k(fc::upload(ps.before_k)), v(fc::upload(ps.before_v)), layout(ps.layout(table.data()))
+    {
+    }
+    void append(const Scenario& sc, const DeviceScenario& dev)
+    {
+        fc::append_kv(dev.batch.view, dev.qkv.data() + sc.h.nq * sc.h.hd, dev.qkv.data() + (sc.h.nq + sc.h.nkv) * sc.h.hd,
+                      sc.stride, sc.h.nkv, sc.h.hd, layout, k.data(), v.data(), nullptr);
+    }
+};
+
+}  // namespace
+
+TEST_CASE("cuda: paged append_kv and prefill attention equal the contiguous kernels bit for bit, pages of 1, 16 and 5")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(24);
+    struct Case {
+        Heads h;
+        index_t pad;
+    };
+    // Tensor-core kernel at hd 64 (GQA 2) and 128 (GQA 2); the simple kernel at hd 8 and at hd 64
+    // with a q stride that is not a multiple of 8 elements (16-byte vectors in append_kv at hd 8,
+    // single elements at hd 12).
+    const Case cases[] = {{{4, 2, 64}, 0}, {{4, 2, 128}, 0}, {{4, 2, 8}, 0}, {{4, 1, 12}, 0}, {{2, 1, 64}, 4}};
+    for (const auto& c : cases)
+        for (const index_t page : {1, 16, 5}) {
+            CAPTURE(c.h.nq);
+            CAPTURE(c.h.nkv);
+            CAPTURE(c.h.hd);
+            CAPTURE(c.pad);
+            CAPTURE(page);
+            // Ragged: one token, a chunk after a cached prefix, a tile and one past it, an empty
+            // sequence, a long prompt over many pages and one that fills its slot to capacity.
+            const index_t slots = 8, capacity = 613;
+            const auto chunks = chunks_from({{0, 1}, {5, 7}, {0, 64}, {130, 65}, {10, 0}, {0, 300}, {13, 600}}, slots);
+            const Scenario sc = make_scenario(c.h, chunks, slots, capacity, c.pad, rng);
+            const PagedScenario ps = make_paged(sc, page, rng);
+            DeviceScenario dev(sc);
+            dev.append(sc);
+            DevicePaged paged(ps);
+            paged.append(sc, dev);
+            // Every row lands in its page; rows of pages nobody owns, and the unused tail of each
+            // slot's last page, stay NaN.
+            CHECK(same_bits(fc::download(paged.k), ps.k));
+            CHECK(same_bits(fc::download(paged.v), ps.v));
+
+            fc::DeviceBuffer<bfloat16> out(sz(sc.batch.tokens() * c.h.nq * c.h.hd));
+            fc::fill_bytes(out, 0xff);
+            fc::prefill_attention(sc.shape(), dev.batch.view, dev.qkv.data(), sc.stride, dev.k.data(), dev.v.data(),
+                                  out.data(), nullptr);
+            const auto contiguous = fc::download(out);
+            CHECK(std::all_of(contiguous.begin(), contiguous.end(), [](bfloat16 x) { return std::isfinite(static_cast<float>(x)); }));
+            std::vector<bfloat16> runs[2];
+            for (auto& run : runs) {
+                fc::fill_bytes(out, 0xff);
+                fc::prefill_attention(sc.shape(), paged.layout, dev.batch.view, dev.qkv.data(), sc.stride, paged.k.data(),
+                                      paged.v.data(), out.data(), nullptr);
+                run = fc::download(out);
+            }
+            CHECK(same_bits(runs[0], contiguous));
+            CHECK(same_bits(runs[0], runs[1]));
+
+            // The dispatcher's prefill path with the layout.
+            fc::DeviceBuffer<unsigned char> ws(fc::attention_workspace_bytes(sc.shape(), sc.batch.sequences()));
+            fc::fill_bytes(ws, 0xff);
+            fc::fill_bytes(out, 0xff);
+            fc::attention(sc.shape(), paged.layout, dev.batch.view, dev.qkv.data(), sc.stride, paged.k.data(),
+                          paged.v.data(), ws.data(), out.data(), nullptr);
+            CHECK(same_bits(fc::download(out), contiguous));
+        }
+}
+
+TEST_CASE("cuda: paged decode attention equals the contiguous decode bit for bit, pages of 1, 16 and 5")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(25);
+    for (const auto h : {Heads{8, 2, 96}, Heads{4, 4, 128}, Heads{4, 2, 8}})
+        for (const index_t page : {1, 16, 5}) {
+            CAPTURE(h.nq);
+            CAPTURE(h.nkv);
+            CAPTURE(h.hd);
+            CAPTURE(page);
+            // Contexts 1, 2, 256, 257 (either side of the decode kernel's 256-position chunks), 701.
+            const index_t slots = 7, capacity = 701;
+            const auto chunks = chunks_from({{0, 1}, {1, 1}, {255, 1}, {256, 1}, {700, 1}}, slots);
+            const Scenario sc = make_scenario(h, chunks, slots, capacity, 0, rng);
+            const PagedScenario ps = make_paged(sc, page, rng);
+            DeviceScenario dev(sc);
+            dev.append(sc);
+            DevicePaged paged(ps);
+            paged.append(sc, dev);
+            CHECK(same_bits(fc::download(paged.k), ps.k));
+            CHECK(same_bits(fc::download(paged.v), ps.v));
+
+            fc::DeviceBuffer<unsigned char> ws(fc::attention_workspace_bytes(sc.shape(), sc.batch.sequences()));
+            fc::DeviceBuffer<bfloat16> out(sz(sc.batch.tokens() * h.nq * h.hd));
+            fc::fill_bytes(ws, 0xff);
+            fc::fill_bytes(out, 0xff);
+            fc::attention(sc.shape(), dev.batch.view, dev.qkv.data(), sc.stride, dev.k.data(), dev.v.data(), ws.data(),
+                          out.data(), nullptr);
+            const auto contiguous = fc::download(out);
+            CHECK(rel_error(to_float(contiguous), oracle(sc)) < bf16_tolerance);
+            std::vector<bfloat16> runs[2];
+            for (auto& run : runs) {
+                fc::fill_bytes(ws, 0xff);
+                fc::fill_bytes(out, 0xff);
+                fc::attention(sc.shape(), paged.layout, dev.batch.view, dev.qkv.data(), sc.stride, paged.k.data(),
+                              paged.v.data(), ws.data(), out.data(), nullptr);
+                run = fc::download(out);
+            }
+            CHECK(same_bits(runs[0], contiguous));
+            CHECK(same_bits(runs[0], runs[1]));
+
+            // The split-KV kernel called directly, and the prefill kernels on the same one-token
+            // rows, paged against contiguous.
+            fc::fill_bytes(out, 0xff);
+            fc::decode_attention(fc::DecodeAttentionShape{sc.batch.sequences(), h.nq, h.nkv, h.hd, capacity}, paged.layout,
+                                 dev.qkv.data(), sc.stride, paged.k.data(), paged.v.data(), dev.batch.slots.data(),
+                                 dev.batch.lengths.data(), ws.data(), out.data(), nullptr);
+            CHECK(same_bits(fc::download(out), contiguous));
+            fc::fill_bytes(out, 0xff);
+            fc::prefill_attention(sc.shape(), dev.batch.view, dev.qkv.data(), sc.stride, dev.k.data(), dev.v.data(),
+                                  out.data(), nullptr);
+            const auto prefill = fc::download(out);
+            fc::fill_bytes(out, 0xff);
+            fc::prefill_attention(sc.shape(), paged.layout, dev.batch.view, dev.qkv.data(), sc.stride, paged.k.data(),
+                                  paged.v.data(), out.data(), nullptr);
+            CHECK(same_bits(fc::download(out), prefill));
+        }
+}
+
+TEST_CASE("cuda: a captured paged decode step replays with a block table rewritten in place")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(26);
+    const Heads h{4, 2, 64};
+    const index_t slots = 4, capacity = 300, page = 16;
+    const Scenario sc = make_scenario(h, chunks_from({{40, 1}, {0, 1}, {299, 1}}, slots), slots, capacity, 0, rng);
+    const PagedScenario first = make_paged(sc, page, rng);
+    const PagedScenario second = make_paged(sc, page, rng, 5);  // other pages, a larger pool
+    DeviceScenario dev(sc);
+    dev.append(sc);
+    fc::DeviceBuffer<unsigned char> ws(fc::attention_workspace_bytes(sc.shape(), sc.batch.sequences()));
+    fc::DeviceBuffer<bfloat16> out(sz(sc.batch.tokens() * h.nq * h.hd));
+    fc::attention(sc.shape(), dev.batch.view, dev.qkv.data(), sc.stride, dev.k.data(), dev.v.data(), ws.data(),
+                  out.data(), nullptr);
+    const auto contiguous = fc::download(out);
+
+    // Buffers sized for the larger pool; the graph holds their addresses and the layout's pool
+    // size, so the layout names the larger pool from the start.
+    const auto pool_size = std::max(first.k.size(), second.k.size());
+    fc::DeviceBuffer<std::int32_t> table(first.table.size());
+    fc::DeviceBuffer<bfloat16> k(pool_size), v(pool_size);
+    const fc::PagedKvLayout layout{static_cast<std::int32_t>(page), static_cast<std::int32_t>(first.max_pages),
+                                   table.data(), std::max(first.pages, second.pages)};
+    fc::Stream stream;
+    const auto load = [&](const PagedScenario& ps) {
+        fc::fill_bytes(k, 0xff, stream.get());
+        fc::fill_bytes(v, 0xff, stream.get());
+        fc::check(cudaMemcpyAsync(table.data(), ps.table.data(), ps.table.size() * sizeof(std::int32_t),
+                                  cudaMemcpyHostToDevice, stream.get()), "table");
+        fc::check(cudaMemcpyAsync(k.data(), ps.k.data(), ps.k.size() * sizeof(bfloat16), cudaMemcpyHostToDevice,
+                                  stream.get()), "keys");
+        fc::check(cudaMemcpyAsync(v.data(), ps.v.data(), ps.v.size() * sizeof(bfloat16), cudaMemcpyHostToDevice,
+                                  stream.get()), "values");
+        fc::check(cudaStreamSynchronize(stream.get()), "cudaStreamSynchronize");
+    };
+    load(first);
+
+    cudaGraph_t graph = nullptr;
+    fc::check(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    fc::attention(sc.shape(), layout, dev.batch.view, dev.qkv.data(), sc.stride, k.data(), v.data(), ws.data(),
+                  out.data(), stream.get());
+    fc::check(cudaStreamEndCapture(stream.get(), &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    fc::check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+
+    for (const PagedScenario* ps : {&first, &second, &first}) {
+        load(*ps);
+        fc::fill_bytes(out, 0xff, stream.get());
+        fc::check(cudaGraphLaunch(exec, stream.get()), "cudaGraphLaunch");
+        CHECK(same_bits(fc::download(out, stream.get()), contiguous));
+    }
+    (void)cudaGraphExecDestroy(exec);
+    (void)cudaGraphDestroy(graph);
+}
+
+TEST_CASE("cuda: positions without a page are neither written nor read")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(27);
+    const Heads h{4, 2, 64};
+    const index_t slots = 3, capacity = 200, page = 16;
+    // One token per sequence at positions 40, 100 and 150; the page holding each sequence's new
+    // token is then taken out of its table row (-1), and slot 2's first entry names a page past
+    // the pool.
+    const Scenario sc = make_scenario(h, chunks_from({{40, 1}, {100, 1}, {150, 1}}, slots), slots, capacity, 0, rng);
+    PagedScenario ps = make_paged(sc, page, rng);
+    for (const auto& c : sc.batch.chunks()) {
+        std::int32_t& entry = ps.table[sz(c.slot * ps.max_pages + c.start / page)];
+        // The page stays in the pool, untouched: NaN where the new rows would have gone.
+        for (index_t kvh = 0; kvh < h.nkv; ++kvh) {
+            const auto at = static_cast<std::ptrdiff_t>(((entry * h.nkv + kvh) * page + c.start % page) * h.hd);
+            std::copy_n(ps.before_k.begin() + at, h.hd, ps.k.begin() + at);
+            std::copy_n(ps.before_v.begin() + at, h.hd, ps.v.begin() + at);
+        }
+        entry = -1;
+    }
+    ps.table[sz((slots - 1) * ps.max_pages)] = static_cast<std::int32_t>(ps.pages);  // slot 2, page 0: past the pool
+    DeviceScenario dev(sc);
+    DevicePaged paged(ps);
+    paged.append(sc, dev);
+    CHECK(same_bits(fc::download(paged.k), ps.k));
+    CHECK(same_bits(fc::download(paged.v), ps.v));
+
+    // Attention over what is mapped: finite (no NaN row read), the same from both kernels' paths.
+    fc::DeviceBuffer<unsigned char> ws(fc::attention_workspace_bytes(sc.shape(), sc.batch.sequences()));
+    fc::DeviceBuffer<bfloat16> out(sz(sc.batch.tokens() * h.nq * h.hd));
+    fc::fill_bytes(ws, 0xff);
+    fc::fill_bytes(out, 0xff);
+    fc::attention(sc.shape(), paged.layout, dev.batch.view, dev.qkv.data(), sc.stride, paged.k.data(), paged.v.data(),
+                  ws.data(), out.data(), nullptr);
+    const auto decode = fc::download(out);
+    CHECK(std::all_of(decode.begin(), decode.end(), [](bfloat16 x) { return std::isfinite(static_cast<float>(x)); }));
+    fc::fill_bytes(out, 0xff);
+    fc::prefill_attention(sc.shape(), paged.layout, dev.batch.view, dev.qkv.data(), sc.stride, paged.k.data(),
+                          paged.v.data(), out.data(), nullptr);
+    const auto prefill = fc::download(out);
+    CHECK(std::all_of(prefill.begin(), prefill.end(), [](bfloat16 x) { return std::isfinite(static_cast<float>(x)); }));
+    CHECK(rel_error(to_float(decode), to_float(prefill)) < bf16_tolerance);
 }
 
 // Argument checks throw before any CUDA call, so this case runs without a device too.

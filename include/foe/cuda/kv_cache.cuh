@@ -1,10 +1,13 @@
 #pragma once
 // Appending a batch's new keys and values to the device KV cache.
 //
-// The cache is head-major, [slots, kv_heads, capacity, head_dim] bf16, as the host's
-// foe::attention::KvCache: one head's positions of one sequence are contiguous, which is what
-// prefill and decode attention stream. Row i of the batch (slot token_slots[i], position
-// positions[i]) writes cache[slot, h, position, :] for every KV head h. The copy is exact (bits).
+// The cache layout is a policy (foe/cuda/kv_layout.cuh): contiguous, [slots, kv_heads, capacity,
+// head_dim] bf16, head-major as the host's foe::attention::ContiguousKvCache; or paged, a pool
+// [pages, kv_heads, page_size, head_dim] addressed through a block table, as the host's
+// PagedKvCache. Either way one head's positions within a slot (a page) are contiguous, which is
+// what prefill and decode attention stream. Row i of the batch (slot token_slots[i], position
+// positions[i]) writes the layout's row (slot, h, position) for every KV head h. The copy is
+// exact (bits).
 
 #include <algorithm>
 #include <cstdint>
@@ -13,6 +16,7 @@
 #include "foe/core/half.hpp"
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
+#include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
 
@@ -24,6 +28,16 @@ namespace foe::cuda {
 inline void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride,
                       index_t kv_heads, index_t head_dim, index_t capacity, bfloat16* kcache, bfloat16* vcache,
                       cudaStream_t stream);
+
+/// The same into a cache of any layout (ContiguousKvLayout, or PagedKvLayout: kcache and vcache
+/// are then the pools [pages, kv_heads, page_size, head_dim] and the layout's block table is
+/// device memory). Rows whose position the layout does not map (a -1 block-table entry, a
+/// position past the table's row, an entry outside the pool; for a contiguous cache a position
+/// outside [0, capacity)) are not written: the host's PagedKvCache::check_fits rejects such
+/// batches, and the kernel neither writes outside the pool nor reads past a table row.
+template <KvLayout Layout>
+void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride, index_t kv_heads,
+               index_t head_dim, const Layout& layout, bfloat16* kcache, bfloat16* vcache, cudaStream_t stream);
 
 /// 256 threads, one 16-byte vector (8 bf16 of one head) of k and one of v per thread: a
 /// bandwidth-bound copy. Consecutive threads take consecutive vectors of a token's row, so a warp
@@ -39,11 +53,11 @@ inline namespace kernels_v0_1 {
 
 /// VEC = 8 moves 16-byte vectors (head_dim, row_stride and all pointers 16-byte aligned), VEC = 1
 /// single elements.
-template <int VEC, class Launch = AppendKvLaunch>
+template <int VEC, class Layout, class Launch = AppendKvLaunch>
 FOE_KERNEL(Launch::block_threads)
 void append_kv_kernel(const bfloat16* __restrict__ k, const bfloat16* __restrict__ v, long long row_stride,
                       const std::int32_t* __restrict__ token_slots, const std::int32_t* __restrict__ positions,
-                      long long tokens, int kv_heads, int head_dim, int capacity, bfloat16* __restrict__ kcache,
+                      long long tokens, int kv_heads, int head_dim, Layout layout, bfloat16* __restrict__ kcache,
                       bfloat16* __restrict__ vcache)
 {
     const int per_row = kv_heads * head_dim / VEC;  // vectors per token; a vector never spans two heads
@@ -54,15 +68,10 @@ void append_kv_kernel(const bfloat16* __restrict__ k, const bfloat16* __restrict
         const long long row = idx / per_row;
         const int e = static_cast<int>(idx % per_row) * VEC;  // element within the row's kv_heads * head_dim
         const int h = e / head_dim, d = e % head_dim;
-        const int pos = positions[row], slot = token_slots[row];
-        if (pos < 0 || pos >= capacity || slot < 0) continue;
+        const std::int64_t at = layout.offset(token_slots[row], h, positions[row], kv_heads, head_dim);
+        if (at < 0) continue;  // not mapped: not written
         const auto src = static_cast<std::size_t>(row * row_stride + e);
-        const std::size_t dst =
-            ((static_cast<std::size_t>(slot) * static_cast<std::size_t>(kv_heads) + static_cast<std::size_t>(h)) *
-                 static_cast<std::size_t>(capacity) +
-             static_cast<std::size_t>(pos)) *
-                static_cast<std::size_t>(head_dim) +
-            static_cast<std::size_t>(d);
+        const auto dst = static_cast<std::size_t>(at) + static_cast<std::size_t>(d);
         if constexpr (VEC == 8) {
             *reinterpret_cast<uint4*>(kcache + dst) = *reinterpret_cast<const uint4*>(k + src);
             *reinterpret_cast<uint4*>(vcache + dst) = *reinterpret_cast<const uint4*>(v + src);
@@ -76,15 +85,15 @@ void append_kv_kernel(const bfloat16* __restrict__ k, const bfloat16* __restrict
 
 }  // namespace kernels_v0_1
 
-inline void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride,
-                      index_t kv_heads, index_t head_dim, index_t capacity, bfloat16* kcache, bfloat16* vcache,
-                      cudaStream_t stream)
+template <KvLayout Layout>
+void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride, index_t kv_heads,
+               index_t head_dim, const Layout& layout, bfloat16* kcache, bfloat16* vcache, cudaStream_t stream)
 {
     require(kv_heads > 0 && head_dim > 0 && kv_heads * head_dim <= 0x7fffffff, "append_kv: kv_heads (", kv_heads,
             ") and head_dim (", head_dim, ") must be positive, with a product below 2^31");
     require(row_stride >= kv_heads * head_dim, "append_kv: row_stride ", row_stride,
             " is less than kv_heads * head_dim = ", kv_heads * head_dim);
-    require(capacity > 0 && capacity <= 0x7fffffff, "append_kv: capacity ", capacity, " outside [1, 2^31)");
+    layout.check("append_kv");
     require(batch.tokens >= 0, "append_kv: negative token count ", batch.tokens);
     if (batch.tokens == 0) return;
 
@@ -96,14 +105,23 @@ inline void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat1
     const auto blocks = static_cast<unsigned>(
         std::min<index_t>(detail::ceil_div(total, AppendKvLaunch::block_threads), AppendKvLaunch::max_blocks));
     const auto stride = static_cast<long long>(row_stride), tokens = static_cast<long long>(batch.tokens);
-    const auto heads = static_cast<int>(kv_heads), dim = static_cast<int>(head_dim), cap = static_cast<int>(capacity);
+    const auto heads = static_cast<int>(kv_heads), dim = static_cast<int>(head_dim);
     if (vectorised)
-        append_kv_kernel<vec><<<blocks, AppendKvLaunch::block_threads, 0, stream>>>(
-            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, cap, kcache, vcache);
+        append_kv_kernel<vec, Layout><<<blocks, AppendKvLaunch::block_threads, 0, stream>>>(
+            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, layout, kcache, vcache);
     else
-        append_kv_kernel<1><<<blocks, AppendKvLaunch::block_threads, 0, stream>>>(
-            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, cap, kcache, vcache);
+        append_kv_kernel<1, Layout><<<blocks, AppendKvLaunch::block_threads, 0, stream>>>(
+            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, layout, kcache, vcache);
     check_launch("append_kv_kernel");
+}
+
+inline void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride,
+                      index_t kv_heads, index_t head_dim, index_t capacity, bfloat16* kcache, bfloat16* vcache,
+                      cudaStream_t stream)
+{
+    require(capacity > 0 && capacity <= 0x7fffffff, "append_kv: capacity ", capacity, " outside [1, 2^31)");
+    append_kv(batch, k, v, row_stride, kv_heads, head_dim, ContiguousKvLayout{static_cast<std::int32_t>(capacity)},
+              kcache, vcache, stream);
 }
 
 }  // namespace foe::cuda

@@ -4,9 +4,13 @@
 //
 // Row i of the batch (sequence b, position p = starts[b] + its index among b's new tokens, which
 // is positions[i]) attends to positions [0, p] of slot slots[b] of the head-major caches
-// [slots, kv_heads, capacity, head_dim]; the chunk's own keys are appended (append_kv) before
-// the call, so a chunk whose start > 0 sees its cached prefix. Query head h uses KV head
-// h / (query_heads / kv_heads); scores are scaled by 1/sqrt(head_dim).
+// [slots, kv_heads, capacity, head_dim], or of a paged cache (pools [pages, kv_heads, page_size,
+// head_dim] and a device block table: foe/cuda/kv_layout.cuh); the chunk's own keys are appended
+// (append_kv) before the call, so a chunk whose start > 0 sees its cached prefix. Query head h
+// uses KV head h / (query_heads / kv_heads); scores are scaled by 1/sqrt(head_dim). Positions
+// the layout does not map (past a contiguous slot's capacity, an unassigned page) are masked out
+// and never read. Both layouts give the same bits for the same rows: each kernel reads a row
+// through the layout but computes on it exactly as on the other's.
 //
 // Tensor-core kernel (head_dim 32, 64, 96, 128 on sm_80+), FlashAttention-2's scheme: a block
 // owns 64 query rows of one query head of one sequence (4 warps, 16 rows each); it walks the
@@ -16,8 +20,10 @@
 // bf16 operands; the row sums add the rounded values, so the weights applied are the weights
 // normalised). K/V tiles stream through shared memory with cp.async: V(j) loads while S(j) is
 // computed, K(j+1) while P V(j) is. Positions past a row's p are masked to -inf inside diagonal
-// tiles; cache rows past the block's last position are never loaded (zero-filled), so stale or
-// poisoned cache contents cannot leak in as NaN. Every row sees key 0, so no row is all -inf.
+// tiles; cache rows past the block's last position, or not mapped, are never loaded (zero-filled),
+// so stale or poisoned cache contents cannot leak in as NaN. A paged tile's rows are gathered row
+// by row through the block table (16-byte copies, one table read per copy). Every row sees key 0,
+// so no row is all -inf (unless key 0 is not mapped: a broken table gives zeros, not NaN).
 //
 // Grid: (query tiles of max_new_tokens, query heads, sequences). One query head per block, not
 // the GQA group's heads packed into the M dimension: foe-1b's groups have one query head per KV
@@ -40,6 +46,7 @@
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/decode_attention.cuh"
+#include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
 
@@ -48,7 +55,7 @@ struct AttentionShape {
     index_t query_heads = 0;
     index_t kv_heads = 0;
     index_t head_dim = 0;
-    index_t capacity = 0;  ///< positions per cache slot
+    index_t capacity = 0;  ///< positions per cache slot (paged: the most a sequence holds; sizes the decode workspace)
 };
 
 /// out [batch.tokens, query_heads, head_dim] (contiguous) = causal attention of the batch's rows.
@@ -60,6 +67,15 @@ struct AttentionShape {
 inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q,
                               index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
                               cudaStream_t stream);
+
+/// The same over a cache of any layout: ContiguousKvLayout (as above, with its own capacity), or
+/// PagedKvLayout (kcache and vcache the pools, the block table in device memory). Positions the
+/// layout does not map are masked out and not read. Kernel arguments only: capturable in a CUDA
+/// graph, with the block table's contents free to change between replays.
+template <KvLayout Layout>
+void prefill_attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
+                       index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
+                       cudaStream_t stream);
 
 /// Workspace bytes of attention() for batches of up to max_sequences sequences (the decode path's
 /// split-KV partials; the prefill path needs none).
@@ -73,6 +89,12 @@ inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch,
 inline void attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q, index_t q_row_stride,
                       const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
                       cudaStream_t stream);
+
+/// The same over a cache of any layout (decode_attention or prefill_attention with `layout`).
+template <KvLayout Layout>
+void attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
+               index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
+               cudaStream_t stream);
 
 /// Tensor-core kernel: 4 warps of 16 query rows each (one m16 MMA row block per warp), K/V tiles
 /// of 64 positions. Shared memory at head_dim 128: two tiles of 64 x (128 + 8) bf16 = 34 KB,
@@ -158,12 +180,12 @@ constexpr float neg_inf = -__builtin_huge_valf();
 inline namespace kernels_v0_1 {
 
 /// One block: query rows [tile * block_m, ...) of sequence blockIdx.z, query head blockIdx.y.
-template <int HEAD_DIM, class Launch = PrefillAttentionLaunch>
+template <int HEAD_DIM, class Layout, class Launch = PrefillAttentionLaunch>
 FOE_KERNEL(Launch::block_threads)
 void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_row_stride,
                                   const bfloat16* __restrict__ kcache, const bfloat16* __restrict__ vcache,
                                   const std::int32_t* __restrict__ row_offsets, const std::int32_t* __restrict__ slots,
-                                  const std::int32_t* __restrict__ starts, int query_heads, int kv_heads, int capacity,
+                                  const std::int32_t* __restrict__ starts, int query_heads, int kv_heads, Layout layout,
                                   float scale_log2, bfloat16* __restrict__ out)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -191,26 +213,27 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
     if (m0 >= new_tokens) return;
     const int rows = min(BM, new_tokens - m0);  // valid query rows of this tile
     const int start = starts[b];
-    const int kv_end = start + m0 + rows;       // positions [0, kv_end) are seen by some row
-    const int kv_load = min(kv_end, capacity);  // never read past the slot
-    const int kvh = h / (query_heads / kv_heads);
+    const int kv_end = start + m0 + rows;  // positions [0, kv_end) are seen by some row
+    const int kvh = h / (query_heads / kv_heads), slot = slots[b];
     const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
     const int g = lane >> 2, t = lane & 3;  // MMA fragment coordinates: row group, thread in group
 
-    const std::size_t head_base = (static_cast<std::size_t>(slots[b]) * static_cast<std::size_t>(kv_heads) +
-                                   static_cast<std::size_t>(kvh)) *
-                                  static_cast<std::size_t>(capacity) * D;
-    const bfloat16* kbase = kcache + head_base;
-    const bfloat16* vbase = vcache + head_base;
+    // The cache row of position key of this block's (slot, KV head), in elements; -1 when the
+    // layout does not map it or no row of the block sees it (key >= kv_end).
+    const auto row_of = [&](int key) -> long long {
+        return key < kv_end ? layout.offset(slot, kvh, key, kv_heads, D) : -1;
+    };
 
-    // Tile rows [0, BN) from positions key0 + r (a contiguous run of the head's cache), 16-byte
-    // chunks, consecutive threads on consecutive chunks; rows at or past kv_load are zero-filled.
-    const auto load_tile = [&](std::uint16_t* dst, const bfloat16* base, int key0) {
+    // Tile rows [0, BN) from positions key0 + r (a contiguous run of the head's cache within a
+    // slot or page), 16-byte chunks, consecutive threads on consecutive chunks; rows without a
+    // cache row (row_of < 0) are zero-filled, not read.
+    const auto load_tile = [&](std::uint16_t* dst, const bfloat16* cache, int key0) {
         for (int c = tid; c < BN * CH; c += threads) {
-            const int r = c / CH, col = (c % CH) * 8, key = key0 + r;
-            const bool valid = key < kv_load;
+            const int r = c / CH, col = (c % CH) * 8;
+            const long long at = row_of(key0 + r);
+            const bool valid = at >= 0;
             dp::cp_async_16(dp::smem_address(dst + r * LD + col),
-                            base + static_cast<std::size_t>(valid ? key : 0) * D + col, valid);
+                            cache + static_cast<std::size_t>(valid ? at : 0) + col, valid);
         }
     };
 
@@ -244,11 +267,15 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
 
     // Pipeline (one K and one V buffer): groups committed in the order K0 | V0 K1 | V1 K2 | ...;
     // wait_group<1> before S(j) leaves only V(j) in flight, before P V(j) only K(j+1).
-    load_tile(sk, kbase, 0);
+    load_tile(sk, kcache, 0);
     dp::cp_async_commit();
     for (int j = 0; j < tiles; ++j) {
         const int key0 = j * BN;
-        load_tile(sv, vbase, key0);
+        load_tile(sv, vcache, key0);
+        // Which of the tile's 64 keys were loaded (bit r: key0 + r), the same in every lane: lane
+        // l asks for keys key0 + l and key0 + 32 + l.
+        const unsigned loaded_lo = __ballot_sync(0xffffffffu, row_of(key0 + lane) >= 0);
+        const unsigned loaded_hi = __ballot_sync(0xffffffffu, row_of(key0 + 32 + lane) >= 0);
         dp::cp_async_commit();
         dp::cp_async_wait<1>();
         __syncthreads();  // K(j) visible to every warp
@@ -270,21 +297,22 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
             }
         }
         __syncthreads();  // every warp is done with K(j): the buffer takes K(j+1)
-        if (j + 1 < tiles) load_tile(sk, kbase, key0 + BN);
+        if (j + 1 < tiles) load_tile(sk, kcache, key0 + BN);
         dp::cp_async_commit();  // an empty group after the last tile keeps the wait counts uniform
 
         // Causal mask (only where some position of the tile exceeds the block's first row), by
         // assignment so that nothing computed from a masked position survives; then the scale.
         // Fragment element e of n-tile nt: row g (e < 2) or g + 8, position key0 + nt*8 + 2t + e%2.
-        // Keys at or past kv_load (the slot's capacity) were zero-filled, not loaded: masked too,
-        // so a row past the capacity (a broken precondition) is not silently diluted.
-        const bool diagonal = key0 + BN - 1 > first_pos || key0 + BN > kv_load;
+        // Keys that were zero-filled, not loaded (past the slot's capacity, an unmapped page): masked
+        // too, so a row that sees them (a broken precondition) is not silently diluted.
+        const bool diagonal = key0 + BN - 1 > first_pos || (loaded_lo & loaded_hi) != 0xffffffffu;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key = key0 + nt * 8 + 2 * t + (e & 1);
-                const bool masked = key > pos0 + (e >> 1) * 8 || key >= kv_load;
+                const int r = nt * 8 + 2 * t + (e & 1), key = key0 + r;
+                const bool loaded = ((r < 32 ? loaded_lo >> r : loaded_hi >> (r - 32)) & 1u) != 0;
+                const bool masked = key > pos0 + (e >> 1) * 8 || !loaded;
                 s[nt][e] = diagonal && masked ? dp::neg_inf : s[nt][e] * scale_log2;
             }
 
@@ -369,13 +397,13 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
 /// One warp per (row, query head), any head_dim <= Launch::max_head_dim: lanes over 32
 /// positions at a time for the scores (each lane a whole dot product), lanes over head_dim for
 /// the output; the online softmax runs over those chunks of 32 in order.
-template <class Launch = PrefillAttentionLaunch>
+template <class Layout, class Launch = PrefillAttentionLaunch>
 FOE_KERNEL(Launch::fallback_threads)
 void prefill_attention_simple_kernel(const bfloat16* __restrict__ q, long long q_row_stride,
                                      const bfloat16* __restrict__ kcache, const bfloat16* __restrict__ vcache,
                                      const std::int32_t* __restrict__ token_slots,
                                      const std::int32_t* __restrict__ positions, long long tokens, int query_heads,
-                                     int kv_heads, int head_dim, int capacity, float scale, bfloat16* __restrict__ out)
+                                     int kv_heads, int head_dim, Layout layout, float scale, bfloat16* __restrict__ out)
 {
     constexpr int warps = Launch::fallback_threads / 32;
     constexpr int per_lane = Launch::max_head_dim / 32;
@@ -389,10 +417,9 @@ void prefill_attention_simple_kernel(const bfloat16* __restrict__ q, long long q
     const bfloat16* qr = q + static_cast<std::size_t>(row * q_row_stride) + static_cast<std::size_t>(h * head_dim);
     for (int d = lane; d < head_dim; d += 32) qs[warp][d] = static_cast<float>(qr[d]);
     __syncwarp();
-    const int last = min(positions[row], capacity - 1);  // keys [0, last]
-    const std::size_t base = (static_cast<std::size_t>(token_slots[row]) * static_cast<std::size_t>(kv_heads) +
-                              static_cast<std::size_t>(kvh)) *
-                             static_cast<std::size_t>(capacity) * static_cast<std::size_t>(head_dim);
+    // Keys [0, last], of which those the layout maps (a contiguous slot: all of them).
+    const int last = static_cast<int>(min(static_cast<std::int64_t>(positions[row]), layout.positions() - 1));
+    const int slot = token_slots[row];
 
     float o[per_lane];
 #pragma unroll
@@ -400,25 +427,30 @@ void prefill_attention_simple_kernel(const bfloat16* __restrict__ q, long long q
     float m = detail::prefill::neg_inf, l = 0.0f;
     for (int j0 = 0; j0 <= last; j0 += 32) {
         const int key = j0 + lane;
+        const long long at = key <= last ? layout.offset(slot, kvh, key, kv_heads, head_dim) : -1;
         float s = detail::prefill::neg_inf;
-        if (key <= last) {
-            const bfloat16* kr = kcache + base + static_cast<std::size_t>(key) * static_cast<std::size_t>(head_dim);
+        if (at >= 0) {
+            const bfloat16* kr = kcache + at;
             float dot = 0.0f;
             for (int d = 0; d < head_dim; ++d) dot = fmaf(qs[warp][d], static_cast<float>(kr[d]), dot);
             s = dot * scale;
         }
-        // Position j0 <= last is in every chunk, so the chunk max is finite.
+        // Position j0 <= last is in every chunk, so the chunk max is finite, unless the layout maps
+        // none of the chunk's keys so far (an unassigned page): then subtract 0, not -inf, and the
+        // weights stay 0 instead of NaN.
         const float m_new = fmaxf(m, detail::warp_max(s));
-        const float alpha = expf(m - m_new);  // 0 on the first chunk (m = -inf)
-        const float e = key <= last ? expf(s - m_new) : 0.0f;
+        const float m_use = m_new == detail::prefill::neg_inf ? 0.0f : m_new;
+        const float alpha = expf(m - m_use);  // 0 on the first chunk (m = -inf)
+        const float e = at >= 0 ? expf(s - m_use) : 0.0f;
         l = l * alpha + detail::warp_sum(e);
 #pragma unroll
         for (int i = 0; i < per_lane; ++i) o[i] *= alpha;
+        const unsigned mapped = __ballot_sync(0xffffffffu, at >= 0);  // the same in every lane
         const int n = min(32, last + 1 - j0);
         for (int jj = 0; jj < n; ++jj) {
+            if (((mapped >> jj) & 1u) == 0) continue;  // a row that is not mapped is not read
             const float p = __shfl_sync(0xffffffffu, e, jj);
-            const bfloat16* vr =
-                vcache + base + static_cast<std::size_t>(j0 + jj) * static_cast<std::size_t>(head_dim);
+            const bfloat16* vr = vcache + __shfl_sync(0xffffffffu, at, jj);
 #pragma unroll
             for (int i = 0; i < per_lane; ++i) {
                 const int d = lane + 32 * i;
@@ -448,31 +480,38 @@ namespace detail::prefill {
 /// sm_80 or later (an older image holds only the __trap() stub); returns false otherwise. Asking
 /// the runtime about the image, not the device, also covers a device that JIT-compiles an older
 /// PTX target.
-template <int HEAD_DIM>
-[[nodiscard]] bool launch_mma(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q,
-                              index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
-                              cudaStream_t stream)
+template <int HEAD_DIM, class Layout>
+[[nodiscard]] bool launch_mma(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch,
+                              const bfloat16* q, index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache,
+                              bfloat16* out, cudaStream_t stream)
 {
     using L = PrefillAttentionLaunch;
     cudaFuncAttributes attributes{};
-    check(cudaFuncGetAttributes(&attributes, prefill_attention_mma_kernel<HEAD_DIM, L>),
+    check(cudaFuncGetAttributes(&attributes, prefill_attention_mma_kernel<HEAD_DIM, Layout, L>),
           "cudaFuncGetAttributes (prefill_attention_mma_kernel)");
     if (attributes.ptxVersion < 80) return false;
     const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(HEAD_DIM)));
     const dim3 grid(static_cast<unsigned>(ceil_div(batch.max_new_tokens, L::block_m)),
                     static_cast<unsigned>(s.query_heads), static_cast<unsigned>(batch.sequences));
-    prefill_attention_mma_kernel<HEAD_DIM><<<grid, L::block_threads, 0, stream>>>(
+    prefill_attention_mma_kernel<HEAD_DIM, Layout><<<grid, L::block_threads, 0, stream>>>(
         q, static_cast<long long>(q_row_stride), kcache, vcache, batch.row_offsets, batch.slots, batch.starts,
-        static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads), static_cast<int>(s.capacity), scale_log2, out);
+        static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads), layout, scale_log2, out);
     check_launch("prefill_attention_mma_kernel");
     return true;
 }
 
+[[nodiscard]] inline ContiguousKvLayout contiguous_layout(const AttentionShape& s, const char* who)
+{
+    require(s.capacity > 0 && s.capacity <= 0x7fffffff, who, ": capacity ", s.capacity, " outside [1, 2^31)");
+    return ContiguousKvLayout{static_cast<std::int32_t>(s.capacity)};
+}
+
 }  // namespace detail::prefill
 
-inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q,
-                              index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
-                              cudaStream_t stream)
+template <KvLayout Layout>
+void prefill_attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
+                       index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
+                       cudaStream_t stream)
 {
     using L = PrefillAttentionLaunch;
     require(s.kv_heads > 0 && s.query_heads > 0 && s.query_heads % s.kv_heads == 0, "prefill_attention: ",
@@ -482,6 +521,7 @@ inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch,
             " outside [1, ", L::max_head_dim, "]");
     require(s.capacity > 0 && s.capacity <= 0x7fffffff, "prefill_attention: capacity ", s.capacity,
             " outside [1, 2^31)");
+    layout.check("prefill_attention");
     require(q_row_stride >= s.query_heads * s.head_dim, "prefill_attention: q_row_stride ", q_row_stride,
             " is less than query_heads * head_dim = ", s.query_heads * s.head_dim);
     require(batch.sequences >= 0 && batch.sequences <= 65535, "prefill_attention: ", batch.sequences,
@@ -494,15 +534,16 @@ inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch,
             " tokens");
 
     auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-    // 16-byte cp.async of Q/K/V rows: aligned pointers and a q stride of whole 16-byte chunks.
+    // 16-byte cp.async of Q/K/V rows: aligned pointers and a q stride of whole 16-byte chunks
+    // (cache rows are head_dim apart, a multiple of 16 elements at every tensor-core head_dim).
     if (q_row_stride % 8 == 0 && aligned(q) && aligned(kcache) && aligned(vcache) && aligned(out)) {
         using namespace detail::prefill;
         bool done = false;
         switch (s.head_dim) {
-        case 32: done = launch_mma<32>(s, batch, q, q_row_stride, kcache, vcache, out, stream); break;
-        case 64: done = launch_mma<64>(s, batch, q, q_row_stride, kcache, vcache, out, stream); break;
-        case 96: done = launch_mma<96>(s, batch, q, q_row_stride, kcache, vcache, out, stream); break;
-        case 128: done = launch_mma<128>(s, batch, q, q_row_stride, kcache, vcache, out, stream); break;
+        case 32: done = launch_mma<32>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
+        case 64: done = launch_mma<64>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
+        case 96: done = launch_mma<96>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
+        case 128: done = launch_mma<128>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
         default: break;
         }
         if (done) return;
@@ -512,11 +553,19 @@ inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch,
     require(blocks <= 0x7fffffff, "prefill_attention: ", batch.tokens, " tokens x ", s.query_heads,
             " heads exceed the grid");
     const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
-    prefill_attention_simple_kernel<<<static_cast<unsigned>(blocks), L::fallback_threads, 0, stream>>>(
+    prefill_attention_simple_kernel<Layout><<<static_cast<unsigned>(blocks), L::fallback_threads, 0, stream>>>(
         q, static_cast<long long>(q_row_stride), kcache, vcache, batch.token_slots, batch.positions,
         static_cast<long long>(batch.tokens), static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads),
-        static_cast<int>(s.head_dim), static_cast<int>(s.capacity), scale, out);
+        static_cast<int>(s.head_dim), layout, scale, out);
     check_launch("prefill_attention_simple_kernel");
+}
+
+inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q,
+                              index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
+                              cudaStream_t stream)
+{
+    prefill_attention(s, detail::prefill::contiguous_layout(s, "prefill_attention"), batch, q, q_row_stride, kcache,
+                      vcache, out, stream);
 }
 
 namespace detail::prefill {
@@ -532,18 +581,27 @@ inline std::size_t attention_workspace_bytes(const AttentionShape& s, index_t ma
     return decode_attention_workspace_bytes(detail::prefill::decode_shape(s, max_sequences));
 }
 
-inline void attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q, index_t q_row_stride,
-                      const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
-                      cudaStream_t stream)
+template <KvLayout Layout>
+void attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
+               index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
+               cudaStream_t stream)
 {
     // tokens == sequences with at most one token each means exactly one each: row b is sequence
     // b, the layout decode_attention reads and writes.
     if (batch.max_new_tokens == 1 && batch.tokens == batch.sequences) {
-        decode_attention(detail::prefill::decode_shape(s, batch.sequences), q, q_row_stride, kcache, vcache,
+        decode_attention(detail::prefill::decode_shape(s, batch.sequences), layout, q, q_row_stride, kcache, vcache,
                          batch.slots, batch.lengths, workspace, out, stream);
         return;
     }
-    prefill_attention(s, batch, q, q_row_stride, kcache, vcache, out, stream);
+    prefill_attention(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream);
+}
+
+inline void attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q, index_t q_row_stride,
+                      const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
+                      cudaStream_t stream)
+{
+    attention(s, detail::prefill::contiguous_layout(s, "attention"), batch, q, q_row_stride, kcache, vcache, workspace,
+              out, stream);
 }
 
 }  // namespace foe::cuda
