@@ -20,6 +20,7 @@
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/model.cuh"
 #include "foe/model/host_model.hpp"
+#include "foe/serve/block_manager.hpp"
 
 using namespace foe::cuda::testing;
 using foe::Batch;
@@ -319,6 +320,60 @@ TEST_CASE("cuda: graph-replayed decode of several sequences (slots out of order,
         const Batch empty({foe::SequenceChunk{2, 3, 0}});
         CHECK(graphed->forward(empty, {}).values().empty());
         CHECK(graphed->sequence_length(2) == 3);
+    }
+}
+
+TEST_CASE("cuda: a paged KV cache gives the contiguous cache's logits bit for bit, pages of 16, 5 and 1, graphs too")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 23);
+    const foe::index_t vocab = w->config.vocab_size, slots = 3, capacity = w->config.max_position_embeddings;
+    for (const foe::index_t page : {16, 5, 1}) {
+        CAPTURE(page);
+        auto contiguous = device_model(w, true, slots);
+        fc::CudaModelOptions o = contiguous->options();
+        o.page_size = page;
+        auto paged = std::make_unique<fc::CudaModel<>>(w, o);
+        REQUIRE(paged->options().cache_pages == slots * ((capacity + page - 1) / page));
+        foe::serve::BlockManager pages(paged->options().cache_pages, page, slots, (capacity + page - 1) / page);
+        std::uint64_t seed = 60;
+        const auto step = [&](const std::vector<std::pair<foe::index_t, foe::index_t>>& slot_tokens) {
+            std::vector<foe::SequenceChunk> chunks;
+            for (const auto& [s, n] : slot_tokens) chunks.push_back({s, contiguous->sequence_length(s), n});
+            // Grow a page at a time, sequence after sequence: each one's pages are not consecutive.
+            for (bool grew = true; grew;) {
+                grew = false;
+                for (const auto& c : chunks) {
+                    const foe::index_t have = pages.pages_of(c.slot) * page;
+                    if (have < c.start + c.length) {
+                        pages.grow(c.slot, have + page);
+                        grew = true;
+                    }
+                }
+            }
+            Batch batch(chunks);
+            const auto ids = random_tokens(batch.tokens(), vocab, seed++);
+            const auto want = contiguous->forward(batch, ids);
+            batch.with_block_tables(pages.view());
+            const auto got = paged->forward(batch, ids);
+            CHECK(same_bits(got.values(), want.values()));
+        };
+        step({{0, 13}, {1, 7}, {2, 20}});                             // ragged prefill
+        for (int n = 0; n < 3; ++n) step({{2, 1}, {0, 1}, {1, 1}});   // decode graph, replayed
+        step({{1, 9}});                                               // chunked prefill
+        step({{0, 1}, {1, 1}, {2, 12}});                              // decode mixed with a prefill chunk
+        for (int n = 0; n < 2; ++n) step({{2, 1}, {0, 1}, {1, 1}});   // replays over grown tables
+        CHECK(paged->captured_graphs() == 1);
+        CHECK(contiguous->captured_graphs() == 1);
+
+        // A batch without block tables, or short of a page, is refused before anything changes.
+        const Batch plain({foe::SequenceChunk{0, paged->sequence_length(0), 1}});
+        CHECK_THROWS_AS((void)paged->forward(plain, random_tokens(1, vocab, 99)), foe::InvalidArgument);
+        Batch beyond({foe::SequenceChunk{0, paged->sequence_length(0), pages.pages_of(0) * page + 1 - paged->sequence_length(0)}});
+        beyond.with_block_tables(pages.view());
+        CHECK_THROWS_AS((void)paged->forward(beyond, random_tokens(beyond.tokens(), vocab, 98)), foe::CapacityError);
+        CHECK(paged->sequence_length(0) == contiguous->sequence_length(0));
     }
 }
 

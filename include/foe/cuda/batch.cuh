@@ -31,6 +31,10 @@ struct DeviceBatch {
     index_t tokens = 0;
     /// Host-known bound on any sequence's new tokens (sizes prefill grids; 1 for a decode step).
     index_t max_new_tokens = 0;
+    /// A paged KV cache's block table, device int32 [slots, pages per sequence] (the layers know
+    /// its width and page size from their plan); null for contiguous caches. Like the arrays
+    /// above it lives at a fixed address whose contents change from forward to forward.
+    const std::int32_t* block_table = nullptr;
 };
 
 /// Where the arrays of a DeviceBatch live in one int32 buffer planned for at most

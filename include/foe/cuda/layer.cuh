@@ -51,6 +51,7 @@
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/cuda/kv_cache.cuh"
+#include "foe/cuda/kv_layout.cuh"
 #include "foe/cuda/permute.cuh"
 #include "foe/cuda/prefill_attention.cuh"
 #include "foe/cuda/rmsnorm.cuh"
@@ -77,7 +78,7 @@ struct HeadParallelComm {
 
 /// What a layer is planned for: its buffers hold `max_tokens` rows of a batch of at most
 /// `max_sequences` sequences, and its KV caches `cache_slots` sequences of `cache_capacity`
-/// positions. The held groups are [group_begin, group_end) (group_end -1: all). With
+/// positions (contiguous; with page_size > 0, a pool of pages that those sequences share). The held groups are [group_begin, group_end) (group_end -1: all). With
 /// expert_parallel the layer holds experts [expert_begin, expert_end) of its one held group and
 /// reaches the others through the ExpertExchange its forward() is given; otherwise it holds every
 /// expert of its held groups and the expert range is ignored.
@@ -96,6 +97,23 @@ struct LayerSpec {
     /// columns); 1 share: all heads.
     index_t head_part = 0;
     index_t head_parts = 1;
+    /// Paged KV cache: page_size > 0 makes each held group's cache a pool of cache_pages pages of
+    /// page_size positions ([pages, kv heads, page_size, head_dim]), addressed through the block
+    /// table DeviceBatch::block_table ([cache_slots, page_table_width()], shared by every layer
+    /// and group). 0: contiguous [cache_slots, kv heads, cache_capacity, head_dim].
+    index_t page_size = 0;
+    index_t cache_pages = 0;  ///< pages in each pool; 0: cache_slots x page_table_width()
+
+    [[nodiscard]] bool paged() const noexcept { return page_size > 0; }
+    /// Block-table row length: pages a sequence of cache_capacity positions needs.
+    [[nodiscard]] index_t page_table_width() const noexcept
+    {
+        return paged() ? (cache_capacity + page_size - 1) / page_size : 0;
+    }
+    [[nodiscard]] index_t pool_pages() const noexcept
+    {
+        return cache_pages > 0 ? cache_pages : cache_slots * page_table_width();
+    }
 };
 
 /// The scratch buffers of one layer's forward. Layers run one after another, so a model shares
@@ -245,7 +263,7 @@ public:
 private:
     struct GroupWeights {
         bfloat16 *qkv = nullptr, *o = nullptr;  // [qw + 2 kw, d]: q_proj, k_proj, v_proj rows; [d, qw]
-        bfloat16 *kcache = nullptr, *vcache = nullptr;                      // [slots, kv, capacity, hd]
+        bfloat16 *kcache = nullptr, *vcache = nullptr;  // [slots, kv, capacity, hd] or [pages, kv, page, hd]
     };
 
     ModelConfig config_;
@@ -346,6 +364,15 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
                              "layer plan: max_tokens (", spec.max_tokens, "), max_sequences (", spec.max_sequences,
                              "), cache_slots (", spec.cache_slots, ") and cache_capacity (", spec.cache_capacity,
                              ") must be positive");
+    require<InvalidArgument>(spec.page_size >= 0 && spec.cache_pages >= 0, "layer plan: page_size (", spec.page_size,
+                             ") and cache_pages (", spec.cache_pages, ") must not be negative");
+    if (spec.paged())
+        require<InvalidArgument>(spec.page_size <= 0x7fffffff && spec.pool_pages() <= 0x7fffffff &&
+                                     spec.page_table_width() * spec.page_size <= 0x7fffffff &&
+                                     spec.cache_slots * spec.page_table_width() <= 0x7fffffff,
+                                 "layer plan: a paged cache of ", spec.pool_pages(), " pages of ", spec.page_size,
+                                 " positions for ", spec.cache_slots, " slots of ", spec.cache_capacity,
+                                 " positions exceeds int32 block tables");
     const index_t d = config.hidden_size, f = config.intermediate_size, hd = config.head_dim;
     const index_t groups = config.groups(), held = streams();
     // The shapes this layer reads without further checks (the attention slices and experts are
@@ -438,9 +465,10 @@ Layer<Gemm>::Layer(const ModelConfig& config, const LayerWeights& w, const Layer
     routed_experts_ = weights_.take<std::int32_t>(slots_total);
     routed_weights_ = weights_.take<float>(slots_total);
 
-    // KV caches, head-major per group: [slots, kv heads of the group, capacity, head_dim].
-    const auto per_cache = static_cast<std::size_t>(spec.cache_slots * kv_heads_ *
-                                                    spec.cache_capacity * hd);
+    // KV caches, head-major per group: [slots, kv heads of the group, capacity, head_dim], or a
+    // pool [pages, kv heads of the group, page_size, head_dim].
+    const auto per_cache = static_cast<std::size_t>(
+        spec.paged() ? spec.pool_pages() * kv_heads_ * spec.page_size * hd : spec.cache_slots * kv_heads_ * spec.cache_capacity * hd);
     ArenaPlan cache_plan;
     for (index_t g = 0; g < 2 * held; ++g) cache_plan.add<bfloat16>(per_cache);
     cache_ = DeviceArena(cache_plan.bytes());
@@ -500,6 +528,9 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
         }
     }
     if (t == 0) return;
+    require<InvalidArgument>(!spec_.paged() || batch.block_table != nullptr,
+                             "layer forward: the layer's KV cache is paged (pages of ", spec_.page_size,
+                             " positions) but the batch carries no device block table");
     const auto rows = static_cast<std::size_t>(t * d);
     const AttentionShape shape{qh, kvh, hd, spec_.cache_capacity};
 
@@ -522,8 +553,19 @@ void Layer<Gemm>::forward(Gemm& gemm, const DeviceBatch& batch, const bfloat16* 
         }
         rope(q, batch.positions, t, qh, hd, row, c.rope_theta, stream);
         rope(k, batch.positions, t, kvh, hd, row, c.rope_theta, stream);
-        append_kv(batch, k, v, row, kvh, hd, spec_.cache_capacity, gw.kcache, gw.vcache, stream);
-        attention(shape, batch, q, row, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
+        if (spec_.paged()) {
+            // The block table is device memory the caller rewrites before each forward (a decode
+            // graph reads whatever it holds at replay); positions it leaves unmapped are not
+            // written and not attended to.
+            const PagedKvLayout layout{static_cast<std::int32_t>(spec_.page_size),
+                                       static_cast<std::int32_t>(spec_.page_table_width()), batch.block_table,
+                                       spec_.pool_pages()};
+            append_kv(batch, k, v, row, kvh, hd, layout, gw.kcache, gw.vcache, stream);
+            attention(shape, layout, batch, q, row, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
+        } else {
+            append_kv(batch, k, v, row, kvh, hd, spec_.cache_capacity, gw.kcache, gw.vcache, stream);
+            attention(shape, batch, q, row, gw.kcache, gw.vcache, s.attention_ws, s.attn, stream);
+        }
         if (tp) {  // r = x + the fp32 sum over the ranks of their heads' o_proj outputs
             gemm.nt(s.attn, gw.o, s.synced32, OutType::fp32, t, d, qw, stream, 0.0f);
             heads->reduce(s.synced32, rows, stream);

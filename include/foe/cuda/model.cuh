@@ -15,6 +15,11 @@
 // captured once per batch size into a CUDA graph and replayed: the kernels read the batch from
 // those fixed buffers, so a replay with new tokens and positions needs no new capture.
 //
+// Paged KV cache (CudaModelOptions::page_size > 0): each layer's group caches are pools of pages,
+// and every forward's Batch carries the block tables (Batch::with_block_tables) that an engine's
+// allocator or foe::serve::BlockManager keeps; the model copies them, like the batch arrays, into
+// a device table at a fixed address before each forward, so decode graphs replay with new tables.
+//
 // Expert parallelism (the standard-MoE baseline with data-parallel attention): give the model an
 // ExpertExchange (parallel::NcclExpertExchange) and it holds only that exchange's experts; every
 // layer sends its routed rows through it. Each rank runs its own sequences, and every rank calls
@@ -105,6 +110,13 @@ struct CudaModelOptions {
     index_t head_part = 0;
     index_t head_parts = 1;
     HeadParallelComm head_comm;
+    /// Paged KV cache: page_size > 0 makes every group cache of every layer a pool of cache_pages
+    /// pages of page_size positions (as the host's PagedKvCache). Each forward's batch must then
+    /// carry block tables of that page size (Batch::with_block_tables) mapping every position its
+    /// sequences hold or append to a page in [0, cache_pages); the model never allocates or frees
+    /// a page. Sequences still hold at most cache_capacity positions. 0: contiguous caches.
+    index_t page_size = 0;
+    index_t cache_pages = 0;  ///< 0: cache_slots x ceil(cache_capacity / page_size), as much as contiguous
 };
 
 /// Device bytes a CudaModel holds, by purpose (the GEMM policy's own workspace, 32 MiB for
@@ -190,6 +202,10 @@ private:
     std::unique_ptr<BatchLayout> batch_layout_;
     std::int32_t* batch_device_ = nullptr;
     PinnedBuffer<std::int32_t> batch_host_;
+    // Paged caches: the block table [cache_slots, page_table_width], pinned staging and device.
+    LayerSpec spec_;
+    std::int32_t* table_device_ = nullptr;
+    PinnedBuffer<std::int32_t> table_host_;
     std::map<index_t, GraphExec> graphs_;
     std::set<index_t> uncapturable_;  // decode sizes whose capture failed: run eagerly
     CudaMemory memory_;
@@ -225,6 +241,8 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
                              " of ", c.groups(), " groups: reduce_streams must be set exactly when other ranks hold "
                              "groups");
     require<InvalidArgument>(o.head_parts >= 1, "head_parts (", o.head_parts, ") must be positive");
+    require<InvalidArgument>(o.page_size >= 0 && o.cache_pages >= 0, "page_size (", o.page_size, ") and cache_pages (",
+                             o.cache_pages, ") must not be negative");
     if (o.expert_exchange) {
         const ExpertExchange& ep = *o.expert_exchange;
         require<InvalidArgument>(c.groups() == 1, "expert parallelism in CudaModel is the standard-MoE baseline's: the "
@@ -276,6 +294,10 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     }
     spec.head_part = o.head_part;
     spec.head_parts = o.head_parts;
+    spec.page_size = o.page_size;
+    spec.cache_pages = o.cache_pages;
+    if (spec.paged()) o.cache_pages = spec.pool_pages();
+    spec_ = spec;
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
         layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*weights, l), spec));
         memory_.weights += layers_.back()->weight_bytes();
@@ -309,6 +331,8 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     plan.add<float>(td);
     plan.add<float>(static_cast<std::size_t>(t * vocab));
     plan.add<std::int32_t>(batch_ints);
+    const auto table_ints = static_cast<std::size_t>(o.cache_slots * spec.page_table_width());
+    plan.add<std::int32_t>(table_ints);
     scratch_arena_ = DeviceArena(plan.bytes());
     stream_a_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
     stream_b_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
@@ -317,6 +341,10 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     logits_ = scratch_arena_.take<float>(static_cast<std::size_t>(t * vocab));
     batch_device_ = scratch_arena_.take<std::int32_t>(batch_ints);
     batch_host_ = PinnedBuffer<std::int32_t>(batch_ints);
+    if (table_ints > 0) {
+        table_device_ = scratch_arena_.take<std::int32_t>(table_ints);
+        table_host_ = PinnedBuffer<std::int32_t>(table_ints);
+    }
     memory_.scratch = workspace_->bytes() + scratch_arena_.bytes();
     routing_cache_.resize(layers_.size());
     // The fp32 host weights are not kept: everything the model reads is on the device now.
@@ -347,6 +375,17 @@ void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> to
                                   cudaMemcpyHostToDevice, stream_->get()),
                   "cudaMemcpyAsync (batch)");
     }
+    if (!spec_.paged()) return;
+    // The whole table, rows past the batch's tables -1 (forward() checked the batch's own rows).
+    const BlockTableView& t = *batch.block_tables();
+    const index_t width = spec_.page_table_width();
+    std::int32_t* row = table_host_.data();
+    for (index_t slot = 0; slot < options_.cache_slots; ++slot, row += width)
+        for (index_t i = 0; i < width; ++i)
+            row[i] = slot < t.slots && i < t.max_pages ? static_cast<std::int32_t>(t.page(slot, i)) : -1;
+    check(cudaMemcpyAsync(table_device_, table_host_.data(), table_host_.size() * sizeof(std::int32_t),
+                          cudaMemcpyHostToDevice, stream_->get()),
+          "cudaMemcpyAsync (block table)");
 }
 
 template <DeviceGemmPolicy Gemm>
@@ -434,6 +473,14 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     const ModelConfig& c = config_;
     const index_t t = batch.tokens(), vocab = c.vocab_size;
     ::foe::detail::check_forward_input(batch, tokens, lengths_, options_.cache_capacity, vocab);
+    if (spec_.paged()) {
+        const BlockTableView* tables = batch.block_tables();
+        require<InvalidArgument>(tables != nullptr, "this CudaModel's KV cache is paged (pages of ", options_.page_size,
+                                 " positions): the batch needs block tables (Batch::with_block_tables)");
+        require<InvalidArgument>(tables->page_size == options_.page_size, "the block tables have pages of ",
+                                 tables->page_size, " positions, the model's KV cache pages of ", options_.page_size);
+        batch.check_pages(options_.cache_pages);
+    }
     require<CapacityError>(t <= options_.max_batch_tokens, "the batch has ", t,
                            " tokens; this CudaModel was planned for at most max_batch_tokens = ",
                            options_.max_batch_tokens);
@@ -469,7 +516,8 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     }
 
     stage(batch, tokens);
-    const DeviceBatch db = batch_layout_->view(batch_device_, batch);
+    DeviceBatch db = batch_layout_->view(batch_device_, batch);
+    db.block_table = table_device_;  // null for contiguous caches
     // A graph only for a pure decode step: every sequence exactly one token (a zero-length chunk
     // would change the sequence count, which the graph bakes in).
     const bool decode_step = db.max_new_tokens == 1 && batch.tokens() == batch.sequences();
