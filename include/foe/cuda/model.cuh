@@ -473,7 +473,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     const ModelConfig& c = config_;
     const index_t t = batch.tokens(), vocab = c.vocab_size;
     ::foe::detail::check_forward_input(batch, tokens, lengths_, options_.cache_capacity, vocab);
-    if (spec_.paged()) {
+    if (spec_.paged() && t > 0) {  // an empty batch writes and reads no cache
         const BlockTableView* tables = batch.block_tables();
         require<InvalidArgument>(tables != nullptr, "this CudaModel's KV cache is paged (pages of ", options_.page_size,
                                  " positions): the batch needs block tables (Batch::with_block_tables)");
