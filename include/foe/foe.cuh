@@ -23,6 +23,7 @@
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/cuda/kv_cache.cuh"
+#include "foe/cuda/kv_layout.cuh"
 #include "foe/cuda/layer.cuh"
 #include "foe/cuda/model.cuh"
 #include "foe/cuda/permute.cuh"

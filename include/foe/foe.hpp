@@ -22,6 +22,7 @@
 #include "foe/attention/attention.hpp"
 #include "foe/attention/gqa_attention.hpp"
 #include "foe/attention/kv_cache.hpp"
+#include "foe/attention/kv_layout.hpp"
 
 #include "foe/routing/router.hpp"
 #include "foe/routing/routing.hpp"

@@ -651,6 +651,21 @@ TEST_CASE("cuda: attention and append_kv reject bad shapes with foe::InvalidArgu
     CHECK_THROWS_AS(fc::append_kv(batch, nullptr, nullptr, 2 * 64 - 1, 2, 64, 128, nullptr, nullptr, nullptr),
                     foe::InvalidArgument);
     CHECK_THROWS_AS(fc::append_kv(batch, nullptr, nullptr, 0, 0, 64, 128, nullptr, nullptr, nullptr), foe::InvalidArgument);
+    // Paged layouts are checked too: a page size of 0, a missing table, positions past int32.
+    const std::int32_t table[4] = {0, 1, 2, 3};
+    const fc::PagedKvLayout paged{16, 4, table, 4};
+    CHECK_NOTHROW(fc::append_kv(batch, nullptr, nullptr, 2 * 64, 2, 64, paged, nullptr, nullptr, nullptr));
+    CHECK_NOTHROW(fc::prefill_attention(good, paged, batch, nullptr, 8 * 64, nullptr, nullptr, nullptr, nullptr));
+    CHECK_THROWS_WITH_AS(fc::append_kv(batch, nullptr, nullptr, 2 * 64, 2, 64, fc::PagedKvLayout{0, 4, table, 4}, nullptr,
+                                       nullptr, nullptr),
+                         doctest::Contains("append_kv: KV page size 0 must be positive"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS(fc::prefill_attention(good, fc::PagedKvLayout{16, 4, nullptr, 4}, batch, nullptr, 8 * 64, nullptr,
+                                               nullptr, nullptr, nullptr),
+                         doctest::Contains("needs a block table"), foe::InvalidArgument);
+    CHECK_THROWS_WITH_AS(fc::decode_attention(fc::DecodeAttentionShape{0, 8, 2, 64, 128},
+                                              fc::PagedKvLayout{1 << 16, 1 << 16, table, 4}, nullptr, 8 * 64, nullptr,
+                                              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr),
+                         doctest::Contains("exceed the 2^31 - 1 positions"), foe::InvalidArgument);
     try {
         fc::prefill_attention({8, 2, 300, 128}, batch, nullptr, 8 * 300, nullptr, nullptr, nullptr, nullptr);
     } catch (const foe::InvalidArgument& e) {
