@@ -13,7 +13,9 @@
 // pages of --page-size positions (default: --slots sequences of the longest request). It prints
 // TTFT, TBT (each request's mean gap between tokens) and end-to-end latency (mean, p50, p90,
 // p99) and throughput for both models, and the baseline over FoE. A progress line goes to
-// stderr. The CUDA backend has no paged KV cache yet, so foe_serve runs on the host only.
+// stderr. --backend cuda serves on the current GPU (foe::cuda::CudaModel over the same paged KV
+// cache and block tables, bf16, decode steps from CUDA graphs; examples/foe_serve_cuda.cu, built
+// when nvcc is found; --gemm foe|cublaslt picks its dense GEMM).
 //
 //   foe_serve ... --predict
 // then also predicts the run: it first replays a held-out trace (the same distributions, seed + 1)
@@ -56,6 +58,10 @@
 #include "foe/serve/simulate.hpp"
 #include "foe/serve/trace.hpp"
 
+#if defined(FOE_WITH_CUDA)
+#include "foe_serve_cuda.hpp"
+#endif
+
 namespace {
 
 using foe::index_t;
@@ -64,7 +70,8 @@ namespace serve = foe::serve;
 constexpr std::string_view usage =
     "usage: foe_serve (--config NAME [--baseline-config NAME] | --model DIR [--baseline DIR])\n"
     "                 [--requests N] [--rate R] [--seed S] [--prompt-len DIST] [--output-len DIST] [--trace FILE]\n"
-    "                 [--slots N] [--page-size P] [--pages N] [--token-budget T] [--predict] [--json FILE]\n"
+    "                 [--slots N] [--page-size P] [--pages N] [--token-budget T] [--backend host|cuda] [--gemm foe|cublaslt]\n"
+    "                 [--predict] [--json FILE]\n"
     "       foe_serve --simulate [--config foe-1b] [--hardware h100] [--ranks 8,16] [--ranks-per-node 8]\n"
     "                 [--loads 0.25,0.5,0.75,0.9] [--requests N] [--prompt-len DIST] [--output-len DIST]\n"
     "                 [--compute-tflops T] [--layer-overhead-ms M] [--json FILE]\n"
@@ -82,6 +89,8 @@ struct Options {
     index_t slots = 8, page_size = 16, pages = 0, token_budget = 256;
     std::string json;
     bool predict = false;
+    bool cuda = false;  ///< --backend cuda
+    bool foe_gemm = false;  ///< --gemm foe (cuda): foe's tensor-core GEMM instead of cuBLASLt
     // --simulate
     bool simulate = false;
     std::string hardware = "h100";
@@ -89,6 +98,7 @@ struct Options {
     index_t ranks_per_node = 8;
     std::vector<double> loads{0.25, 0.5, 0.75, 0.9};
     foe::perf::KernelRates rates;  ///< --compute-tflops, --layer-overhead-ms; empty: the roofline
+    bool gemm_given = false;
     bool slots_given = false, budget_given = false, requests_given = false, prompt_given = false, output_given = false;
 };
 
@@ -160,6 +170,14 @@ Options parse(int argc, char** argv)
         else if (flag == "--pages") o.pages = positive(flag, v);
         else if (flag == "--token-budget") o.token_budget = positive(flag, v), o.budget_given = true;
         else if (flag == "--json") o.json = v;
+        else if (flag == "--backend") {
+            if (v != "host" && v != "cuda") throw UsageError(foe::detail::concat("--backend: \"", v, "\" is not one of host, cuda"));
+            o.cuda = v == "cuda";
+        } else if (flag == "--gemm") {
+            if (v != "foe" && v != "cublaslt") throw UsageError(foe::detail::concat("--gemm: \"", v, "\" is not one of foe, cublaslt"));
+            o.foe_gemm = v == "foe";
+            o.gemm_given = true;
+        }
         else if (flag == "--hardware") o.hardware = v;
         else if (flag == "--ranks") o.ranks = parse_list<index_t>(flag, v, positive);
         else if (flag == "--ranks-per-node") o.ranks_per_node = positive(flag, v);
@@ -184,6 +202,11 @@ Options parse(int argc, char** argv)
     if (o.config.empty() == o.model.empty()) throw UsageError("give exactly one of --config and --model");
     if (!o.config.empty() && !o.baseline.empty()) throw UsageError("--baseline goes with --model; use --baseline-config");
     if (!o.model.empty() && !o.baseline_config.empty()) throw UsageError("--baseline-config goes with --config");
+    if (o.gemm_given && !o.cuda) throw UsageError("--gemm chooses the CUDA backend's dense GEMM: give --backend cuda too");
+#if !defined(FOE_WITH_CUDA)
+    if (o.cuda)
+        throw UsageError("--backend cuda: this foe_serve was built without CUDA (no nvcc was found when it was configured)");
+#endif
     return o;
 }
 
@@ -350,7 +373,14 @@ Run replay(const std::string& name, std::shared_ptr<const foe::ModelWeights> wei
     mo.page_size = o.page_size;
     const index_t per_slot = (longest + o.page_size - 1) / o.page_size;
     mo.cache_pages = o.pages > 0 ? o.pages : o.slots * per_slot;
-    auto model = foe::make_model<foe::gemm::Default, foe::attention::PagedKvCache>(weights, mo);
+    std::unique_ptr<foe::ModelInterface> model;
+    if (o.cuda) {
+#if defined(FOE_WITH_CUDA)
+        model = make_cuda_served_model(weights, {o.slots, longest, o.page_size, mo.cache_pages, o.token_budget}, o.foe_gemm);
+#endif
+    } else {
+        model = foe::make_model<foe::gemm::Default, foe::attention::PagedKvCache>(weights, mo);
+    }
     serve::BlockManager pages(mo.cache_pages, o.page_size, o.slots, per_slot);
     serve::SchedulerOptions so;
     so.token_budget = o.token_budget;
@@ -413,13 +443,13 @@ void print(const std::vector<Run>& runs, const std::vector<serve::TraceEntry>& t
         output += e.output_tokens;
     }
     std::printf("foe_serve: %zu requests, %s, mean prompt %.0f tokens, mean output %.1f tokens; %lld slots, pages of %lld, "
-                "token budget %lld; host backend\n",
+                "token budget %lld; %s backend\n",
                 trace.size(),
                 o.trace_file.empty() ? foe::detail::concat("Poisson arrivals at ", o.trace.rate, "/s, seed ", o.trace.seed).c_str()
                                      : ("trace " + o.trace_file).c_str(),
                 static_cast<double>(prompt) / static_cast<double>(trace.size()),
                 static_cast<double>(output) / static_cast<double>(trace.size()), static_cast<long long>(o.slots),
-                static_cast<long long>(o.page_size), static_cast<long long>(o.token_budget));
+                static_cast<long long>(o.page_size), static_cast<long long>(o.token_budget), o.cuda ? "cuda" : "host");
     std::printf("latencies in seconds; TBT = each request's mean gap between its tokens\n\n");
     std::printf("%-14s", "metric");
     for (const auto& r : runs) std::printf(" %14s", r.name.c_str());
@@ -618,6 +648,7 @@ void write_json(const std::string& path, const std::vector<Run>& runs, const Opt
                                                    {"slots", o.slots},
                                                    {"page_size", o.page_size},
                                                    {"token_budget", o.token_budget},
+                                                   {"backend", o.cuda ? "cuda" : "host"},
                                                    {"models", std::move(models)}};
     std::ofstream out(path);
     foe::require<foe::IoError>(static_cast<bool>(out), "cannot write ", path);

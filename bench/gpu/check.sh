@@ -101,7 +101,7 @@ configured=$?
 
 if ((configured == 0)); then
   # One ninja for everything: the CUDA translation units build in parallel on the 16 cores.
-  targets=(foe_cuda_tests foe_run)
+  targets=(foe_cuda_tests foe_run foe_serve)
   [[ $bench == ON ]] && targets+=(bench_cuda bench_cuda_attention bench_cuda_model)
   step "build ${targets[*]}" 300 ninja -C "$build" -j16 -k 0 "${targets[@]}"
   : >"$out/cuda_tests.log"
@@ -132,6 +132,12 @@ if ((configured == 0)); then
     step "foe_run --backend host" 60 "$build/examples/foe_run" --model "$build/foe-small" --tokens 1,2,3,4,5 --max-new-tokens 8
     step "foe_run --backend cuda" 60 "$build/examples/foe_run" --model "$build/foe-small" --backend cuda --tokens 1,2,3,4,5 --max-new-tokens 8
     step "foe_run --backend cuda --gemm foe" 60 "$build/examples/foe_run" --model "$build/foe-small" --backend cuda --gemm foe --tokens 1,2,3,4,5 --max-new-tokens 8
+  fi
+  # Continuous batching over the paged KV cache on the GPU: a seeded trace on foe-small and
+  # moe-small (TTFT, TBT, throughput side by side), written as JSON.
+  if [[ -x $build/examples/foe_serve ]]; then
+    step "foe_serve --backend cuda" 90 "$build/examples/foe_serve" --config foe-small --backend cuda --requests 32 \
+      --rate 20 --seed 3 --json "$out/serve_cuda_foe-small.json"
   fi
   # compute-sanitizer memcheck on the kernels most likely to read out of bounds, while time is
   # left (built with -lineinfo, so a report names the source line).
