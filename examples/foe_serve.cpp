@@ -227,7 +227,10 @@ struct Run {
     std::string name;
     serve::ServingSummary summary;
     index_t steps = 0;
-    std::optional<serve::ServingSummary> predicted;  ///< --predict
+    std::optional<serve::ServingSummary> predicted;  ///< --predict: step model fitted to a held-out replay
+    /// --predict: step model fitted to this run's own forwards, which leaves out the machine's
+    /// drift between two replays and checks what the simulation itself adds (scheduling, queueing).
+    std::optional<serve::ServingSummary> predicted_in_sample;
     std::string calibration;                         ///< --predict: the fitted rates
     /// The measured forward of every step, by its chunks (for --predict's per-step check).
     std::vector<std::pair<std::vector<foe::SequenceChunk>, double>> step_times;
@@ -321,16 +324,21 @@ struct HostStepModel {
 /// --predict: fits the host step model to the measured forwards of another replay (`held_out`:
 /// a trace of the same distributions with another seed, or the --trace file with other prompt
 /// tokens), replays `trace` through the same scheduler on a virtual clock with the model's step
-/// times (foe/serve/simulate.hpp), and returns the predicted summary. The held-out replay runs
+/// times (foe/serve/simulate.hpp), and stores the predicted summary in `measured`; the same
+/// with the model fitted to `measured`'s own forwards. The held-out replay runs
 /// the real path (paged cache, scheduler, sampling, caches as cold as serving leaves them), which
 /// forwards timed in isolation do not: their fit predicted 75-95% of a run's step time.
-serve::ServingSummary predict(const foe::ModelConfig& c, const std::vector<serve::TraceEntry>& trace, const Options& o,
-                              const Run& held_out, const Run& measured, std::string& calibration)
+void predict(const foe::ModelConfig& c, const std::vector<serve::TraceEntry>& trace, const Options& o, const Run& held_out,
+             Run& measured)
 {
-    std::vector<std::pair<HostStepModel::Features, double>> samples;
-    for (const auto& [chunks, seconds] : held_out.step_times) samples.emplace_back(HostStepModel::features(c, chunks), seconds);
-    const HostStepModel host = HostStepModel::fit(samples);
-    calibration = foe::detail::concat("host step model fitted to the ", samples.size(), " forwards of a held-out replay: ",
+    auto fit = [&](const Run& run) {
+        std::vector<std::pair<HostStepModel::Features, double>> samples;
+        for (const auto& [chunks, seconds] : run.step_times) samples.emplace_back(HostStepModel::features(c, chunks), seconds);
+        return HostStepModel::fit(samples);
+    };
+    const HostStepModel host = fit(held_out);
+    std::string& calibration = measured.calibration;
+    calibration = foe::detail::concat("host step model fitted to the ", held_out.step_times.size(), " forwards of a held-out replay: ",
                                       std::round(host.coef[0] * 1e7) / 10, " us + ", std::round(host.coef[1] * 1e7) / 10,
                                       " us per sequence + ", std::round(host.coef[2] * 1e7) / 10, " us per token + ",
                                       std::round(host.coef[3] * 1e10) / 10, " ns per attention pair + ",
@@ -348,13 +356,16 @@ serve::ServingSummary predict(const foe::ModelConfig& c, const std::vector<serve
     index_t longest = 0;
     for (const auto& e : trace) longest = std::max(longest, e.prompt_tokens + e.output_tokens);
     const index_t per_slot = (longest + o.page_size - 1) / o.page_size;
-    serve::BlockManager pages(o.pages > 0 ? o.pages : o.slots * per_slot, o.page_size, o.slots, per_slot);
     serve::SchedulerOptions so;
     so.token_budget = o.token_budget;
-    const auto records = serve::simulate(trace, pages, so, [&](const serve::StepPlan& step) {
-        return host(c, std::span<const foe::SequenceChunk>(step.batch.chunks()));
-    });
-    return serve::ServingSummary::of(records);
+    auto replay_on = [&](const HostStepModel& model) {
+        serve::BlockManager pages(o.pages > 0 ? o.pages : o.slots * per_slot, o.page_size, o.slots, per_slot);
+        return serve::ServingSummary::of(serve::simulate(trace, pages, so, [&](const serve::StepPlan& step) {
+            return model(c, std::span<const foe::SequenceChunk>(step.batch.chunks()));
+        }));
+    };
+    measured.predicted = replay_on(host);
+    measured.predicted_in_sample = replay_on(fit(measured));
 }
 
 /// Serves `trace` on `weights` in real time; prompt tokens are drawn from `prompt_seed`.
@@ -431,7 +442,7 @@ Run serve_model(const std::string& name, std::shared_ptr<const foe::ModelWeights
                           spec.seed);
     }
     Run run = replay(name, weights, trace, o, o.trace.seed);
-    if (held_out) run.predicted = predict(weights->config, trace, o, *held_out, run, run.calibration);
+    if (held_out) predict(weights->config, trace, o, *held_out, run);
     return run;
 }
 
@@ -484,6 +495,11 @@ void print(const std::vector<Run>& runs, const std::vector<serve::TraceEntry>& t
                         err(p.ttft.p50, r.summary.ttft.p50), r.summary.ttft.p50, p.tbt.mean, err(p.tbt.mean, r.summary.tbt.mean),
                         r.summary.tbt.mean, p.tbt.p50, err(p.tbt.p50, r.summary.tbt.p50), r.summary.tbt.p50,
                         r.calibration.c_str());
+            const auto& q = *r.predicted_in_sample;
+            std::printf("    fitted to this run's own forwards instead (no drift between replays): TTFT mean %+.0f%%, p50 %+.0f%%; "
+                        "TBT mean %+.0f%%, p50 %+.0f%%\n",
+                        err(q.ttft.mean, r.summary.ttft.mean), err(q.ttft.p50, r.summary.ttft.p50),
+                        err(q.tbt.mean, r.summary.tbt.mean), err(q.tbt.p50, r.summary.tbt.p50));
         }
         std::printf("\n");
     }
@@ -640,6 +656,8 @@ void write_json(const std::string& path, const std::vector<Run>& runs, const Opt
                                             r.predicted ? foe::json::Value(foe::json::Object{
                                                               {"ttft_s", distribution_json(r.predicted->ttft)},
                                                               {"tbt_s", distribution_json(r.predicted->tbt)},
+                                                              {"in_sample_ttft_s", distribution_json(r.predicted_in_sample->ttft)},
+                                                              {"in_sample_tbt_s", distribution_json(r.predicted_in_sample->tbt)},
                                                               {"calibration", r.calibration}})
                                                         : foe::json::Value(nullptr)}});
     const foe::json::Value doc = foe::json::Object{{"command", command},
