@@ -164,15 +164,15 @@ def projection(results, summary):
     plt.close(fig)
 
 
-def serving_simulation(results, summary):
-    path = os.path.join(results, "serving_sim_foe-1b_h100.json")
+def serving_simulation(results, summary, stem, png):
+    path = os.path.join(results, stem + ".json")
     if not os.path.exists(path):
         return
     data = load(path)
     clusters = data["clusters"]
     fig, axes = plt.subplots(len(clusters), 2, figsize=(10, 3.6 * len(clusters)), squeeze=False)
     summary.append(f"## Simulated serving ({data['config']} on {data['hardware']}, {data['requests']} LongBench-like "
-                   f"requests, cost-model step times)\n")
+                   f"requests, cost-model step times: {data.get('step_times', 'roofline compute')})\n")
     summary.append("| G | load | req/s | FoE TTFT (ms) | DP naive / FoE | DP dedup / FoE | FoE TBT (ms) | DP naive / FoE | DP dedup / FoE |")
     summary.append("|---|---|---|---|---|---|---|---|---|")
     for row, c in enumerate(clusters):
@@ -201,9 +201,10 @@ def serving_simulation(results, summary):
                            f"{ratio('MoE DP+EP dedup', 'tbt_s'):.2f} |")
     summary.append("")
     stamp(axes[-1][0], {"host_name": "cost model", "date": datetime.date.today().isoformat()},
-          "foe_serve --simulate: scheduler on a virtual clock, perf::step_cost step times")
+          f"foe_serve --simulate: scheduler on a virtual clock, perf::step_cost step times "
+          f"({data.get('step_times', 'roofline compute')})")
     fig.tight_layout()
-    fig.savefig(os.path.join(results, "serving_sim.png"), dpi=120)
+    fig.savefig(os.path.join(results, png), dpi=120)
     plt.close(fig)
 
 
@@ -215,7 +216,8 @@ def main():
     layers(results, summary)
     bytes_per_rank(results, summary)
     projection(results, summary)
-    serving_simulation(results, summary)
+    serving_simulation(results, summary, "serving_sim_foe-1b_h100", "serving_sim.png")
+    serving_simulation(results, summary, "serving_sim_foe-1b_h100_20tflops_1ms", "serving_sim_20tflops_1ms.png")
     with open(os.path.join(results, "summary.md"), "w") as f:
         f.write("\n".join(summary) + "\n")
     print("\n".join(summary))

@@ -629,6 +629,7 @@ int simulate_gpus(const Options& o, int argc, char** argv)
                                                        {"mean_output_tokens", output},
                                                        {"slots", o.slots},
                                                        {"token_budget", o.token_budget},
+                                                       {"step_times", compute + overhead},
                                                        {"clusters", std::move(clusters)}};
         std::ofstream out(o.json);
         foe::require<foe::IoError>(static_cast<bool>(out), "cannot write ", o.json);
