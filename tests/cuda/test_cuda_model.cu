@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "model_test_util.hpp"
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/model.cuh"
 #include "foe/model/host_model.hpp"
@@ -28,55 +29,6 @@ using foe::ModelConfig;
 using foe::ModelWeights;
 
 namespace {
-
-/// Activations are bf16 on the device through every layer: a logit carries a few bf16 roundings
-/// (2^-8 relative each) per layer. Measured as max |diff| / max |want| over a row's logits.
-constexpr double model_tolerance = 4e-2;
-
-/// Checks the device's logits against the host's row by row. A routing decision between two
-/// nearly equal experts may go the other way on bf16 activations; a row whose experts differ in
-/// some layer is then not comparable, so those rows are counted (they must be rare) and skipped.
-void check_against_host(const foe::ModelInterface& host, const foe::ModelInterface& dev,
-                        const std::vector<float>& want, const std::vector<float>& got)
-{
-    const foe::index_t vocab = host.config().vocab_size;
-    REQUIRE(want.size() == got.size());
-    const auto rows = static_cast<foe::index_t>(want.size()) / vocab;
-    std::vector<bool> flipped(sz(rows), false);
-    for (foe::index_t l = 0; l < host.config().num_hidden_layers; ++l) {
-        const auto& a = host.last_routing(l);
-        const auto& b = dev.last_routing(l);
-        REQUIRE(a.tokens == rows);
-        REQUIRE(b.tokens == rows);
-        REQUIRE(a.slots_per_token == b.slots_per_token);
-        REQUIRE(a.slots_per_group == b.slots_per_group);
-        for (foe::index_t t = 0; t < rows; ++t)
-            for (foe::index_t g = 0; g < a.slots_per_token; g += a.slots_per_group) {
-                std::vector<std::int32_t> x, y;
-                for (foe::index_t s = g; s < g + a.slots_per_group; ++s) {
-                    x.push_back(a.expert(t, s));
-                    y.push_back(b.expert(t, s));
-                }
-                std::sort(x.begin(), x.end());
-                std::sort(y.begin(), y.end());
-                if (x != y) flipped[sz(t)] = true;
-            }
-    }
-    const auto flips = std::count(flipped.begin(), flipped.end(), true);
-    CHECK_MESSAGE(flips <= rows / 10 + 1, flips, " of ", rows, " rows were routed differently");
-    double scale = 0.0;
-    for (float v : want) scale = std::max(scale, std::abs(static_cast<double>(v)));
-    double worst = 0.0;
-    for (foe::index_t t = 0; t < rows; ++t) {
-        if (flipped[sz(t)]) continue;
-        for (foe::index_t j = 0; j < vocab; ++j) {
-            const auto g = static_cast<double>(got[sz(t * vocab + j)]);
-            worst = std::isfinite(g) ? std::max(worst, std::abs(g - static_cast<double>(want[sz(t * vocab + j)])))
-                                     : std::numeric_limits<double>::infinity();
-        }
-    }
-    CHECK(worst / scale < model_tolerance);
-}
 
 /// A shape that takes the tensor-core attention path (head_dim 32) with GQA and H = 4 groups.
 ModelConfig small_config(foe::Architecture arch, foe::index_t groups, foe::ScoreFunction score, foe::QkNorm norm)
@@ -97,22 +49,6 @@ ModelConfig small_config(foe::Architecture arch, foe::index_t groups, foe::Score
     c.qk_norm = norm;
     c.validate();
     return c;
-}
-
-/// Seeded random weights, every value rounded to bf16 (what the device holds; the host model
-/// reads the bf16 matrices as they are).
-std::shared_ptr<const ModelWeights> bf16_weights(const ModelConfig& c, std::uint64_t seed)
-{
-    return std::make_shared<const ModelWeights>(foe::stored_as(foe::random_weights(c, seed), foe::DType::bf16));
-}
-
-std::vector<std::int32_t> random_tokens(foe::index_t n, foe::index_t vocab, std::uint64_t seed)
-{
-    std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(vocab - 1));
-    std::vector<std::int32_t> t(sz(n));
-    for (auto& v : t) v = d(rng);
-    return t;
 }
 
 template <class Gemm = fc::LtGemm>
@@ -186,7 +122,7 @@ TEST_CASE("cuda: model prefill matches the host model on the same bf16 weights: 
         const auto want = host->prefill(tokens);
         auto dev = device_model(w);
         const auto got = dev->prefill(tokens);
-        check_against_host(*host, *dev, want.values(), got.values());
+        check_logits_close(*host, *dev, want.values(), got.values());
     }
 }
 
@@ -202,8 +138,8 @@ TEST_CASE("cuda: the model with foe's own tensor-core GEMM matches the host mode
     auto lt = device_model<fc::LtGemm>(w);
     const auto got_tc = tc->prefill(tokens);
     const auto got_lt = lt->prefill(tokens);
-    check_against_host(*host, *tc, want.values(), got_tc.values());
-    check_against_host(*host, *lt, want.values(), got_lt.values());
+    check_logits_close(*host, *tc, want.values(), got_tc.values());
+    check_logits_close(*host, *lt, want.values(), got_lt.values());
 }
 
 TEST_CASE("cuda: the tiny test model (head_dim 8: the attention fallback path) matches the host model")
@@ -217,7 +153,7 @@ TEST_CASE("cuda: the tiny test model (head_dim 8: the attention fallback path) m
     o.max_batch_tokens = 32;
     fc::CudaModel<> dev(w, o);
     const auto got = dev.prefill(tokens);
-    check_against_host(*host, dev, want.values(), got.values());
+    check_logits_close(*host, dev, want.values(), got.values());
 }
 
 TEST_CASE("cuda: decoding after a prefill equals the prefill of the longer prompt at its last position")
@@ -253,7 +189,7 @@ TEST_CASE("cuda: a ragged batch (one prefill, one decode) gives each sequence it
     const Batch batch({foe::SequenceChunk{0, 0, 9}, foe::SequenceChunk{1, 12, 1}});
     const auto want = host->forward(batch, ids);
     const auto got = dev->forward(batch, ids);
-    check_against_host(*host, *dev, want.values(), got.values());
+    check_logits_close(*host, *dev, want.values(), got.values());
 }
 
 TEST_CASE("cuda: results are bit-identical run to run, and a graph-replayed decode equals the eager one")

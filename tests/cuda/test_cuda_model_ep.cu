@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "model_test_util.hpp"
 #include "foe/comm/nccl_comm.cuh"
 #include "foe/cuda/model.cuh"
 #include "foe/model/host_model.hpp"
@@ -34,50 +35,6 @@ using foe::parallel::Dispatch;
 using foe::parallel::NcclExpertExchange;
 
 namespace {
-
-/// As test_cuda_model.cu: a logit carries a few bf16 roundings per layer.
-constexpr double model_tolerance = 4e-2;
-
-/// got against want row by row (logits [rows, vocab]), skipping the rows whose experts differ in
-/// some layer between the two models (a near tie decided the other way on bf16 activations; they
-/// must be rare).
-void check_close(const foe::ModelInterface& ref, const foe::ModelInterface& dev, const std::vector<float>& want,
-                 const std::vector<float>& got, double tolerance)
-{
-    const foe::index_t vocab = ref.config().vocab_size;
-    REQUIRE(want.size() == got.size());
-    const auto rows = static_cast<foe::index_t>(want.size()) / vocab;
-    std::vector<bool> flipped(sz(rows), false);
-    for (foe::index_t l = 0; l < ref.config().num_hidden_layers; ++l) {
-        const auto& a = ref.last_routing(l);
-        const auto& b = dev.last_routing(l);
-        REQUIRE(a.tokens == b.tokens);
-        REQUIRE(a.slots_per_token == b.slots_per_token);
-        for (foe::index_t t = 0; t < a.tokens && t < rows; ++t) {
-            std::vector<std::int32_t> x, y;
-            for (foe::index_t s = 0; s < a.slots_per_token; ++s) {
-                x.push_back(a.expert(t, s));
-                y.push_back(b.expert(t, s));
-            }
-            std::sort(x.begin(), x.end());
-            std::sort(y.begin(), y.end());
-            if (x != y) flipped[sz(t)] = true;
-        }
-    }
-    const auto flips = std::count(flipped.begin(), flipped.end(), true);
-    CHECK_MESSAGE(flips <= rows / 10 + 1, flips, " of ", rows, " rows were routed differently");
-    double scale = 0.0, worst = 0.0;
-    for (float v : want) scale = std::max(scale, std::abs(static_cast<double>(v)));
-    for (foe::index_t t = 0; t < rows; ++t) {
-        if (flipped[sz(t)]) continue;
-        for (foe::index_t j = 0; j < vocab; ++j) {
-            const auto g = static_cast<double>(got[sz(t * vocab + j)]);
-            worst = std::isfinite(g) ? std::max(worst, std::abs(g - static_cast<double>(want[sz(t * vocab + j)])))
-                                     : std::numeric_limits<double>::infinity();
-        }
-    }
-    CHECK(worst / scale < tolerance);
-}
 
 /// The standard MoE (one group, global top-k) in a shape the tensor-core attention takes.
 ModelConfig moe_config(foe::ScoreFunction score = foe::ScoreFunction::softmax)
@@ -96,20 +53,6 @@ ModelConfig moe_config(foe::ScoreFunction score = foe::ScoreFunction::softmax)
     c.scoring_func = score;
     c.validate();
     return c;
-}
-
-std::shared_ptr<const ModelWeights> bf16_weights(const ModelConfig& c, std::uint64_t seed)
-{
-    return std::make_shared<const ModelWeights>(foe::stored_as(foe::random_weights(c, seed), foe::DType::bf16));
-}
-
-std::vector<std::int32_t> random_tokens(foe::index_t n, foe::index_t vocab, std::uint64_t seed)
-{
-    std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<std::int32_t> d(0, static_cast<std::int32_t>(vocab - 1));
-    std::vector<std::int32_t> t(sz(n));
-    for (auto& v : t) v = d(rng);
-    return t;
 }
 
 /// The weights rank p of `ranks` holds: every tensor but the other ranks' experts.
@@ -196,8 +139,8 @@ TEST_CASE("cuda ep model: one-rank expert parallelism (naive, dedup; dynamic, fi
                 o.expert_exchange = exchange(comm, c, mode, fixed, max_tokens);
                 fc::CudaModel<> ep(w, o);
                 const auto got = ep.prefill(tokens);
-                check_close(local, ep, plain.values(), got.values(), bf16_tolerance);
-                check_close(*host, ep, want.values(), got.values(), model_tolerance);
+                check_logits_close(local, ep, plain.values(), got.values(), bf16_tolerance);
+                check_logits_close(*host, ep, want.values(), got.values(), model_tolerance);
                 // Again, and a ragged batch of two sequences: the exchange's buffers are reused.
                 CHECK(same_bits(ep.prefill(tokens).values(), got.values()));
                 const auto a = random_tokens(9, c.vocab_size, 33), b = random_tokens(14, c.vocab_size, 34);
@@ -206,7 +149,7 @@ TEST_CASE("cuda ep model: one-rank expert parallelism (naive, dedup; dynamic, fi
                 const Batch batch({foe::SequenceChunk{0, 0, 9}, foe::SequenceChunk{1, 0, 14}});
                 const auto want_ragged = local.forward(batch, ids);
                 const auto got_ragged = ep.forward(batch, ids);
-                check_close(local, ep, want_ragged.values(), got_ragged.values(), bf16_tolerance);
+                check_logits_close(local, ep, want_ragged.values(), got_ragged.values(), bf16_tolerance);
                 // An empty batch still runs every layer's exchange (0 tokens) and changes nothing.
                 CHECK(ep.forward(Batch{}, {}).values().empty());
                 CHECK(ep.sequence_length(1) == 14);
@@ -245,8 +188,8 @@ TEST_CASE("cuda ep model: a decode step replayed from a graph with the fixed-cap
             const auto g = graphed.forward(batch, ids);
             const auto e = eager.forward(batch, ids);
             const auto l = local.forward(batch, ids);
-            check_close(eager, graphed, e.values(), g.values(), bf16_tolerance);
-            check_close(local, graphed, l.values(), g.values(), bf16_tolerance);
+            check_logits_close(eager, graphed, e.values(), g.values(), bf16_tolerance);
+            check_logits_close(local, graphed, l.values(), g.values(), bf16_tolerance);
         }
         CHECK(graphed.captured_graphs() == 1);
         CHECK(eager.captured_graphs() == 0);
