@@ -398,3 +398,129 @@ TEST_CASE("scheduler: a request that can never fit is refused when submitted, na
     CHECK_THROWS_WITH_AS(scheduler.submit({10, 0.5, {1}, 1}), doctest::Contains("before the request submitted before it"),
                          foe::InvalidArgument);
 }
+
+namespace {
+
+/// A fake model for scheduler tests: it keeps each slot's tokens as its "KV cache" and the next
+/// token is a hash of the whole sequence, so a wrong token, position or slot in any step changes
+/// every later token. It also checks each step's block tables: every position mapped, no page
+/// in two slots.
+struct HashModel {
+    index_t vocab = 7;
+    index_t pool = 0;
+    std::vector<std::vector<std::int32_t>> cache;
+    index_t steps = 0, max_steps = 20000;
+
+    static std::int32_t next(const std::vector<std::int32_t>& seq, index_t vocab)
+    {
+        std::uint64_t h = 1469598103934665603ULL;
+        for (auto t : seq) h = (h ^ static_cast<std::uint64_t>(t)) * 1099511628211ULL;
+        return static_cast<std::int32_t>(h % static_cast<std::uint64_t>(vocab));
+    }
+    /// What the request generates alone.
+    static std::vector<std::int32_t> alone(std::vector<std::int32_t> seq, index_t n, index_t vocab,
+                                           const std::vector<std::int32_t>& stop = {})
+    {
+        std::vector<std::int32_t> out;
+        while (static_cast<index_t>(out.size()) < n) {
+            out.push_back(next(seq, vocab));
+            seq.push_back(out.back());
+            if (std::find(stop.begin(), stop.end(), out.back()) != stop.end()) break;
+        }
+        return out;
+    }
+
+    foe::Tensor<float> operator()(const foe::serve::StepPlan& step)
+    {
+        REQUIRE(++steps <= max_steps);  // a livelock fails here instead of hanging
+        const foe::BlockTableView& t = *step.batch.block_tables();
+        step.batch.check_pages(pool);
+        std::set<index_t> used;
+        index_t mapped = 0;
+        for (index_t s = 0; s < t.slots; ++s)
+            for (index_t i = 0; i < t.max_pages; ++i)
+                if (t.page(s, i) >= 0) {
+                    used.insert(t.page(s, i));
+                    ++mapped;
+                }
+        REQUIRE(static_cast<index_t>(used.size()) == mapped);
+        cache.resize(static_cast<std::size_t>(t.slots));
+        foe::Tensor<float> logits({step.batch.sequences(), vocab});
+        for (index_t c = 0; c < step.batch.sequences(); ++c) {
+            const auto& ch = step.batch.chunks()[static_cast<std::size_t>(c)];
+            auto& seq = cache[static_cast<std::size_t>(ch.slot)];
+            REQUIRE(ch.start <= static_cast<index_t>(seq.size()));
+            seq.resize(static_cast<std::size_t>(ch.start));  // a recomputation overwrites
+            const auto first = step.tokens.begin() + step.batch.offset(c);
+            seq.insert(seq.end(), first, first + ch.length);
+            logits.values()[static_cast<std::size_t>(c * vocab + next(seq, vocab))] = 1.0f;
+        }
+        return logits;
+    }
+};
+
+struct HashRun {
+    std::vector<foe::serve::RequestRecord> records;
+    index_t steps = 0;
+};
+
+HashRun serve_hash(const std::vector<foe::serve::Request>& requests, index_t slots, index_t pages, index_t page_size,
+                   index_t max_pages, index_t budget, index_t vocab, std::vector<std::int32_t> stop = {})
+{
+    foe::serve::BlockManager manager(pages, page_size, slots, max_pages);
+    foe::serve::SchedulerOptions so;
+    so.token_budget = budget;
+    so.stop_tokens = std::move(stop);
+    foe::serve::Scheduler scheduler(manager, so);
+    for (const auto& r : requests) scheduler.submit(r);
+    HashModel model{vocab, pages, {}, 0, 20000};
+    VirtualClock clock;
+    foe::serve::run(
+        scheduler, [&] { return clock.now; }, [&](double t) { clock.now = t; },
+        [&](const foe::serve::StepPlan& step) {
+            clock.now += clock.step_time;
+            return model(step);
+        });
+    CHECK(manager.free_pages() == pages);
+    return {scheduler.records(), model.steps};
+}
+
+}  // namespace
+
+TEST_CASE("scheduler: random small pools, budgets and traces finish with the tokens of each request alone")
+{
+    // Pools just large enough for the longest request, budgets below the running decodes, page
+    // sizes 1 to 5, requests arriving together: every request finishes (no livelock), its tokens
+    // are those it makes alone (preempted or not), and every page comes back.
+    const foe::CounterRng rng(99, 5);
+    std::uint64_t k = 0;
+    for (int trial = 0; trial < 300; ++trial) {
+        CAPTURE(trial);
+        const index_t page_size = 1 + static_cast<index_t>(rng.bits(k++) % 5);
+        const index_t slots = 1 + static_cast<index_t>(rng.bits(k++) % 5);
+        const index_t budget = 1 + static_cast<index_t>(rng.bits(k++) % 12);
+        const index_t n = 1 + static_cast<index_t>(rng.bits(k++) % 8);
+        std::vector<foe::serve::Request> requests;
+        index_t longest = 0;
+        double t = 0.0;
+        for (index_t i = 0; i < n; ++i) {
+            if (rng.bits(k++) % 2) t += static_cast<double>(rng.bits(k++) % 4);  // often together
+            const auto prompt = 1 + static_cast<index_t>(rng.bits(k++) % 14);
+            const auto length = 1 + static_cast<index_t>(rng.bits(k++) % 10);
+            longest = std::max(longest, prompt + length - 1);
+            requests.push_back({i, t, test::random_tokens(static_cast<std::size_t>(prompt), 7, k++), length});
+        }
+        const index_t need = (longest + page_size - 1) / page_size;
+        const index_t pages = need + static_cast<index_t>(rng.bits(k++) % 3);
+        CAPTURE(page_size);
+        CAPTURE(slots);
+        CAPTURE(budget);
+        CAPTURE(pages);
+        const auto run = serve_hash(requests, slots, pages, page_size, need, budget, 7);
+        for (std::size_t i = 0; i < requests.size(); ++i) {
+            CAPTURE(i);
+            CHECK(run.records[i].tokens == HashModel::alone(requests[i].prompt, requests[i].max_new_tokens, 7));
+            CHECK(run.records[i].token_times.size() == run.records[i].tokens.size());
+        }
+    }
+}

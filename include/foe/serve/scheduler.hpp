@@ -213,18 +213,20 @@ inline StepPlan Scheduler::plan(double now)
     };
     std::vector<Take> takes;
     index_t budget = options_.token_budget;
+    bool preempted = false;  // this step preempted: admit nothing new (it would take the pages back)
     auto grow = [&](std::size_t r, index_t length) {
         State& s = states_[r];
         while (!pages_.can_grow(s.slot, s.cached + length)) {
-            // Preempt the request admitted last, other than this one; if none is left, give up.
+            // Preempt the request admitted last; when that is this one, it gives up its own pages
+            // (return false). Never an older one: if a newer request could take an older one's
+            // pages, two requests short of pages would preempt each other in turn and neither
+            // would finish. The oldest running request is never preempted while another runs, and
+            // alone it always fits (submit checked), so every run makes progress.
             std::size_t victim = r;
-            index_t latest = -1;
             for (std::size_t q : running_)
-                if (q != r && states_[q].order > latest) {
-                    latest = states_[q].order;
-                    victim = q;
-                }
+                if (states_[q].order > states_[victim].order) victim = q;
             if (victim == r) return false;
+            preempted = true;
             takes.erase(std::remove_if(takes.begin(), takes.end(), [&](const Take& t) {
                             if (t.request == victim) budget += t.length;
                             return t.request == victim;
@@ -249,13 +251,14 @@ inline StepPlan Scheduler::plan(double now)
         const State& s = states_[r];
         const index_t length = std::min(budget, static_cast<index_t>(s.sequence.size()) - s.cached);
         if (!grow(r, length)) {
-            preempt(r);  // nothing left to take pages from: it waits for pages itself
+            preempt(r);  // the newest running request: it waits for pages itself
+            preempted = true;
             continue;
         }
         takes.push_back({r, length});
         budget -= length;
     }
-    while (budget > 0 && !waiting_.empty()) {
+    while (!preempted && budget > 0 && !waiting_.empty()) {
         const auto slot = std::find(slot_free_.begin(), slot_free_.end(), true);
         if (slot == slot_free_.end()) break;
         const std::size_t r = waiting_.front();
