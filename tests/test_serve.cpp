@@ -6,13 +6,19 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "foe/attention/kv_cache.hpp"
 #include "foe/attention/kv_layout.hpp"
 #include "foe/serve/block_manager.hpp"
 #include "foe/serve/scheduler.hpp"
+#include "foe/serve/simulate.hpp"
+#include "foe/serve/trace.hpp"
 #include "test_util.hpp"
 
 using foe::index_t;
@@ -523,4 +529,166 @@ TEST_CASE("scheduler: random small pools, budgets and traces finish with the tok
             CHECK(run.records[i].token_times.size() == run.records[i].tokens.size());
         }
     }
+}
+
+TEST_CASE("scheduler: edge cases: a request that fills the pool, one new token, stop tokens, a budget of 1")
+{
+    const index_t vocab = 7;
+    const auto prompt = test::random_tokens(10, vocab, 5);
+    // Prompt 10 + 7 new tokens = 16 positions cached (the last token is never appended): exactly
+    // the pool of 4 pages of 4. Alone, twice in a row (the second waits for the first's pages).
+    {
+        const auto run = serve_hash({{0, 0.0, prompt, 7}, {1, 0.0, prompt, 7}}, 2, 4, 4, 4, 16, vocab);
+        CHECK(run.records[0].tokens == HashModel::alone(prompt, 7, vocab));
+        CHECK(run.records[1].tokens == run.records[0].tokens);
+        CHECK(run.records[1].token_times.front() > run.records[0].token_times.back());  // it waited
+    }
+    // One new token: the prompt's step gives it, and the request ends there (TTFT, no TBT).
+    {
+        const auto run = serve_hash({{0, 0.5, prompt, 1}}, 1, 3, 4, 3, 16, vocab);
+        CHECK(run.records[0].tokens.size() == 1);
+        CHECK(run.records[0].ttft() == 1.0);  // arrives at 0.5 (the run waits for it), one 1 s step
+        CHECK(run.records[0].tbt().empty());
+        CHECK(run.steps == 1);
+    }
+    // Stop tokens end a request early, the stop token kept; the others run on unaffected.
+    {
+        const std::vector<std::int32_t> stop{2, 5};
+        std::vector<foe::serve::Request> requests;
+        for (index_t i = 0; i < 6; ++i)
+            requests.push_back({i, 0.0, test::random_tokens(static_cast<std::size_t>(3 + i), vocab, 60 + i), 12});
+        const auto run = serve_hash(requests, 3, 12, 2, 10, 5, vocab, stop);
+        bool stopped = false;
+        for (std::size_t i = 0; i < requests.size(); ++i) {
+            CAPTURE(i);
+            const auto expected = HashModel::alone(requests[i].prompt, 12, vocab, stop);
+            CHECK(run.records[i].tokens == expected);
+            stopped = stopped || expected.size() < 12;
+        }
+        CHECK(stopped);
+    }
+    // A budget of 1 with three requests decoding: one token a step, each still gets its tokens,
+    // and its TBT gaps are whole steps.
+    {
+        std::vector<foe::serve::Request> requests;
+        for (index_t i = 0; i < 3; ++i) requests.push_back({i, 0.0, {static_cast<std::int32_t>(i + 1)}, 4});
+        const auto run = serve_hash(requests, 3, 6, 4, 2, 1, vocab);
+        CHECK(run.steps == 12);
+        for (std::size_t i = 0; i < requests.size(); ++i) {
+            CHECK(run.records[i].tokens == HashModel::alone(requests[i].prompt, 4, vocab));
+            for (double gap : run.records[i].tbt()) CHECK(gap >= 1.0);
+        }
+    }
+}
+
+TEST_CASE("scheduler: a preempted request keeps the times of the tokens it had; absurd requests are refused")
+{
+    // Pool of 6 pages of 1 position, two slots: A (t = 0) and B (t = 0) with prompts of 2 and 5
+    // new tokens each need 6 positions; B, the newer, is preempted when A needs a page.
+    const index_t vocab = 7;
+    const auto pa = test::random_tokens(2, vocab, 71), pb = test::random_tokens(2, vocab, 72);
+    const auto run = serve_hash({{0, 0.0, pa, 5}, {1, 0.0, pb, 5}}, 2, 6, 1, 6, 8, vocab);
+    const auto& a = run.records[0];
+    const auto& b = run.records[1];
+    CHECK(a.preemptions == 0);
+    CHECK(b.preemptions > 0);
+    CHECK(a.tokens == HashModel::alone(pa, 5, vocab));
+    CHECK(b.tokens == HashModel::alone(pb, 5, vocab));
+    CHECK(b.token_times.size() == 5);
+    CHECK(std::is_sorted(b.token_times.begin(), b.token_times.end()));
+    CHECK(b.ttft() == 1.0);  // its first token came before the preemption and keeps its time
+    CHECK(b.token_times.back() > a.token_times.back());
+
+    foe::serve::BlockManager manager(4, 4, 2, 8);
+    foe::serve::Scheduler scheduler(manager);
+    CHECK_THROWS_WITH_AS(scheduler.submit({3, 0.0, {1}, std::numeric_limits<index_t>::max()}),
+                         doctest::Contains("request 3 can never be served"), foe::CapacityError);
+    CHECK_THROWS_AS(scheduler.submit({4, std::numeric_limits<double>::quiet_NaN(), {1}, 1}), foe::InvalidArgument);
+    CHECK_THROWS_AS(scheduler.submit({5, std::numeric_limits<double>::infinity(), {1}, 1}), foe::InvalidArgument);
+    CHECK_THROWS_AS(scheduler.submit({6, 0.0, {1}, 0}), foe::InvalidArgument);
+    // Sizes whose tables could not be allocated, or whose positions pass 2^31, are refused first.
+    CHECK_THROWS_AS(foe::serve::BlockManager(16, 16, index_t{1} << 30, index_t{1} << 30), foe::InvalidArgument);
+    CHECK_THROWS_AS(foe::serve::BlockManager(16, index_t{1} << 40, 1, 1), foe::InvalidArgument);
+    CHECK_THROWS_AS(foe::serve::BlockManager(16, 1 << 16, 1, 1 << 16), foe::InvalidArgument);
+    CHECK_THROWS_AS(foe::serve::BlockManager(0, 16, 1, 1), foe::InvalidArgument);
+    // simulate() refuses a prompt longer than a sequence holds before building it.
+    foe::serve::BlockManager small(4, 4, 1, 4);
+    CHECK_THROWS_WITH_AS((void)foe::serve::simulate({{0.0, (index_t{1} << 31) - 1, 1}}, small, {},
+                                                    [](const foe::serve::StepPlan&) { return 1.0; }),
+                         doctest::Contains("request 0 can never be served"), foe::CapacityError);
+}
+
+namespace {
+
+/// Writes `text` to a file of the test's temporary directory and returns its path.
+std::filesystem::path trace_file(const std::string& name, const std::string& text)
+{
+    const auto path = std::filesystem::temp_directory_path() / ("foe_test_serve_" + name + ".csv");
+    std::ofstream(path) << text;
+    return path;
+}
+
+}  // namespace
+
+TEST_CASE("read_trace: comments, blank lines and CRLF read; anything else is an error naming the line")
+{
+    const auto good = foe::serve::read_trace(trace_file("good", "# arrival,prompt,output\n\n0,12,3\r\n 0.25 , 7 ,1 # two\n0.25,1,9\n"));
+    REQUIRE(good.size() == 3);
+    CHECK(good[1].arrival == 0.25);
+    CHECK(good[1].prompt_tokens == 7);
+    CHECK(good[1].output_tokens == 1);
+    CHECK(good[2].output_tokens == 9);
+
+    struct Bad {
+        const char* text;
+        const char* says;
+    };
+    for (const Bad& bad : {Bad{"0,1,2\n1,2,3.5\n", ":2: expected"}, Bad{"0,1,2,4\n", ":1: expected"},
+                           Bad{"0,1,2x\n", ":1: expected"}, Bad{"0;1;2\n", ":1: expected"},
+                           Bad{"0,1\n", ":1: expected"}, Bad{"abc\n", ":1: expected"},
+                           Bad{"nan,1,2\n", ":1: the arrival nan"}, Bad{"inf,1,2\n", ":1: the arrival inf"},
+                           Bad{"1e999,1,2\n", ":1: the arrival"}, Bad{"-1,1,2\n", ":1: the arrival -1"},
+                           Bad{"0,0,2\n", ":1: token counts"}, Bad{"0,5,-2\n", ":1: token counts"},
+                           Bad{"0,2147483648,2\n", "2147483648"}, Bad{"0,99999999999999999999999,2\n", ":1: token counts"},
+                           Bad{"1,1,1\n0.5,1,1\n", ":2: arrivals must not go back in time"},
+                           Bad{"# nothing\n\n", "holds no request"}, Bad{"", "holds no request"}}) {
+        CAPTURE(bad.text);
+        CHECK_THROWS_WITH_AS((void)foe::serve::read_trace(trace_file("bad", bad.text)), doctest::Contains(bad.says),
+                             foe::InvalidArgument);
+    }
+    CHECK_THROWS_AS((void)foe::serve::read_trace("/nonexistent/foe_trace.csv"), foe::IoError);
+}
+
+TEST_CASE("LengthDistribution::parse and make_trace: named errors; the same spec draws the same trace in bounds")
+{
+    using foe::serve::LengthDistribution;
+    CHECK(LengthDistribution::parse("fixed:7").low == 7);
+    const auto u = LengthDistribution::parse("uniform:3:3");
+    CHECK((u.kind == LengthDistribution::Kind::uniform && u.low == 3 && u.high == 3));
+    CHECK(LengthDistribution::parse("longbench").kind == LengthDistribution::Kind::longbench);
+    for (const char* bad : {"fixed:0", "fixed:-1", "fixed:", "fixed:1.5", "fixed: 3", "uniform:5", "uniform:5:3",
+                            "uniform::3", "uniform:1:2:3", "fixed:2147483648", "fixed:99999999999", "fixed:999999999999",
+                            "normal:3", "", "LongBench"}) {
+        CAPTURE(bad);
+        const std::string quoted = std::string("\"") + bad + "\"";
+        CHECK_THROWS_WITH_AS((void)LengthDistribution::parse(bad), doctest::Contains(quoted.c_str()), foe::InvalidArgument);
+    }
+    foe::serve::TraceSpec spec;
+    spec.requests = 200;
+    spec.rate = 3.0;
+    spec.prompt = LengthDistribution::parse("longbench");
+    spec.output = LengthDistribution::parse("uniform:2:9");
+    spec.max_prompt = 4000;
+    const auto trace = foe::serve::make_trace(spec);
+    const auto again = foe::serve::make_trace(spec);
+    for (std::size_t i = 0; i < trace.size(); ++i) {
+        CAPTURE(i);
+        CHECK(trace[i].arrival == again[i].arrival);
+        CHECK(trace[i].prompt_tokens == again[i].prompt_tokens);
+        CHECK((trace[i].prompt_tokens >= 64 && trace[i].prompt_tokens <= 4000));
+        CHECK((trace[i].output_tokens >= 2 && trace[i].output_tokens <= 9));
+        if (i > 0) CHECK(trace[i].arrival >= trace[i - 1].arrival);
+    }
+    spec.rate = std::numeric_limits<double>::quiet_NaN();
+    CHECK_THROWS_AS((void)foe::serve::make_trace(spec), foe::InvalidArgument);
 }

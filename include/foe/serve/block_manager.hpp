@@ -24,12 +24,8 @@ public:
     /// `max_pages` pages each.
     BlockManager(index_t pages, index_t page_size, index_t slots, index_t max_pages)
         : pages_(pages), page_size_(page_size), slots_(slots), max_pages_(max_pages),
-          table_(static_cast<std::size_t>(slots * max_pages), -1), held_(static_cast<std::size_t>(slots), 0)
+          table_(table_entries(pages, page_size, slots, max_pages), -1), held_(static_cast<std::size_t>(slots), 0)
     {
-        require<InvalidArgument>(pages > 0 && page_size > 0 && slots > 0 && max_pages > 0, "a block manager needs a "
-                                 "positive pool (", pages, " pages), page size (", page_size, "), slot count (", slots,
-                                 ") and pages per sequence (", max_pages, ")");
-        require<InvalidArgument>(pages < (index_t{1} << 31), "a pool of ", pages, " pages exceeds int32 block tables");
         free_.reserve(static_cast<std::size_t>(pages));
         for (index_t p = pages - 1; p >= 0; --p) free_.push_back(static_cast<std::int32_t>(p));  // page 0 on top
     }
@@ -100,6 +96,22 @@ public:
     [[nodiscard]] BlockTableView view() const noexcept { return {page_size_, slots_, max_pages_, table_.data()}; }
 
 private:
+    /// Checks the sizes before anything is allocated (a huge count is an error, not an attempt to
+    /// allocate it or a signed overflow) and returns the table's slots x max_pages entries.
+    static std::size_t table_entries(index_t pages, index_t page_size, index_t slots, index_t max_pages)
+    {
+        require<InvalidArgument>(pages > 0 && page_size > 0 && slots > 0 && max_pages > 0, "a block manager needs a "
+                                 "positive pool (", pages, " pages), page size (", page_size, "), slot count (", slots,
+                                 ") and pages per sequence (", max_pages, ")");
+        constexpr index_t limit = index_t{1} << 31;
+        require<InvalidArgument>(pages < limit, "a pool of ", pages, " pages exceeds int32 block tables");
+        require<InvalidArgument>(page_size < limit && max_pages <= limit / page_size, "sequences of ", max_pages,
+                                 " pages of ", page_size, " positions reach past 2^31 positions");
+        require<InvalidArgument>(max_pages <= limit / slots, "block tables of ", slots, " slots x ", max_pages,
+                                 " pages exceed 2^31 entries");
+        return static_cast<std::size_t>(slots * max_pages);
+    }
+
     void check_slot(index_t slot) const
     {
         require<InvalidArgument>(slot >= 0 && slot < slots_, "slot ", slot, " is outside [0, ", slots_, ")");

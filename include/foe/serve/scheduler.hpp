@@ -23,6 +23,7 @@
 // token and the preemptions: TTFT = first token - arrival; TBT = the gaps between tokens.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -96,13 +97,19 @@ public:
     }
 
     /// Queues a request. CapacityError when it could never fit the pool (prompt + max_new_tokens
-    /// positions), InvalidArgument for an empty prompt or a non-positive length.
+    /// positions), InvalidArgument for an empty prompt, a non-positive length or an arrival that
+    /// is not finite or goes back in time.
     void submit(Request r)
     {
         require<InvalidArgument>(!r.prompt.empty(), "request ", r.id, " has an empty prompt");
         require<InvalidArgument>(r.max_new_tokens > 0, "request ", r.id, " asks for ", r.max_new_tokens, " new tokens");
+        require<InvalidArgument>(std::isfinite(r.arrival), "request ", r.id, " arrives at ", r.arrival, " s");
         require<InvalidArgument>(records_.empty() || r.arrival >= records_.back().arrival, "request ", r.id,
                                  " arrives at ", r.arrival, " s, before the request submitted before it");
+        // Compared alone first: prompt + max_new_tokens of an absurd count would overflow.
+        require<CapacityError>(r.max_new_tokens <= pages_.max_positions(), "request ", r.id, " can never be served: it "
+                               "asks for ", r.max_new_tokens, " new tokens; a sequence holds at most ",
+                               pages_.max_positions(), " positions here");
         try {
             // The last generated token is never appended to the cache.
             pages_.check_fits_ever(static_cast<index_t>(r.prompt.size()) + r.max_new_tokens - 1);

@@ -31,10 +31,15 @@ template <class StepTime>
                                                   const SchedulerOptions& options, StepTime&& step_time)
 {
     Scheduler scheduler(pages, options);
-    for (std::size_t i = 0; i < trace.size(); ++i)
+    for (std::size_t i = 0; i < trace.size(); ++i) {
+        // Before its prompt is built: an absurd length is refused, not allocated.
+        require<CapacityError>(trace[i].prompt_tokens <= pages.max_positions(), "request ", i, " can never be served: "
+                               "its ", trace[i].prompt_tokens, " prompt tokens exceed the ", pages.max_positions(),
+                               " positions a sequence holds here");
         scheduler.submit({static_cast<index_t>(i), trace[i].arrival,
                           std::vector<std::int32_t>(static_cast<std::size_t>(trace[i].prompt_tokens), 0),
                           trace[i].output_tokens});
+    }
     double now = 0.0;
     run(
         scheduler, [&] { return now; }, [&](double t) { now = t; },

@@ -71,6 +71,9 @@ struct LengthDistribution {
                                      "length distribution \"", text, "\": \"", s, "\" is not a positive integer");
             for (char c : s) v = 10 * v + (c - '0');
             require<InvalidArgument>(v > 0, "length distribution \"", text, "\": lengths must be positive");
+            // The bound read_trace() puts on a file's lengths.
+            require<InvalidArgument>(v < (index_t{1} << 31), "length distribution \"", text, "\": ", v,
+                                     " tokens is not below 2^31");
             return v;
         };
         LengthDistribution d;
@@ -154,14 +157,19 @@ struct TraceSpec {
         TraceEntry e;
         char c1 = 0, c2 = 0;
         long long p = 0, o = 0;
-        const int got = std::sscanf(line.c_str(), " %lf %c %lld %c %lld", &e.arrival, &c1, &p, &c2, &o);
-        require<InvalidArgument>(got == 5 && c1 == ',' && c2 == ',', path.string(), ":", n,
-                                 ": expected arrival_s,prompt_tokens,output_tokens, got \"", line, "\"");
-        require<InvalidArgument>(std::isfinite(e.arrival) && e.arrival >= 0.0 && p > 0 && o > 0 && p < (1LL << 31) &&
-                                     o < (1LL << 31),
-                                 path.string(), ":", n, ": arrival must be >= 0 and lengths positive, got \"", line, "\"");
-        require<InvalidArgument>(out.empty() || e.arrival >= out.back().arrival, path.string(), ":", n,
-                                 ": arrivals must not go back in time (", e.arrival, " after ", out.back().arrival, ")");
+        int used = -1;  // characters read: the rest of the line must be blank ("1,2,3.5" is not 3 tokens)
+        const int got = std::sscanf(line.c_str(), " %lf %c %lld %c %lld %n", &e.arrival, &c1, &p, &c2, &o, &used);
+        require<InvalidArgument>(got == 5 && c1 == ',' && c2 == ',' && used >= 0 &&
+                                     line.find_first_not_of(" \t\r", static_cast<std::size_t>(used)) == std::string::npos,
+                                 path.string(), ":", n, ": expected arrival_s,prompt_tokens,output_tokens, got \"", line, "\"");
+        require<InvalidArgument>(std::isfinite(e.arrival) && e.arrival >= 0.0, path.string(), ":", n, ": the arrival ",
+                                 e.arrival, " is not a finite time >= 0 s, in \"", line, "\"");
+        require<InvalidArgument>(p > 0 && o > 0 && p < (1LL << 31) && o < (1LL << 31), path.string(), ":", n,
+                                 ": token counts must be in [1, 2^31), got ", p, " and ", o, " in \"", line, "\"");
+        // (require's arguments are all evaluated: out.back() only when there is one.)
+        if (!out.empty())
+            require<InvalidArgument>(e.arrival >= out.back().arrival, path.string(), ":", n,
+                                     ": arrivals must not go back in time (", e.arrival, " after ", out.back().arrival, ")");
         e.prompt_tokens = p;
         e.output_tokens = o;
         out.push_back(e);
