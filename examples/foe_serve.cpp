@@ -136,6 +136,25 @@ index_t positive(std::string_view flag, std::string_view v)
     throw UsageError(foe::detail::concat(flag, ": \"", v, "\" is not a positive integer"));
 }
 
+/// A count or size: a positive integer below 2^31 (what block tables and batches address), so
+/// that sums and products of the options cannot overflow.
+index_t count(std::string_view flag, std::string_view v)
+{
+    const index_t n = positive(flag, v);
+    if (n < (index_t{1} << 31)) return n;
+    throw UsageError(foe::detail::concat(flag, ": ", n, " is not below 2^31"));
+}
+
+/// A length distribution; its error is a usage error naming the option.
+serve::LengthDistribution distribution(std::string_view flag, std::string_view v)
+{
+    try {
+        return serve::LengthDistribution::parse(v);
+    } catch (const foe::InvalidArgument& e) {
+        throw UsageError(foe::detail::concat(flag, ": ", e.what()));
+    }
+}
+
 Options parse(int argc, char** argv)
 {
     Options o;
@@ -159,16 +178,16 @@ Options parse(int argc, char** argv)
         else if (flag == "--baseline-config") o.baseline_config = v;
         else if (flag == "--model") o.model = v;
         else if (flag == "--baseline") o.baseline = v;
-        else if (flag == "--requests") o.trace.requests = positive(flag, v), o.requests_given = true;
+        else if (flag == "--requests") o.trace.requests = count(flag, v), o.requests_given = true;
         else if (flag == "--rate") o.trace.rate = positive_real(flag, v);
         else if (flag == "--seed") o.trace.seed = static_cast<std::uint64_t>(positive(flag, v));
-        else if (flag == "--prompt-len") o.trace.prompt = serve::LengthDistribution::parse(v), o.prompt_given = true;
-        else if (flag == "--output-len") o.trace.output = serve::LengthDistribution::parse(v), o.output_given = true;
+        else if (flag == "--prompt-len") o.trace.prompt = distribution(flag, v), o.prompt_given = true;
+        else if (flag == "--output-len") o.trace.output = distribution(flag, v), o.output_given = true;
         else if (flag == "--trace") o.trace_file = v;
-        else if (flag == "--slots") o.slots = positive(flag, v), o.slots_given = true;
-        else if (flag == "--page-size") o.page_size = positive(flag, v);
-        else if (flag == "--pages") o.pages = positive(flag, v);
-        else if (flag == "--token-budget") o.token_budget = positive(flag, v), o.budget_given = true;
+        else if (flag == "--slots") o.slots = count(flag, v), o.slots_given = true;
+        else if (flag == "--page-size") o.page_size = count(flag, v);
+        else if (flag == "--pages") o.pages = count(flag, v);
+        else if (flag == "--token-budget") o.token_budget = count(flag, v), o.budget_given = true;
         else if (flag == "--json") o.json = v;
         else if (flag == "--backend") {
             if (v != "host" && v != "cuda") throw UsageError(foe::detail::concat("--backend: \"", v, "\" is not one of host, cuda"));
@@ -179,8 +198,8 @@ Options parse(int argc, char** argv)
             o.gemm_given = true;
         }
         else if (flag == "--hardware") o.hardware = v;
-        else if (flag == "--ranks") o.ranks = parse_list<index_t>(flag, v, positive);
-        else if (flag == "--ranks-per-node") o.ranks_per_node = positive(flag, v);
+        else if (flag == "--ranks") o.ranks = parse_list<index_t>(flag, v, count);
+        else if (flag == "--ranks-per-node") o.ranks_per_node = count(flag, v);
         else if (flag == "--loads") o.loads = parse_list<double>(flag, v, positive_real);
         else if (flag == "--compute-tflops") {
             const double f = positive_real(flag, v) * 1e12;

@@ -581,7 +581,7 @@ TEST_CASE("scheduler: edge cases: a request that fills the pool, one new token, 
     }
 }
 
-TEST_CASE("scheduler: a preempted request keeps the times of the tokens it had; absurd requests are refused")
+TEST_CASE("scheduler: a preempted request keeps the times of the tokens it had, and absurd requests are refused")
 {
     // Pool of 6 pages of 1 position, two slots: A (t = 0) and B (t = 0) with prompts of 2 and 5
     // new tokens each need 6 positions; B, the newer, is preempted when A needs a page.
@@ -630,7 +630,7 @@ std::filesystem::path trace_file(const std::string& name, const std::string& tex
 
 }  // namespace
 
-TEST_CASE("read_trace: comments, blank lines and CRLF read; anything else is an error naming the line")
+TEST_CASE("read_trace: comments, blank lines and CRLF read, anything else is an error naming the line")
 {
     const auto good = foe::serve::read_trace(trace_file("good", "# arrival,prompt,output\n\n0,12,3\r\n 0.25 , 7 ,1 # two\n0.25,1,9\n"));
     REQUIRE(good.size() == 3);
@@ -659,7 +659,7 @@ TEST_CASE("read_trace: comments, blank lines and CRLF read; anything else is an 
     CHECK_THROWS_AS((void)foe::serve::read_trace("/nonexistent/foe_trace.csv"), foe::IoError);
 }
 
-TEST_CASE("LengthDistribution::parse and make_trace: named errors; the same spec draws the same trace in bounds")
+TEST_CASE("LengthDistribution::parse and make_trace: named errors, and the same spec draws the same trace in bounds")
 {
     using foe::serve::LengthDistribution;
     CHECK(LengthDistribution::parse("fixed:7").low == 7);
