@@ -19,6 +19,7 @@
 
 #include "foe/attention/attention.hpp"
 #include "foe/attention/kv_cache.hpp"
+#include "foe/core/backend.hpp"
 #include "foe/ops/gemm.hpp"
 #include "foe/ops/rmsnorm.hpp"
 #include "foe/ops/rope.hpp"
@@ -28,6 +29,8 @@ namespace foe::attention {
 template <gemm::GemmPolicy Gemm = gemm::Default, KvCachePolicy Cache = ContiguousKvCache>
 class GqaAttention {
 public:
+    using backend = HostBackend;
+
     GqaAttention(const AttentionSpec& spec, const AttentionWeights& w);
 
     /// out = o_proj(attention(RMSNorm(x))) for the batch's tokens; appends their K/V to the cache.

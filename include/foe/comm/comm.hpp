@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <span>
 
+#include "foe/core/backend.hpp"
 #include "foe/core/types.hpp"
 
 namespace foe::comm {
@@ -34,5 +35,10 @@ concept Comm = requires(C& c, const C& cc, std::span<float> buf, std::span<const
     /// A new communicator of the ranks that passed the same color, ordered by key.
     { c.split(color, key) } -> std::same_as<C>;
 };
+
+/// A communicator's backend: host when its collectives take HostStream (they complete on the
+/// host, on host memory), CUDA otherwise (they are enqueued on a stream and read device memory).
+template <Comm C>
+using comm_backend_t = backend_of_t<C>;
 
 }  // namespace foe::comm

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "foe/core/backend.hpp"
 #include "foe/core/error.hpp"
 #include "foe/experts/experts.hpp"
 #include "foe/experts/permute.hpp"
@@ -22,6 +23,8 @@ namespace foe::experts {
 template <gemm::GemmPolicy Gemm = gemm::Default>
 class SwiGluExperts {
 public:
+    using backend = HostBackend;
+
     SwiGluExperts(const ExpertsSpec& spec, std::vector<ExpertWeights> weights);
 
     void compute(MatrixView<const float> u, const routing::RoutingResult& r, MatrixView<float> y);

@@ -23,6 +23,7 @@
 #include "foe/attention/attention.hpp"
 #include "foe/core/config.hpp"
 #include "foe/experts/experts.hpp"
+#include "foe/layer/backend_check.hpp"
 #include "foe/layer/batch.hpp"
 #include "foe/layer/layer_options.hpp"
 #include "foe/layer/layer_weights.hpp"
@@ -37,10 +38,12 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
           class ExpertParallel, sync::ResidualSyncPolicy Sync>
     requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 class FoeLayer {
+    static_assert(detail::foe_policies_share_backend<Attention, Routing, Experts, ExpertParallel, Sync>);
     static_assert(Routing::per_group, "an FoE layer routes top-(k/H) inside every group: use a per-group selection "
                                       "(routing::PerGroupTopK)");
 
 public:
+    using backend = backend_of_t<Attention>;
     using attention_type = Attention;
     using routing_type = Routing;
     using experts_type = Experts;

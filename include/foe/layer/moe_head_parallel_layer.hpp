@@ -34,7 +34,12 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
           class ExpertParallel, comm::Comm C>
     requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 class MoeHeadParallelLayer {
+    static_assert(detail::moe_policies_share_backend<Attention, Routing, Experts, ExpertParallel> &&
+                  detail::policy_on_backend<detail::PolicyKind::communicator, C, backend_of_t<Attention>>::value);
+
 public:
+    using backend = backend_of_t<Attention>;
+
     /// comm joins the P ranks sharing the heads; options' expert range says which experts this
     /// rank holds (and ExpertParallel must agree).
     MoeHeadParallelLayer(const ModelConfig& config, const LayerWeights& weights, const LayerOptions& options, C comm,

@@ -12,6 +12,7 @@
 #include "foe/attention/attention.hpp"
 #include "foe/core/config.hpp"
 #include "foe/experts/experts.hpp"
+#include "foe/layer/backend_check.hpp"
 #include "foe/layer/batch.hpp"
 #include "foe/layer/foe_layer.hpp"
 #include "foe/layer/layer_options.hpp"
@@ -26,7 +27,10 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
           class ExpertParallel>
     requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 class MoeLayer {
+    static_assert(detail::moe_policies_share_backend<Attention, Routing, Experts, ExpertParallel>);
+
 public:
+    using backend = backend_of_t<Attention>;
     using attention_type = Attention;
     using routing_type = Routing;
     using experts_type = Experts;

@@ -34,6 +34,9 @@ namespace foe::parallel {
 template <comm::Comm C>
 class AllToAllEP {
 public:
+    /// The communicator's: a host exchange over MpiComm, a device one over NcclComm.
+    using backend = comm::comm_backend_t<C>;
+
     AllToAllEP() = default;
     AllToAllEP(C comm, index_t first_expert, index_t experts_per_member, Dispatch mode = Dispatch::naive)
         : comm_(std::move(comm)), owners_{first_expert, experts_per_member, comm_.size()}, mode_(mode)

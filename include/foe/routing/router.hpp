@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "foe/core/backend.hpp"
 #include "foe/core/error.hpp"
 #include "foe/ops/gemm.hpp"
 #include "foe/routing/routing.hpp"
@@ -23,6 +24,7 @@ namespace foe::routing {
 template <ScoreFunctionPolicy Score, SelectionPolicy Selection, gemm::GemmPolicy Gemm = gemm::Default>
 class Router {
 public:
+    using backend = HostBackend;
     static constexpr bool per_group = Selection::per_group;
     using score_type = Score;
     using selection_type = Selection;

@@ -14,6 +14,10 @@ namespace foe::sync {
 template <comm::Comm C = comm::SelfComm>
 class AllReduceMean {
 public:
+    /// The communicator's: over NcclComm the all-reduce reads device memory, so a host layer
+    /// cannot take AllReduceMean<NcclComm> (layer/backend_check.hpp refuses it at compile time).
+    using backend = comm::comm_backend_t<C>;
+
     AllReduceMean() = default;
     explicit AllReduceMean(C comm) : comm_(std::move(comm)) {}
 
