@@ -222,6 +222,33 @@ TEST_CASE("paged KV cache: a batch without block tables, or with a missing page,
     CHECK(model->sequence_length(0) == 6);
 }
 
+TEST_CASE("paged KV cache: block tables naming pages outside the pool, slots outside the tables or rows past int32 are refused")
+{
+    const foe::attention::PagedKvCache cache(foe::attention::KvCacheShape{1, 2, 2, 8, 4, 4});
+    std::vector<std::int32_t> table{0, 7, 1, 2};  // slot 0: pages 0 and 7 (the pool has 4), slot 1: 1 and 2
+    auto batch = [&](index_t slot, index_t length, foe::BlockTableView t) {
+        foe::Batch b = foe::Batch::single(0, length, slot);
+        b.with_block_tables(t);
+        return b;
+    };
+    const foe::BlockTableView view{4, 2, 2, table.data()};
+    CHECK_NOTHROW(cache.check_fits(batch(0, 4, view)));
+    CHECK_THROWS_WITH_AS(cache.check_fits(batch(0, 5, view)), doctest::Contains("names page 7 but the pool has 4"),
+                         foe::InvalidArgument);
+    CHECK_NOTHROW(cache.check_fits(batch(1, 8, view)));
+    CHECK_THROWS_WITH_AS(cache.check_fits(batch(1, 9, view)), doctest::Contains("needs positions up to 9"), foe::CapacityError);
+    CHECK_THROWS_WITH_AS(cache.check_fits(batch(2, 1, view)), doctest::Contains("the block tables have 2 slot(s)"),
+                         foe::InvalidArgument);
+    table[2] = -1;
+    CHECK_THROWS_WITH_AS(cache.check_fits(batch(1, 1, view)), doctest::Contains("has no page for positions [0, 4)"),
+                         foe::CapacityError);
+    // A row longer than int32 would be narrowed (and misread) by the layout: refused first.
+    const foe::BlockTableView long_rows{4, 1, (index_t{1} << 31) + 1, table.data()};
+    CHECK_THROWS_WITH_AS(cache.check_fits(batch(0, 4, long_rows)), doctest::Contains("exceed the 2^31 - 1 positions"),
+                         foe::InvalidArgument);
+    CHECK_THROWS_AS(foe::Batch::single(0, 4).check_pages(4), foe::InvalidArgument);
+}
+
 TEST_CASE("block manager: no page twice, everything freed, impossible requests refused, failed grows change nothing")
 {
     foe::serve::BlockManager m(10, 4, 3, 5);

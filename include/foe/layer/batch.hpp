@@ -93,11 +93,17 @@ public:
     }
 
     /// Throws unless the block tables map every position [0, start + length) of every chunk to a
-    /// page of a pool of `pool_pages` pages: InvalidArgument for a slot outside the tables or a
-    /// page outside the pool, CapacityError for a position without a page.
+    /// page of a pool of `pool_pages` pages: InvalidArgument for no tables, rows past 2^31 - 1
+    /// positions, a slot outside the tables or a page outside the pool, CapacityError for a
+    /// position without a page.
     void check_pages(index_t pool_pages) const
     {
+        require<InvalidArgument>(block_tables_.has_value(), "the batch has no block tables to check (Batch::with_block_tables)");
         const BlockTableView& t = *block_tables_;
+        // The layouts narrow the row length to int32 (a longer row would address the wrong
+        // entries), and capacity() must not overflow.
+        require<InvalidArgument>(t.max_pages <= 0x7fffffff / t.page_size, "block table rows of ", t.max_pages,
+                                 " pages of ", t.page_size, " positions exceed the 2^31 - 1 positions a sequence may hold");
         for (std::size_t b = 0; b < chunks_.size(); ++b) {
             const auto& c = chunks_[b];
             for (std::size_t a = 0; a < b; ++a)

@@ -105,8 +105,8 @@ private:
                                  ") and pages per sequence (", max_pages, ")");
         constexpr index_t limit = index_t{1} << 31;
         require<InvalidArgument>(pages < limit, "a pool of ", pages, " pages exceeds int32 block tables");
-        require<InvalidArgument>(page_size < limit && max_pages <= limit / page_size, "sequences of ", max_pages,
-                                 " pages of ", page_size, " positions reach past 2^31 positions");
+        require<InvalidArgument>(page_size < limit && max_pages <= (limit - 1) / page_size, "sequences of ", max_pages,
+                                 " pages of ", page_size, " positions exceed the 2^31 - 1 positions a sequence may hold");
         require<InvalidArgument>(max_pages <= limit / slots, "block tables of ", slots, " slots x ", max_pages,
                                  " pages exceed 2^31 entries");
         return static_cast<std::size_t>(slots * max_pages);
