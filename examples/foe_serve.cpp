@@ -346,7 +346,8 @@ struct HostStepModel {
 /// times (foe/serve/simulate.hpp), and stores the predicted summary in `measured`; the same
 /// with the model fitted to `measured`'s own forwards. The held-out replay runs
 /// the real path (paged cache, scheduler, sampling, caches as cold as serving leaves them), which
-/// forwards timed in isolation do not: their fit predicted 75-95% of a run's step time.
+/// forwards timed in isolation do not (a fit to such forwards, tried first, underpredicted
+/// serving's steps).
 void predict(const foe::ModelConfig& c, const std::vector<serve::TraceEntry>& trace, const Options& o, const Run& held_out,
              Run& measured)
 {
@@ -438,7 +439,8 @@ Run replay(const std::string& name, std::shared_ptr<const foe::ModelWeights> wei
             ++run.steps;
             const auto t0 = clock::now();
             auto logits = model->forward(step.batch, step.tokens, foe::LogitRows::last_per_chunk);
-            run.step_times.emplace_back(step.batch.chunks(), std::chrono::duration<double>(clock::now() - t0).count());
+            if (o.predict)  // --predict fits its step model to these; otherwise nothing is kept per step
+                run.step_times.emplace_back(step.batch.chunks(), std::chrono::duration<double>(clock::now() - t0).count());
             return logits;
         },
         [&](std::size_t done, std::size_t total) {
