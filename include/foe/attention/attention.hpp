@@ -7,8 +7,12 @@
 // contribution Attn_h(RMSNorm(x[h])) in R^d. A standard MoE layer owns one instance with all heads.
 
 #include <concepts>
+#include <cstddef>
+#include <span>
 
+#include "foe/core/backend.hpp"
 #include "foe/core/config.hpp"
+#include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/core/weight.hpp"
 #include "foe/layer/batch.hpp"
@@ -28,6 +32,8 @@ struct AttentionSpec {
     index_t cache_capacity = 0;  ///< positions per sequence
     index_t page_size = 16;      ///< paged KV cache: positions per page
     index_t cache_pages = 0;     ///< paged KV cache: pages in the pool (0: slots x capacity worth)
+    index_t max_tokens = 0;      ///< device policies: the most tokens of one forward (plans memory)
+    index_t max_sequences = 1;   ///< device policies: the most sequences of one forward
 
     /// The spec of group `group` of H for a model config.
     [[nodiscard]] static AttentionSpec for_group(const ModelConfig& c, index_t cache_slots, index_t cache_capacity)
@@ -50,6 +56,8 @@ struct AttentionSpec {
         AttentionSpec s = for_group(c, o.cache_slots, cache_capacity);
         s.page_size = o.page_size;
         s.cache_pages = o.cache_pages;
+        s.max_tokens = o.max_tokens;
+        s.max_sequences = o.max_sequences;
         return s;
     }
 };
@@ -65,15 +73,38 @@ struct AttentionWeights {
     VectorView<const float> k_norm;      ///< [head_dim] per head, [kv_heads * head_dim] full width, empty for none
 };
 
-/// An attention policy is built from a spec and weight views, and adds nothing to the residual
-/// itself: forward writes out[t, :] = o_proj(Attention(RMSNorm(x))[t, :]) for the batch's tokens,
-/// appending their keys and values to the KV cache at the batch's positions.
+/// A host attention policy is built from a spec and weight views, and adds nothing to the
+/// residual itself: forward writes out[t, :] = o_proj(Attention(RMSNorm(x))[t, :]) for the batch's
+/// tokens, appending their keys and values to the KV cache at the batch's positions. The layer
+/// holds one per held group.
 template <class A>
-concept AttentionPolicy =
+concept HostAttentionPolicy =
+    std::same_as<backend_of_t<A>, HostBackend> &&
     std::constructible_from<A, const AttentionSpec&, const AttentionWeights&> &&
     requires(A& a, const A& ca, const Batch& batch, MatrixView<const float> x, MatrixView<float> out) {
         { a.forward(batch, x, out) } -> std::same_as<void>;
         { ca.spec() } -> std::convertible_to<const AttentionSpec&>;
     };
+
+/// A device attention policy (attention/gqa_attention.cuh) runs every held group of a layer in one
+/// instance, so each step is one launch over groups x heads. Built from one group's spec and the
+/// held groups' weights; forward takes bf16 device streams x [1 or G, T, d] and ACCUMULATES
+/// out[g] += o_g(Attn_g(RMSNorm(x[g]))) (the output GEMM adds into the residual the layer put
+/// there: one pass less), enqueued on the context's stream; scratch_bytes() is the transient memory
+/// one forward takes from the context at spec().max_tokens.
+template <class A>
+concept DeviceAttentionPolicy =
+    std::same_as<backend_of_t<A>, CudaBackend> && A::covers_groups &&
+    std::constructible_from<A, const AttentionSpec&, std::span<const AttentionWeights>> &&
+    requires(A& a, const A& ca, const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> x,
+             TensorView<bfloat16, 3> out, const cuda::DeviceContext& ctx) {
+        { a.forward(batch, x, out, ctx) } -> std::same_as<void>;
+        { ca.spec() } -> std::convertible_to<const AttentionSpec&>;
+        { ca.scratch_bytes() } -> std::convertible_to<std::size_t>;
+    };
+
+/// The attention policy kind: the same layer body runs either backend's.
+template <class A>
+concept AttentionPolicy = HostAttentionPolicy<A> || DeviceAttentionPolicy<A>;
 
 }  // namespace foe::attention

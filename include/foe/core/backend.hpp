@@ -4,7 +4,9 @@
 //
 //   HostBackend  fp32 in host memory; work completes before a call returns (OpenMP inside).
 //   CudaBackend  device memory (bf16 storage, fp32 accumulation); work is enqueued on a CUDA
-//                stream and completes in stream order.
+//                stream and completes in stream order. Device policies take the batch as
+//                cuda::DeviceBatch and a cuda::DeviceContext (stream + scratch) as their last
+//                argument; the kind concepts (attention/attention.hpp, ...) spell out both forms.
 //
 // A policy says its backend with a member `using backend = ...;`. A policy that says nothing is
 // a host policy (every policy a user wrote before backends existed is one). A policy built over a
@@ -29,6 +31,10 @@ concept Backend = std::same_as<B, HostBackend> || std::same_as<B, CudaBackend>;
 namespace comm {
 struct HostStream;  // comm/comm.hpp: the stream type of host communicators
 }
+namespace cuda {
+struct DeviceBatch;    // cuda/batch.cuh: a batch as the device kernels read it
+struct DeviceContext;  // cuda/context.cuh: the stream and scratch of one device call
+}  // namespace cuda
 
 namespace detail {
 template <class P>

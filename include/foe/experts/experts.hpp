@@ -5,6 +5,8 @@
 #include <concepts>
 #include <vector>
 
+#include "foe/core/backend.hpp"
+#include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/core/weight.hpp"
 #include "foe/routing/routing.hpp"
@@ -24,21 +26,43 @@ struct ExpertsSpec {
     index_t intermediate_size = 0;
     index_t expert_begin = 0;
     index_t expert_end = 0;
+    index_t max_rows = 0;  ///< device policies: the most (token, slot) rows one compute() takes
 };
 
-/// An experts policy is built from a spec and the weights of its experts (in id order), and
+/// A host experts policy is built from a spec and the weights of its experts (in id order), and
 ///  - compute(u, routing, y): for every (token i, slot s) whose expert it holds,
 ///    y[i * slots + s, :] = FFN_expert(u[i, :]); other rows of y are left alone;
 ///  - combine(routing, y, residual, first_slot, slot_count, out): for every token,
 ///    out[i] = residual[i] + sum over the slot range of weight * y[i * slots + s], in slot order
 ///    (a fixed order: deterministic, no atomics).
 template <class X>
-concept ExpertsPolicy =
+concept HostExpertsPolicy =
+    std::same_as<backend_of_t<X>, HostBackend> &&
     std::constructible_from<X, const ExpertsSpec&, std::vector<ExpertWeights>> &&
     requires(X& x, MatrixView<const float> u, MatrixView<float> y, const routing::RoutingResult& r, index_t n) {
         { x.compute(u, r, y) } -> std::same_as<void>;
         { X::combine(r, MatrixView<const float>(y), u, n, n, y) } -> std::same_as<void>;
         { x.spec() } -> std::convertible_to<const ExpertsSpec&>;
     };
+
+/// A device experts policy (experts/swiglu_experts.cuh) is built the same way (spec.max_rows plans
+/// its memory); compute leaves the held experts' outputs in y [T * slots, d] in an order of its
+/// own (grouped by expert), and combine, which knows that order, writes every held stream in one
+/// launch: out[h][i] = residual[i] + sum over group h's slots of weight * FFN(u[i]), in slot order.
+template <class X>
+concept DeviceExpertsPolicy =
+    std::same_as<backend_of_t<X>, CudaBackend> &&
+    std::constructible_from<X, const ExpertsSpec&, std::vector<ExpertWeights>> &&
+    requires(X& x, const X& cx, MatrixView<const bfloat16> u, MatrixView<bfloat16> y,
+             const routing::DeviceRoutingResult& r, TensorView<bfloat16, 3> out, const cuda::DeviceContext& ctx) {
+        { x.compute(u, r, y, ctx) } -> std::same_as<void>;
+        { cx.combine(r, MatrixView<const bfloat16>(y), u, out, ctx) } -> std::same_as<void>;
+        { cx.spec() } -> std::convertible_to<const ExpertsSpec&>;
+        { cx.scratch_bytes() } -> std::convertible_to<std::size_t>;
+    };
+
+/// The experts policy kind, on either backend.
+template <class X>
+concept ExpertsPolicy = HostExpertsPolicy<X> || DeviceExpertsPolicy<X>;
 
 }  // namespace foe::experts

@@ -10,12 +10,20 @@
 // The input holds 1 stream (the embedding, broadcast to every group: first layer) or one per
 // held group; the output holds one stream per held group. With H = 1 this is exactly MoeLayer.
 //
+// The equations above are written once (layer/layer_body.hpp) for both backends: with host
+// policies the layer runs in fp32 on the host; with device policies (attention/gqa_attention.cuh,
+// routing/router.cuh, experts/swiglu_experts.cuh, parallel/local_experts.cuh, sync/*.cuh) it runs
+// in bf16 on a CUDA stream, every step one launch over all held groups. The policies of one layer
+// share a backend: mixing them is a compile error naming the policy that does not fit.
+//
 //   using Layer = foe::FoeLayer<foe::attention::GqaAttention<>,
 //                               foe::routing::Router<foe::routing::Sigmoid, foe::routing::PerGroupTopK>,
 //                               foe::experts::SwiGluExperts<>, foe::parallel::LocalExperts,
 //                               foe::sync::AllReduceMean<>>;
 
 #include <algorithm>
+#include <concepts>
+#include <type_traits>
 #include <numeric>
 #include <string_view>
 #include <vector>
@@ -25,6 +33,7 @@
 #include "foe/experts/experts.hpp"
 #include "foe/layer/backend_check.hpp"
 #include "foe/layer/batch.hpp"
+#include "foe/layer/layer_body.hpp"
 #include "foe/layer/layer_options.hpp"
 #include "foe/layer/layer_weights.hpp"
 #include "foe/ops/rmsnorm.hpp"
@@ -33,54 +42,6 @@
 #include "foe/sync/residual_sync.hpp"
 
 namespace foe {
-
-template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
-          class ExpertParallel, sync::ResidualSyncPolicy Sync>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
-class FoeLayer {
-    static_assert(detail::foe_policies_share_backend<Attention, Routing, Experts, ExpertParallel, Sync>);
-    static_assert(Routing::per_group, "an FoE layer routes top-(k/H) inside every group: use a per-group selection "
-                                      "(routing::PerGroupTopK)");
-
-public:
-    using backend = backend_of_t<Attention>;
-    using attention_type = Attention;
-    using routing_type = Routing;
-    using experts_type = Experts;
-    using expert_parallel_type = ExpertParallel;
-    using sync_type = Sync;
-
-    /// Builds the held groups' attention, the router and the held experts from views of the
-    /// layer's weights (which must outlive the layer). Throws ConfigError for an invalid config.
-    FoeLayer(const ModelConfig& config, const LayerWeights& weights, const LayerOptions& options = {}, Sync sync = {},
-             ExpertParallel ep = {});
-
-    /// in: [1 or streams(), T, d]; out: [streams(), T, d], T = batch.tokens(). in and out must
-    /// not overlap. Appends the batch's keys and values to the held groups' KV caches.
-    void forward(const Batch& batch, TensorView<const float, 3> in, TensorView<float, 3> out);
-
-    /// Residual streams this layer produces: the number of held groups.
-    [[nodiscard]] index_t streams() const noexcept { return group_end_ - group_begin_; }
-    [[nodiscard]] const ModelConfig& config() const noexcept { return config_; }
-    [[nodiscard]] const Attention& attention(index_t held_group) const { return attention_.at(static_cast<std::size_t>(held_group)); }
-    [[nodiscard]] const routing::RoutingResult& last_routing() const noexcept { return routing_result_; }
-    [[nodiscard]] Sync& sync_policy() noexcept { return sync_; }
-
-private:
-    ModelConfig config_;
-    index_t group_begin_, group_end_;
-    std::vector<index_t> order_;
-    VectorView<const float> post_norm_;
-    std::vector<Attention> attention_;
-    Routing router_;
-    Experts experts_;
-    Sync sync_;
-    ExpertParallel ep_;
-    routing::RoutingResult routing_result_;
-    std::vector<float> residual_, synced_, normed_, expert_out_;
-};
-
-// ---------------------------------------------------------------------------------------------
 
 namespace detail {
 
@@ -127,7 +88,8 @@ inline experts::ExpertsSpec held_experts(const ModelConfig& c, const LayerOption
                                          index_t group_end)
 {
     experts::ExpertsSpec s{c.hidden_size, c.intermediate_size, group_begin * c.experts_per_group(),
-                           group_end * c.experts_per_group()};
+                           group_end * c.experts_per_group(),
+                           o.max_tokens * (group_end - group_begin) * c.top_k_per_group()};
     if (o.expert_begin >= 0 || o.expert_end >= 0) {
         require<ConfigError>(s.expert_begin <= o.expert_begin && o.expert_begin <= o.expert_end &&
                                  o.expert_end <= s.expert_end,
@@ -144,81 +106,202 @@ inline index_t cache_capacity(const ModelConfig& c, const LayerOptions& o)
     return o.cache_capacity > 0 ? o.cache_capacity : c.max_position_embeddings;
 }
 
-}  // namespace detail
 
-template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
-          class ExpertParallel, sync::ResidualSyncPolicy Sync>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
-FoeLayer<Attention, Routing, Experts, ExpertParallel, Sync>::FoeLayer(const ModelConfig& config,
-                                                                       const LayerWeights& weights,
-                                                                       const LayerOptions& options, Sync sync,
-                                                                       ExpertParallel ep)
-    : config_(config),
-      group_begin_(detail::validated_group_begin(config, options)),
-      group_end_(detail::resolved_group_end(config, options)),
-      order_(detail::compute_order(options, group_end_ - group_begin_)),
-      post_norm_(weights.post_norm),
-      router_(routing::RoutingSpec{config.num_experts, config.num_experts_per_tok, config.groups(), group_begin_,
-                                   group_end_, config.norm_topk_prob},
-              weights.gate, weights.gate_bias),
-      experts_(detail::held_experts(config, options, group_begin_, group_end_),
-               expert_range(weights, detail::held_experts(config, options, group_begin_, group_end_))),
-      sync_(std::move(sync)),
-      ep_(std::move(ep))
+inline LayerOptions validated_options(const LayerOptions& o, index_t held, bool device)
 {
-    require<InvalidArgument>(post_norm_.extent(0) == config.hidden_size, "post_attention_layernorm has ",
-                             post_norm_.extent(0), " elements, expected hidden_size ", config.hidden_size);
-    const auto spec = attention::AttentionSpec::for_group(config, options, detail::cache_capacity(config, options));
-    attention_.reserve(static_cast<std::size_t>(streams()));
-    for (index_t h = group_begin_; h < group_end_; ++h)
-        attention_.emplace_back(spec, group_attention_weights(config, weights, h));
+    LayerOptions v = o;
+    v.compute_order = compute_order(o, held);
+    if (device)
+        require<InvalidArgument>(o.max_tokens > 0 && o.max_sequences > 0 && o.max_sequences <= o.max_tokens,
+                                 "a CUDA layer plans its memory from LayerOptions::max_tokens (", o.max_tokens,
+                                 ") and max_sequences (", o.max_sequences,
+                                 "): both must be positive and max_sequences <= max_tokens");
+    return v;
 }
 
-template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
-          class ExpertParallel, sync::ResidualSyncPolicy Sync>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
-void FoeLayer<Attention, Routing, Experts, ExpertParallel, Sync>::forward(const Batch& batch,
-                                                                          TensorView<const float, 3> in,
-                                                                          TensorView<float, 3> out)
+inline VectorView<const float> checked_post_norm(const ModelConfig& c, const LayerWeights& w)
 {
-    const index_t t = batch.tokens(), d = config_.hidden_size, held = streams();
-    require(in.extent(0) == 1 || in.extent(0) == held, "FoE layer input has ", in.extent(0),
-            " streams; it takes 1 (broadcast to every group) or one per held group (", held, ")");
-    require(in.extent(1) == t && in.extent(2) == d, "FoE layer input streams are [", in.extent(1), ", ", in.extent(2),
-            "], expected [", t, ", ", d, "]");
-    require(out.shape() == std::array<index_t, 3>{held, t, d}, "FoE layer output is ", format_shape(out.shape()),
-            ", expected [", held, ", ", t, ", ", d, "]");
+    require<InvalidArgument>(w.post_norm.extent(0) == c.hidden_size, "post_attention_layernorm has ",
+                             w.post_norm.extent(0), " elements, expected hidden_size ", c.hidden_size);
+    return w.post_norm;
+}
 
-    // r[h] = x[h] + Attn_h(RMSNorm(x[h])), in the requested order.
-    residual_.resize(static_cast<std::size_t>(held * t * d));
-    const TensorView<float, 3> residual(residual_.data(), {held, t, d});
-    for (index_t g : order_) {
-        const auto x = in[in.extent(0) == 1 ? 0 : g];
-        const auto r = residual[g];
-        attention_[static_cast<std::size_t>(g)].forward(batch, x, r);
-        FOE_OMP_PARALLEL_FOR
-        for (index_t i = 0; i < t; ++i)
-            for (index_t j = 0; j < d; ++j) r(i, j) += x(i, j);
+inline routing::RoutingSpec routing_spec(const ModelConfig& c, const LayerOptions& o, index_t group_begin,
+                                         index_t group_end)
+{
+    return routing::RoutingSpec{c.num_experts,  c.num_experts_per_tok, c.groups(), group_begin,
+                                group_end,      c.norm_topk_prob,      o.max_tokens};
+}
+
+/// One attention instance per held group, or one covering them all (a group-batched policy).
+template <class Attention>
+attention_set_t<Attention> make_attention(const ModelConfig& c, const LayerWeights& w, const LayerOptions& o,
+                                          index_t group_begin, index_t group_end)
+{
+    const auto spec = attention::AttentionSpec::for_group(c, o, cache_capacity(c, o));
+    if constexpr (covers_groups<Attention>) {
+        std::vector<attention::AttentionWeights> groups;
+        for (index_t h = group_begin; h < group_end; ++h) groups.push_back(group_attention_weights(c, w, h));
+        return Attention(spec, std::span<const attention::AttentionWeights>(groups));
+    } else {
+        std::vector<Attention> groups;
+        groups.reserve(static_cast<std::size_t>(group_end - group_begin));
+        for (index_t h = group_begin; h < group_end; ++h) groups.emplace_back(spec, group_attention_weights(c, w, h));
+        return groups;
+    }
+}
+
+inline void check_streams(std::string_view layer, const std::array<index_t, 3>& in, const std::array<index_t, 3>& out,
+                          index_t tokens, index_t d, index_t held)
+{
+    require(in[0] == 1 || in[0] == held, layer, " input has ", in[0],
+            " streams; it takes 1 (broadcast to every group) or one per held group (", held, ")");
+    require(in[1] == tokens && in[2] == d, layer, " input streams are [", in[1], ", ", in[2], "], expected [", tokens,
+            ", ", d, "]");
+    require(out == std::array<index_t, 3>{held, tokens, d}, layer, " output is ", format_shape(out), ", expected [",
+            held, ", ", tokens, ", ", d, "]");
+}
+
+/// The residual sync of a layer with one stream and no peers (MoeLayer): rf is r itself.
+template <class Backend>
+struct OneStream {
+    using backend = Backend;
+    static constexpr bool identity = true;
+};
+
+/// What a layer keeps for its backend's execution: the host's buffers and compute order (the
+/// exec itself); the CUDA backend's is in cuda/layer_exec.cuh.
+template <class Backend>
+struct layer_exec_state;
+template <>
+struct layer_exec_state<HostBackend> : layer_exec<HostBackend> {};
+
+/// A layer composed from policies; FoeLayer and MoeLayer are its two faces. Everything here runs
+/// layer_forward (layer_body.hpp), once for both backends.
+template <class Attention, class Routing, class Experts, class ExpertParallel, class Sync>
+class ComposedLayer {
+public:
+    using backend = backend_of_t<Attention>;
+    using attention_type = Attention;
+    using routing_type = Routing;
+    using experts_type = Experts;
+    using expert_parallel_type = ExpertParallel;
+    using sync_type = Sync;
+    using routing_result_type =
+        std::conditional_t<std::same_as<backend, HostBackend>, routing::RoutingResult, routing::DeviceRoutingResult>;
+
+    /// Builds the held groups' attention, the router and the held experts from views of the
+    /// layer's weights (host memory: a host layer reads them in place, so they must outlive it; a
+    /// CUDA layer uploads them, planned for options.max_tokens). Throws ConfigError for an invalid
+    /// config, InvalidArgument for bad options or weights.
+    ComposedLayer(std::string_view name, const ModelConfig& config, const LayerWeights& weights,
+                  const LayerOptions& options, Sync sync, ExpertParallel ep)
+        : name_(name),
+          config_(config),
+          group_begin_(validated_group_begin(config, options)),
+          group_end_(resolved_group_end(config, options)),
+          options_(validated_options(options, group_end_ - group_begin_, std::same_as<backend, CudaBackend>)),
+          post_norm_(checked_post_norm(config, weights)),
+          attention_(make_attention<Attention>(config, weights, options_, group_begin_, group_end_)),
+          router_(routing_spec(config, options_, group_begin_, group_end_), weights.gate, weights.gate_bias),
+          experts_(held_experts(config, options_, group_begin_, group_end_),
+                   expert_range(weights, held_experts(config, options_, group_begin_, group_end_))),
+          sync_(std::move(sync)),
+          ep_(std::move(ep))
+    {
+        if constexpr (std::same_as<backend, HostBackend>)
+            exec_.order = options_.compute_order;
+        else
+            exec_.upload_post_norm(post_norm_);
     }
 
-    // rf = (1/H) sum_h r[h]; u = RMSNorm(rf).
-    synced_.resize(static_cast<std::size_t>(t * d));
-    normed_.resize(synced_.size());
-    const MatrixView<float> rf(synced_.data(), {t, d}), u(normed_.data(), {t, d});
-    std::vector<MatrixView<const float>> streams_in;
-    streams_in.reserve(static_cast<std::size_t>(held));
-    for (index_t g = 0; g < held; ++g) streams_in.push_back(residual[g]);
-    sync_.sync(streams_in, config_.groups(), rf);
-    ops::rms_norm(rf, post_norm_, static_cast<float>(config_.rms_norm_eps), u);
+    /// Host: in [1 or streams(), T, d]; out [streams(), T, d], T = batch.tokens(). in and out must
+    /// not overlap. Appends the batch's keys and values to the held groups' KV caches.
+    void forward(const Batch& batch, TensorView<const float, 3> in, TensorView<float, 3> out)
+        requires std::same_as<backend, HostBackend>
+    {
+        check_streams(name_, in.shape(), out.shape(), batch.tokens(), config_.hidden_size, streams());
+        layer_forward(exec_, batch, in, out, attention_, router_, experts_, ep_, sync_, config_.groups(),
+                      post_norm_, static_cast<float>(config_.rms_norm_eps), routing_result_);
+    }
 
-    // Route, run the experts wherever they live, combine each group's experts into its stream.
-    router_.route(u, routing_result_);
-    const index_t slots = routing_result_.slots_per_token, per_group = routing_result_.slots_per_group;
-    expert_out_.resize(static_cast<std::size_t>(t * slots * d));
-    const MatrixView<float> y(expert_out_.data(), {t * slots, d});
-    ep_.run(experts_, u, routing_result_, y);
-    for (index_t g = 0; g < held; ++g)
-        parallel::combine<Experts>(ep_, routing_result_, y, rf, g * per_group, per_group, out[g]);
-}
+    /// CUDA: the same on bf16 device streams, enqueued on ctx.stream (cuda/layer_exec.cuh);
+    /// ctx.scratch must hold scratch_bytes() (a model shares one scratch among its layers, which
+    /// run one after another). Nothing is allocated: a decode step is capturable in a CUDA graph.
+    void forward(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
+                 const cuda::DeviceContext& ctx)
+        requires std::same_as<backend, CudaBackend>;
+
+    /// CUDA: the device scratch one forward takes at options.max_tokens (cuda/layer_exec.cuh).
+    [[nodiscard]] std::size_t scratch_bytes() const
+        requires std::same_as<backend, CudaBackend>;
+
+    /// Residual streams this layer produces: the number of held groups.
+    [[nodiscard]] index_t streams() const noexcept { return group_end_ - group_begin_; }
+    [[nodiscard]] index_t group_begin() const noexcept { return group_begin_; }
+    [[nodiscard]] const ModelConfig& config() const noexcept { return config_; }
+    [[nodiscard]] const LayerOptions& options() const noexcept { return options_; }
+    /// Host: held group g's attention instance.
+    [[nodiscard]] const Attention& attention(index_t held_group) const
+        requires(!covers_groups<Attention>)
+    {
+        return attention_.at(static_cast<std::size_t>(held_group));
+    }
+    /// A group-batched (device) attention policy: the one instance covering every held group.
+    [[nodiscard]] const Attention& attention() const noexcept
+        requires covers_groups<Attention>
+    {
+        return attention_;
+    }
+    [[nodiscard]] const Routing& router() const noexcept { return router_; }
+    [[nodiscard]] const Experts& experts() const noexcept { return experts_; }
+    /// The last forward's routing (on the device for a CUDA layer, valid until the next forward).
+    [[nodiscard]] const routing_result_type& last_routing() const noexcept { return routing_result_; }
+    [[nodiscard]] Sync& sync_policy() noexcept { return sync_; }
+    [[nodiscard]] ExpertParallel& expert_parallel_policy() noexcept { return ep_; }
+
+private:
+    std::string_view name_;
+    ModelConfig config_;
+    index_t group_begin_, group_end_;
+    LayerOptions options_;
+    VectorView<const float> post_norm_;
+    attention_set_t<Attention> attention_;
+    Routing router_;
+    Experts experts_;
+    Sync sync_;
+    ExpertParallel ep_;
+    routing_result_type routing_result_;
+    /// Host: the buffers and compute order; CUDA: the uploaded post-attention norm.
+    layer_exec_state<backend> exec_;
+};
+
+}  // namespace detail
+
+// Sync is checked in the body, after the backend check: a sync built for the other backend fails
+// that check first, with the policy named, rather than as an unsatisfied concept.
+template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
+          class ExpertParallel, class Sync>
+    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
+class FoeLayer : public detail::ComposedLayer<Attention, Routing, Experts, ExpertParallel, Sync> {
+    static_assert(detail::foe_policies_share_backend<Attention, Routing, Experts, ExpertParallel, Sync>);
+    static_assert(sync::ResidualSyncPolicy<Sync>, "the residual sync is not a residual-sync policy of the layer's "
+                                                  "backend (sync/residual_sync.hpp)");
+    static_assert(Routing::per_group, "an FoE layer routes top-(k/H) inside every group: use a per-group selection "
+                                      "(routing::PerGroupTopK)");
+    using Base = detail::ComposedLayer<Attention, Routing, Experts, ExpertParallel, Sync>;
+
+public:
+    /// See ComposedLayer: the held groups are options.group_begin .. group_end.
+    FoeLayer(const ModelConfig& config, const LayerWeights& weights, const LayerOptions& options = {}, Sync sync = {},
+             ExpertParallel ep = {})
+        : Base("FoE layer", config, weights, options, std::move(sync), std::move(ep))
+    {
+    }
+};
 
 }  // namespace foe
+
+#if defined(__CUDACC__)
+#include "foe/cuda/layer_exec.cuh"  // the CUDA backend's execution of the same body
+#endif

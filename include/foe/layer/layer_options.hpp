@@ -24,6 +24,11 @@ struct LayerOptions {
     /// The order in which the held groups' attention runs (a permutation of [0, held)); empty
     /// means ascending. Results never depend on it: a test runs groups in reverse to prove it.
     std::vector<index_t> compute_order;
+    /// CUDA backend only (the host grows its buffers as batches come): the most tokens one
+    /// forward takes and the most sequences in it. Device policies plan their memory from these
+    /// once, so nothing is allocated in a forward (what lets a decode step replay as a CUDA graph).
+    index_t max_tokens = 0;
+    index_t max_sequences = 1;
 };
 
 }  // namespace foe

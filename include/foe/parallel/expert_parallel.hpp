@@ -11,6 +11,8 @@
 
 #include <concepts>
 
+#include "foe/core/backend.hpp"
+#include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/experts/experts.hpp"
 #include "foe/routing/routing.hpp"
@@ -18,15 +20,30 @@
 namespace foe::parallel {
 
 template <class P, class Experts>
-concept ExpertParallelPolicy =
-    experts::ExpertsPolicy<Experts> &&
+concept HostExpertParallelPolicy =
+    experts::HostExpertsPolicy<Experts> &&
     requires(P& p, Experts& x, MatrixView<const float> u, const routing::RoutingResult& r, MatrixView<float> y) {
         { p.run(x, u, r, y) } -> std::same_as<void>;
     };
 
+/// On the device (parallel/local_experts.cuh, parallel/exchange_experts.cuh) run() and combine()
+/// take the context, and combine() writes every held stream at once: the policy decides where the
+/// rows went, so it is the one that knows how to bring them back.
+template <class P, class Experts>
+concept DeviceExpertParallelPolicy =
+    experts::DeviceExpertsPolicy<Experts> && std::same_as<backend_of_t<P>, CudaBackend> &&
+    requires(P& p, Experts& x, MatrixView<const bfloat16> u, const routing::DeviceRoutingResult& r,
+             MatrixView<bfloat16> y, TensorView<bfloat16, 3> out, const cuda::DeviceContext& ctx) {
+        { p.run(x, u, r, y, ctx) } -> std::same_as<void>;
+        { p.combine(x, r, MatrixView<const bfloat16>(y), u, out, ctx) } -> std::same_as<void>;
+    };
+
+template <class P, class Experts>
+concept ExpertParallelPolicy = HostExpertParallelPolicy<P, Experts> || DeviceExpertParallelPolicy<P, Experts>;
+
 /// out[i] = residual[i] + the weighted expert outputs of token i over the slot range, as the
 /// expert-parallel policy returned them in y.
-template <experts::ExpertsPolicy Experts, class P>
+template <experts::HostExpertsPolicy Experts, class P>
 void combine(const P& ep, const routing::RoutingResult& r, MatrixView<const float> y, MatrixView<const float> residual,
              index_t first_slot, index_t slot_count, MatrixView<float> out)
 {

@@ -9,10 +9,13 @@
 // the group (ties toward the lower expert index).
 
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <vector>
 
+#include "foe/core/backend.hpp"
+#include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 
 namespace foe::routing {
@@ -36,6 +39,17 @@ struct RoutingResult {
     }
 };
 
+/// The routing of a device policy: the slots of RoutingResult, in device memory that the router
+/// owns (valid until its next route()): experts int32 and weights fp32, [tokens, slots_per_token].
+struct DeviceRoutingResult {
+    index_t tokens = 0;
+    index_t slots_per_token = 0;
+    index_t slots_per_group = 0;
+    index_t group_begin = 0;
+    const std::int32_t* experts = nullptr;
+    const float* weights = nullptr;
+};
+
 /// What the router needs to know about the layer and the rank.
 struct RoutingSpec {
     index_t num_experts = 0;    ///< E, all experts (the score vector spans all of them)
@@ -44,6 +58,7 @@ struct RoutingSpec {
     index_t group_begin = 0;    ///< the groups this rank routes for: [group_begin, group_end)
     index_t group_end = 1;
     bool renormalize = false;   ///< scale each group's selected weights to sum to 1 (norm_topk_prob)
+    index_t max_tokens = 0;     ///< device policies: the most tokens one route() takes (plans memory)
 };
 
 /// A score function turns logits into scores (the weights) and selection keys (what top-k ranks).
@@ -60,14 +75,32 @@ concept SelectionPolicy = requires {
     { S::per_group } -> std::convertible_to<bool>;
 };
 
-/// A routing policy is built from a spec, the gate weight [E, d] and a bias [E] (empty when the
-/// score function takes none), and routes a batch of normalised hidden states u [T, d].
+/// A host routing policy is built from a spec, the gate weight [E, d] and a bias [E] (empty when
+/// the score function takes none), and routes a batch of normalised hidden states u [T, d].
 template <class R>
-concept RoutingPolicy =
+concept HostRoutingPolicy =
+    std::same_as<backend_of_t<R>, HostBackend> &&
     std::constructible_from<R, const RoutingSpec&, MatrixView<const float>, VectorView<const float>> &&
     requires(R& r, MatrixView<const float> u, RoutingResult& out) {
         { r.route(u, out) } -> std::same_as<void>;
         { R::per_group } -> std::convertible_to<bool>;
     };
+
+/// A device routing policy (routing/router.cuh) is built the same way (host weight views, uploaded;
+/// spec.max_tokens plans its memory) and routes bf16 device u [T, d] on the context's stream into
+/// arrays it owns.
+template <class R>
+concept DeviceRoutingPolicy =
+    std::same_as<backend_of_t<R>, CudaBackend> &&
+    std::constructible_from<R, const RoutingSpec&, MatrixView<const float>, VectorView<const float>> &&
+    requires(R& r, const R& cr, MatrixView<const bfloat16> u, DeviceRoutingResult& out, const cuda::DeviceContext& ctx) {
+        { r.route(u, out, ctx) } -> std::same_as<void>;
+        { R::per_group } -> std::convertible_to<bool>;
+        { cr.scratch_bytes() } -> std::convertible_to<std::size_t>;
+    };
+
+/// The routing policy kind, on either backend.
+template <class R>
+concept RoutingPolicy = HostRoutingPolicy<R> || DeviceRoutingPolicy<R>;
 
 }  // namespace foe::routing

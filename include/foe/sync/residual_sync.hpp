@@ -6,15 +6,32 @@
 #include <concepts>
 #include <span>
 
+#include "foe/core/backend.hpp"
+#include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 
 namespace foe::sync {
 
 template <class S>
-concept ResidualSyncPolicy = requires(S& s, std::span<const MatrixView<const float>> residuals, index_t groups,
-                                      MatrixView<float> rf) {
-    { s.sync(residuals, groups, rf) } -> std::same_as<void>;
-};
+concept HostResidualSyncPolicy =
+    std::same_as<backend_of_t<S>, HostBackend> &&
+    requires(S& s, std::span<const MatrixView<const float>> residuals, index_t groups, MatrixView<float> rf) {
+        { s.sync(residuals, groups, rf) } -> std::same_as<void>;
+    };
+
+/// On the device (sync/all_reduce_mean.cuh, sync/no_sync.cuh) the held streams come as one bf16
+/// tensor [held, T, d] and the work goes on the context's stream. A policy with
+/// `static constexpr bool identity = true` (one stream, no peers) lets the layer use r[0] as rf.
+template <class S>
+concept DeviceResidualSyncPolicy =
+    std::same_as<backend_of_t<S>, CudaBackend> &&
+    requires(S& s, TensorView<const bfloat16, 3> residuals, index_t groups, MatrixView<bfloat16> rf,
+             const cuda::DeviceContext& ctx) {
+        { s.sync(residuals, groups, rf, ctx) } -> std::same_as<void>;
+    };
+
+template <class S>
+concept ResidualSyncPolicy = HostResidualSyncPolicy<S> || DeviceResidualSyncPolicy<S>;
 
 namespace detail {
 
