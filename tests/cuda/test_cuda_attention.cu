@@ -3,20 +3,39 @@
 // kernel otherwise), and the dispatcher's decode path against the prefill kernel. Inputs are bf16;
 // the oracle computes in float64 on the same bf16 values. Outputs and workspaces are poisoned
 // (0xff bytes: NaN in bf16) before every run, cache positions no row may see hold NaN, and every
-// kernel runs twice and must give the same bits.
-// Without a CUDA device every test case says so and passes.
+// kernel runs twice and must give the same bits. Then the group-batched attention policy
+// (foe/attention/gqa_attention.cuh): host replays of its kernels' folded-group index rules, and on
+// the device its output and caches against the per-group kernels (bit for bit) and the host
+// GqaAttention (bf16 tolerance), with the batched GEMM entry point it runs.
+// Without a CUDA device every device test case says so and passes.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
+
+// The host GqaAttention oracle below runs foe's own GEMM (gemm::Default), not CBLAS; OpenBLAS's
+// headers would declare a global ::bfloat16 that makes this file's unqualified bfloat16 ambiguous.
+#undef FOE_WITH_CBLAS
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
+#include <span>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "foe/attention/gqa_attention.cuh"
+#include "foe/attention/gqa_attention.hpp"
+#include "foe/cuda/context.cuh"
+#include "foe/cuda/gemm_lt.cuh"
+#include "foe/cuda/gemm_tc.cuh"
+#include "foe/cuda/groups.cuh"
+#include "foe/cuda/rmsnorm.cuh"
+#include "foe/cuda/rope.cuh"
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/decode_attention.cuh"
@@ -671,4 +690,609 @@ TEST_CASE("cuda: attention and append_kv reject bad shapes with foe::InvalidArgu
     } catch (const foe::InvalidArgument& e) {
         CHECK(std::string(e.what()).find("head_dim 300") != std::string::npos);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped launches (foe/cuda/groups.cuh, foe/attention/gqa_attention.cuh): one launch covers the
+// G groups of a layer. Host replays of the kernels' index rules: every (group, token, head) a
+// grouped launch touches is the element the per-group launch of that group touches, in the
+// buffers laid out as CudaGqaAttention lays them out, and no two groups touch the same element.
+// These run without a GPU.
+
+namespace {
+
+/// What one (group, row, query head) of an attention kernel reads and writes, in elements of the
+/// q|k|v scratch, the output and the group-stacked caches; the cache offset is that of the row's
+/// first key (position 0) of its KV head.
+struct Touch {
+    std::int64_t q = 0, out = 0, cache = 0;
+    int kv_head = 0;
+    bool operator==(const Touch&) const = default;
+};
+
+struct ReplayShape {
+    index_t groups, qh, kvh, hd, tokens, streams;
+    bool shared_norm;
+    [[nodiscard]] index_t qw() const { return qh * hd; }
+    [[nodiscard]] index_t row() const { return (qh + 2 * kvh) * hd; }
+};
+
+/// The per-group reference: group g's own launch (groups = 1, strides 0) on its own buffers,
+/// placed where CudaGqaAttention puts group g's: its q|k|v at plan.qkv_at(g, 0, 0) with the
+/// plan's row stride, its output block at g T qw, its cache at g per_cache.
+template <class Layout>
+Touch per_group(const ReplayShape& s, const foe::attention::GqaGroupPlan& plan, const Layout& layout, index_t per_cache,
+                int g, long long row, int h, int slot)
+{
+    const int kvh = h / static_cast<int>(s.qh / s.kvh);
+    return {plan.qkv_at(g, 0, 0) + row * plan.qkv_row + h * s.hd, g * s.tokens * s.qw() + (row * s.qh + h) * s.hd,
+            g * per_cache + layout.offset(slot, kvh, 0, static_cast<int>(s.kvh), static_cast<int>(s.hd)), kvh};
+}
+
+}  // namespace
+
+TEST_CASE("grouped attention launches: the folded index rules replay the per-group launches")
+{
+    namespace fa = foe::attention;
+    namespace dp = foe::cuda::detail::prefill;
+    namespace dd = foe::cuda::detail::decode;
+    const index_t slots = 3, capacity = 40, page = 16, width = (capacity + page - 1) / page;
+    // A block table shared by every group: slot s's pages, in an order that is not the identity.
+    std::vector<std::int32_t> table(sz(slots * width));
+    for (std::size_t i = 0; i < table.size(); ++i) table[i] = static_cast<std::int32_t>((i * 5 + 2) % table.size());
+    const index_t pool = slots * width;
+    int cases = 0;
+    for (const index_t groups : {1, 2, 4, 16})
+        for (const auto& heads_pair : {std::pair<index_t, index_t>{1, 1}, {2, 1}, {2, 2}})
+            for (const index_t streams : {index_t{1}, groups})
+                for (const bool shared_norm : {true, false})
+                    for (const bool paged : {false, true}) {
+                        const index_t qh = heads_pair.first, kvh = heads_pair.second;
+                        const ReplayShape s{groups, qh, kvh, 16, 7, streams, shared_norm};
+                        CAPTURE(groups);
+                        CAPTURE(qh);
+                        CAPTURE(kvh);
+                        CAPTURE(streams);
+                        CAPTURE(shared_norm);
+                        CAPTURE(paged);
+                        ++cases;
+                        const index_t d = 24, row = s.row(), t = s.tokens, g_count = s.groups;
+                        const auto plan = fa::GqaGroupPlan::make(g_count, row, t, d, streams, shared_norm);
+                        CHECK(plan.fused == (streams == 1 && shared_norm));
+
+                        // The q|k|v scratch: the GEMM writes element (t, n) of [T, G row] (one
+                        // GEMM over the stacked weights: n = g row + c) or of batch g's [T, row]
+                        // at g T row (the batched GEMM); the plan must name those elements, and
+                        // they must tile [0, G T row) exactly once.
+                        std::vector<int> hits(sz(g_count * t * row), 0);
+                        for (index_t g = 0; g < g_count; ++g)
+                            for (index_t tok = 0; tok < t; ++tok)
+                                for (index_t c = 0; c < row; ++c) {
+                                    const index_t gemm_at = plan.fused ? tok * (g_count * row) + g * row + c
+                                                                       : g * (t * row) + tok * row + c;
+                                    REQUIRE(plan.qkv_at(g, tok, c) == gemm_at);
+                                    ++hits[sz(gemm_at)];
+                                }
+                        CHECK(std::all_of(hits.begin(), hits.end(), [](int n) { return n == 1; }));
+
+                        const fc::GroupStrides rows{static_cast<int>(g_count), plan.qkv_group, plan.qkv_group, 0, 0};
+                        // Per-head QK-norm of q (one launch): block b of group g (gridDim.y) normalises
+                        // the hd elements at g in + rms_norm_row(b); they must be q head b % qh of
+                        // token b / qh of group g. The same for k at column qw.
+                        for (index_t g = 0; g < g_count; ++g)
+                            for (unsigned b = 0; b < static_cast<unsigned>(t * qh); ++b) {
+                                const auto at = fc::GroupStrides::at(rows.in, static_cast<int>(g)) +
+                                                static_cast<std::int64_t>(fc::detail::rms_norm_row(
+                                                    b, static_cast<int>(qh), static_cast<int>(s.hd),
+                                                    static_cast<std::size_t>(plan.qkv_row)));
+                                REQUIRE(at == plan.qkv_at(g, b / qh, (b % qh) * s.hd));
+                            }
+                        // Full-width QK-norm: one part of qw per token.
+                        for (index_t g = 0; g < g_count; ++g)
+                            for (unsigned b = 0; b < static_cast<unsigned>(t); ++b)
+                                REQUIRE(fc::GroupStrides::at(rows.in, static_cast<int>(g)) +
+                                            static_cast<std::int64_t>(fc::detail::rms_norm_row(
+                                                b, 1, static_cast<int>(s.qw()), static_cast<std::size_t>(plan.qkv_row))) ==
+                                        plan.qkv_at(g, b, 0));
+                        // RoPE over qh + kvh heads from q: head h of token tok of group g is q head h
+                        // (h < qh) or k head h - qh, never v.
+                        for (index_t g = 0; g < g_count; ++g)
+                            for (index_t tok = 0; tok < t; ++tok)
+                                for (index_t h = 0; h < qh + kvh; ++h) {
+                                    const auto at = fc::GroupStrides::at(rows.in, static_cast<int>(g)) +
+                                                    tok * plan.qkv_row + h * s.hd;
+                                    REQUIRE(at == plan.qkv_at(g, tok, h * s.hd));
+                                    REQUIRE(h * s.hd + s.hd <= s.qw() + kvh * s.hd);
+                                }
+                        // append_kv: group g copies k row element e from k + g in + tok stride + e.
+                        for (index_t g = 0; g < g_count; ++g)
+                            for (index_t tok = 0; tok < t; ++tok)
+                                for (index_t e = 0; e < kvh * s.hd; ++e) {
+                                    const auto k_at = s.qw() + fc::GroupStrides::at(rows.in, static_cast<int>(g)) +
+                                                      tok * plan.qkv_row + e;
+                                    REQUIRE(k_at == plan.qkv_at(g, tok, s.qw() + e));
+                                    REQUIRE(k_at + kvh * s.hd == plan.qkv_at(g, tok, s.qw() + kvh * s.hd + e));
+                                }
+
+                        // Attention over the group-stacked caches.
+                        const auto check_attention = [&](const auto& layout, index_t per_cache) {
+                            fc::GroupStrides at = rows;
+                            at.cache = per_cache;
+                            at.out = t * s.qw();
+                            std::vector<Touch> folded_simple, folded_mma, folded_decode, reference;
+                            const int slot = static_cast<int>(slots - 1);
+                            for (index_t g = 0; g < g_count; ++g)
+                                for (index_t r = 0; r < t; ++r)
+                                    for (index_t h = 0; h < qh; ++h)
+                                        reference.push_back(per_group(s, plan, layout, per_cache, static_cast<int>(g), r,
+                                                                      static_cast<int>(h), slot));
+                            const int heads = static_cast<int>(qh);
+                            // Simple prefill kernel: one warp per work item over T x G x qh.
+                            std::vector<Touch> by_key(reference.size());
+                            std::vector<int> seen(reference.size(), 0);
+                            for (long long work = 0; work < t * g_count * qh; ++work) {
+                                const auto w = dp::simple_work(work, heads, static_cast<int>(g_count));
+                                const auto a = dp::grouped_row_head(at, heads, w.folded, w.row, plan.qkv_row,
+                                                                    static_cast<int>(s.hd));
+                                const int kv = a.head / (heads / static_cast<int>(kvh));
+                                const std::size_t key = sz((a.group * t + w.row) * qh + a.head);
+                                by_key[key] = {a.q, a.out,
+                                               a.cache + layout.offset(slot, kv, 0, static_cast<int>(kvh),
+                                                                       static_cast<int>(s.hd)),
+                                               kv};
+                                ++seen[key];
+                            }
+                            CHECK(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }));
+                            CHECK(by_key == reference);
+                            // Tensor-core prefill kernel: blockIdx.y = folded head; group base pointers
+                            // first, then the kernel's own row / head arithmetic.
+                            for (index_t g = 0; g < g_count; ++g)
+                                for (index_t r = 0; r < t; ++r)
+                                    for (int h = 0; h < heads; ++h) {
+                                        const int y = fc::HeadFold{heads}.fold(static_cast<int>(g), h);
+                                        const auto a0 = dp::grouped_row_head(at, heads, y, 0, 0, static_cast<int>(s.hd));
+                                        REQUIRE(a0.group == g);
+                                        REQUIRE(a0.head == h);
+                                        const int kv = a0.head / (heads / static_cast<int>(kvh));
+                                        folded_mma.push_back(
+                                            {fc::GroupStrides::at(at.in, a0.group) + r * plan.qkv_row + a0.head * s.hd,
+                                             fc::GroupStrides::at(at.out, a0.group) + (r * qh + a0.head) * s.hd,
+                                             a0.cache + layout.offset(slot, kv, 0, static_cast<int>(kvh),
+                                                                      static_cast<int>(s.hd)),
+                                             kv});
+                                    }
+                            CHECK(folded_mma == reference);
+                            // Split-KV decode: row b is sequence b; blockIdx.y (pass 1) and blockIdx.x
+                            // (pass 2) the folded head; partials of every (b, folded head, chunk)
+                            // disjoint and inside the workspace of G groups.
+                            const int chunks = 3;
+                            const int folded_heads = static_cast<int>(g_count * qh);
+                            std::vector<int> ws(sz(t * folded_heads * chunks * (s.hd + 2)), 0);
+                            const fc::DecodeAttentionShape ds{t, qh, kvh, s.hd, 3 * fc::DecodeAttentionLaunch::chunk};
+                            CHECK(fc::decode_attention_workspace_bytes(ds, g_count) == ws.size() * sizeof(float));
+                            for (int b = 0; b < static_cast<int>(t); ++b)
+                                for (int y = 0; y < folded_heads; ++y) {
+                                    const fc::HeadFold fold{heads};
+                                    const int g = fold.group(y), h = fold.head(y);
+                                    for (int c = 0; c < chunks; ++c) {
+                                        const auto p = dd::partial_at(b, y, c, folded_heads, chunks, static_cast<int>(s.hd));
+                                        for (std::size_t j = 0; j < sz(s.hd + 2); ++j) ++ws.at(p + j);
+                                    }
+                                    const int kv = h / (heads / static_cast<int>(kvh));
+                                    folded_decode.push_back(
+                                        {dd::q_at(at, g, b, h, plan.qkv_row, static_cast<int>(s.hd)),
+                                         dd::out_at(at, g, b, h, heads, static_cast<int>(s.hd)),
+                                         fc::GroupStrides::at(at.cache, g) +
+                                             layout.offset(slot, kv, 0, static_cast<int>(kvh), static_cast<int>(s.hd)),
+                                         kv});
+                                }
+                            CHECK(std::all_of(ws.begin(), ws.end(), [](int n) { return n == 1; }));
+                            // Decode touches are ordered (b, g, h); the reference (g, row, h).
+                            std::vector<Touch> reordered;
+                            for (index_t b = 0; b < t; ++b)
+                                for (index_t g = 0; g < g_count; ++g)
+                                    for (index_t h = 0; h < qh; ++h) reordered.push_back(reference[sz((g * t + b) * qh + h)]);
+                            CHECK(folded_decode == reordered);
+                            // Every group's cache rows stay inside its own cache.
+                            for (index_t g = 0; g < g_count; ++g)
+                                for (int sl = 0; sl < static_cast<int>(slots); ++sl)
+                                    for (int kv = 0; kv < static_cast<int>(kvh); ++kv)
+                                        for (int pos = 0; pos < static_cast<int>(capacity); ++pos) {
+                                            const auto o = layout.offset(sl, kv, pos, static_cast<int>(kvh),
+                                                                         static_cast<int>(s.hd));
+                                            REQUIRE(o >= 0);
+                                            const auto a = fc::GroupStrides::at(at.cache, static_cast<int>(g)) + o;
+                                            REQUIRE(a >= g * per_cache);
+                                            REQUIRE(a + s.hd <= (g + 1) * per_cache);
+                                        }
+                        };
+                        if (paged)
+                            check_attention(fc::PagedKvLayout{static_cast<std::int32_t>(page),
+                                                              static_cast<std::int32_t>(width), table.data(), pool},
+                                            pool * kvh * page * s.hd);
+                        else
+                            check_attention(fc::ContiguousKvLayout{static_cast<std::int32_t>(capacity)},
+                                            slots * kvh * capacity * s.hd);
+                    }
+    CHECK(cases == 4 * 3 * 2 * 2 * 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CudaGqaAttention on the device: G = 1, 2, 4 groups, 1 and G input streams, contiguous and paged
+// caches, prefill, decode and a chunked prefill in turn. With TcGemm (sums independent of N and
+// the batch) the output and the caches equal, bit for bit, the per-group kernels run group by
+// group as cuda::Layer ran them; with either GEMM the output equals the host GqaAttention of each
+// group within bf16 tolerance.
+
+namespace {
+
+namespace fa = foe::attention;
+
+struct GqaCase {
+    index_t d, qh, kvh, hd;
+    foe::QkNorm qk_norm;
+    bool shared_norm;
+};
+
+/// Random bf16-exact host weights of G groups, and their AttentionWeights views.
+struct GqaModel {
+    fa::AttentionSpec spec;
+    index_t groups = 0;
+    std::vector<std::vector<float>> norm, q, k, v, o, qn, kn;
+    std::vector<fa::AttentionWeights> views;
+
+    [[nodiscard]] index_t qw() const { return spec.q_heads * spec.head_dim; }
+    [[nodiscard]] index_t kw() const { return spec.kv_heads * spec.head_dim; }
+    [[nodiscard]] index_t row() const { return qw() + 2 * kw(); }
+};
+
+GqaModel make_gqa_model(const GqaCase& c, index_t groups, std::mt19937_64& rng)
+{
+    GqaModel m;
+    m.groups = groups;
+    m.spec.hidden_size = c.d;
+    m.spec.q_heads = c.qh;
+    m.spec.kv_heads = c.kvh;
+    m.spec.head_dim = c.hd;
+    m.spec.qk_norm = c.qk_norm;
+    m.spec.rms_norm_eps = 1e-5f;
+    m.spec.rope_theta = 10000.0;
+    m.spec.cache_slots = 3;
+    m.spec.cache_capacity = 80;
+    m.spec.page_size = 16;
+    m.spec.cache_pages = 0;
+    m.spec.max_tokens = 128;
+    m.spec.max_sequences = 4;
+    const index_t qn = c.qk_norm == foe::QkNorm::per_head ? c.hd : c.qk_norm == foe::QkNorm::full_width ? m.qw() : 0;
+    const index_t kn = c.qk_norm == foe::QkNorm::per_head ? c.hd : c.qk_norm == foe::QkNorm::full_width ? m.kw() : 0;
+    const auto values = [&](index_t n, float lo, float hi) { return random_bf16(sz(n), rng, lo, hi).values; };
+    const auto shared = values(c.d, 0.5f, 1.5f);
+    for (index_t g = 0; g < groups; ++g) {
+        m.norm.push_back(c.shared_norm ? shared : values(c.d, 0.5f, 1.5f));
+        m.q.push_back(values(m.qw() * c.d, -0.25f, 0.25f));
+        m.k.push_back(values(m.kw() * c.d, -0.25f, 0.25f));
+        m.v.push_back(values(m.kw() * c.d, -0.25f, 0.25f));
+        m.o.push_back(values(c.d * m.qw(), -0.25f, 0.25f));
+        m.qn.push_back(values(qn, 0.5f, 1.5f));
+        m.kn.push_back(values(kn, 0.5f, 1.5f));
+    }
+    for (std::size_t g = 0; g < sz(groups); ++g) {
+        fa::AttentionWeights w;
+        w.input_norm = foe::VectorView<const float>(m.norm[g].data(), {c.d});
+        w.q_proj = foe::WeightMatrix(m.q[g].data(), {m.qw(), c.d});
+        w.k_proj = foe::WeightMatrix(m.k[g].data(), {m.kw(), c.d});
+        w.v_proj = foe::WeightMatrix(m.v[g].data(), {m.kw(), c.d});
+        w.o_proj = foe::WeightMatrix(m.o[g].data(), {c.d, m.qw()});
+        w.q_norm = foe::VectorView<const float>(m.qn[g].data(), {qn});
+        w.k_norm = foe::VectorView<const float>(m.kn[g].data(), {kn});
+        m.views.push_back(w);
+    }
+    return m;
+}
+
+std::vector<bfloat16> to_bf16(const std::vector<float>& v)
+{
+    std::vector<bfloat16> b(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) b[i] = bfloat16(v[i]);
+    return b;
+}
+
+/// One group run by the per-group kernels, as cuda::Layer ran its attention: its weights, caches
+/// and scratch of its own.
+struct GroupReference {
+    fc::DeviceBuffer<bfloat16> norm, qn, kn, qkv_w, o_w, kcache, vcache, normed, qkv, attn;
+    fc::DeviceBuffer<unsigned char> ws;
+
+    GroupReference(const GqaModel& m, std::size_t g, index_t per_cache)
+    {
+        std::vector<float> stacked = m.q[g];
+        stacked.insert(stacked.end(), m.k[g].begin(), m.k[g].end());
+        stacked.insert(stacked.end(), m.v[g].begin(), m.v[g].end());
+        norm = fc::upload(to_bf16(m.norm[g]));
+        if (!m.qn[g].empty()) {
+            qn = fc::upload(to_bf16(m.qn[g]));
+            kn = fc::upload(to_bf16(m.kn[g]));
+        }
+        qkv_w = fc::upload(to_bf16(stacked));
+        o_w = fc::upload(to_bf16(m.o[g]));
+        kcache = fc::DeviceBuffer<bfloat16>(sz(per_cache));
+        vcache = fc::DeviceBuffer<bfloat16>(sz(per_cache));
+        fc::fill_bytes(kcache, 0xff);
+        fc::fill_bytes(vcache, 0xff);
+        const index_t t = m.spec.max_tokens;
+        normed = fc::DeviceBuffer<bfloat16>(sz(t * m.spec.hidden_size));
+        qkv = fc::DeviceBuffer<bfloat16>(sz(t * m.row()));
+        attn = fc::DeviceBuffer<bfloat16>(sz(t * m.qw()));
+        const fc::AttentionShape shape{m.spec.q_heads, m.spec.kv_heads, m.spec.head_dim, m.spec.cache_capacity};
+        ws = fc::DeviceBuffer<unsigned char>(fc::attention_workspace_bytes(shape, m.spec.max_sequences));
+    }
+
+    /// out += o(Attn(RMSNorm(x))) for this group, kernel by kernel.
+    template <class Layout>
+    void forward(const GqaModel& m, fc::TcGemm& gemm, const fc::DeviceBatch& batch, const Layout& layout,
+                 const bfloat16* x, bfloat16* out)
+    {
+        const auto& s = m.spec;
+        const index_t t = batch.tokens, d = s.hidden_size, hd = s.head_dim, row = m.row();
+        fc::rms_norm(x, norm.data(), normed.data(), t, d, s.rms_norm_eps, nullptr);
+        gemm.nt(normed.data(), qkv_w.data(), qkv.data(), fc::OutType::bf16, t, row, d, nullptr, 0.0f);
+        bfloat16* q = qkv.data();
+        bfloat16* k = q + m.qw();
+        const bfloat16* v = k + m.kw();
+        if (s.qk_norm == foe::QkNorm::per_head) {
+            fc::rms_norm_qk(q, qn.data(), t, s.q_heads, hd, row, s.rms_norm_eps, nullptr);
+            fc::rms_norm_qk(k, kn.data(), t, s.kv_heads, hd, row, s.rms_norm_eps, nullptr);
+        } else if (s.qk_norm == foe::QkNorm::full_width) {
+            fc::rms_norm_strided(q, qn.data(), q, t, 1, m.qw(), row, s.rms_norm_eps, nullptr);
+            fc::rms_norm_strided(k, kn.data(), k, t, 1, m.kw(), row, s.rms_norm_eps, nullptr);
+        }
+        fc::rope(q, batch.positions, t, s.q_heads, hd, row, s.rope_theta, nullptr);
+        fc::rope(k, batch.positions, t, s.kv_heads, hd, row, s.rope_theta, nullptr);
+        fc::append_kv(batch, k, v, row, s.kv_heads, hd, layout, kcache.data(), vcache.data(), nullptr);
+        const fc::AttentionShape shape{s.q_heads, s.kv_heads, hd, s.cache_capacity};
+        fc::attention(shape, layout, batch, q, row, kcache.data(), vcache.data(), ws.data(), attn.data(), nullptr);
+        gemm.nt(attn.data(), o_w.data(), out, fc::OutType::bf16, t, d, m.qw(), nullptr, 1.0f);
+    }
+};
+
+/// The steps every case runs: a ragged prefill, a decode step, a chunked prefill beside a decode.
+std::vector<std::vector<foe::SequenceChunk>> gqa_steps()
+{
+    return {{{2, 0, 37}, {0, 0, 5}, {1, 0, 70}}, {{2, 37, 1}, {0, 5, 1}, {1, 70, 1}}, {{0, 6, 9}, {2, 38, 1}}};
+}
+
+template <class Cache>
+void run_grouped_case(const GqaCase& c, index_t groups, index_t streams, std::mt19937_64& rng)
+{
+    constexpr bool paged = std::is_same_v<Cache, fa::PagedKvCache>;
+    const GqaModel m = make_gqa_model(c, groups, rng);
+    const auto& spec = m.spec;
+    const index_t d = spec.hidden_size, slots = spec.cache_slots, page = spec.page_size;
+    const index_t width = (spec.cache_capacity + page - 1) / page, pool = slots * width;
+    const index_t per_cache = paged ? pool * spec.kv_heads * page * spec.head_dim
+                                    : slots * spec.kv_heads * spec.cache_capacity * spec.head_dim;
+    const std::span<const fa::AttentionWeights> views(m.views);
+
+    fa::CudaGqaAttention<fc::TcGemm, Cache> tc(spec, views);
+    fa::CudaGqaAttention<fc::LtGemm, Cache> lt(spec, views);
+    REQUIRE(tc.groups() == groups);
+    REQUIRE(tc.group_cache_elements() == per_cache);
+    CHECK(tc.shared_input_norm() == c.shared_norm);
+    CHECK(tc.cache_bytes() >= sz(2 * groups * per_cache) * sizeof(bfloat16));
+    for (auto* p : {tc.kcache(), tc.vcache(), lt.kcache(), lt.vcache()})
+        fc::check(cudaMemset(const_cast<bfloat16*>(p), 0xff, sz(groups * per_cache) * sizeof(bfloat16)), "poison");
+    std::vector<GroupReference> ref;
+    for (std::size_t g = 0; g < sz(groups); ++g) ref.emplace_back(m, g, per_cache);
+    std::vector<fa::GqaAttention<foe::gemm::Default, Cache>> host;
+    for (const auto& w : m.views) host.emplace_back(spec, w);
+
+    // A block table shared by the groups: pages handed out in a shuffled order.
+    std::vector<std::int32_t> table(sz(slots * width));
+    for (std::size_t i = 0; i < table.size(); ++i) table[i] = static_cast<std::int32_t>(i);
+    std::shuffle(table.begin(), table.end(), rng);
+    const auto device_table = fc::upload(table);
+    const foe::BlockTableView host_table{page, slots, width, table.data()};
+    const auto layout = [&] {
+        if constexpr (paged)
+            return fc::PagedKvLayout{static_cast<std::int32_t>(page), static_cast<std::int32_t>(width),
+                                     device_table.data(), pool};
+        else
+            return fc::ContiguousKvLayout{static_cast<std::int32_t>(spec.cache_capacity)};
+    }();
+
+    fc::DeviceBuffer<unsigned char> scratch_memory(tc.scratch_bytes());
+    fc::Scratch scratch(scratch_memory.data(), scratch_memory.size());
+    const fc::DeviceContext ctx{nullptr, &scratch};
+    fc::TcGemm gemm;
+    for (const auto& chunks : gqa_steps()) {
+        foe::Batch batch(chunks);
+        if (paged) batch.with_block_tables(host_table);
+        const index_t t = batch.tokens();
+        CAPTURE(t);
+        DeviceBatchData dev_batch = upload_batch(batch);
+        if (paged) dev_batch.view.block_table = device_table.data();
+        const auto x = random_bf16(sz(streams * t * d), rng);
+        const auto x_dev = fc::upload(x.bits);
+        // out starts as x (the residual the layer copies in); stream g reads x[g] or x[0].
+        std::vector<bfloat16> start(sz(groups * t * d));
+        for (index_t g = 0; g < groups; ++g)
+            std::copy_n(x.bits.begin() + static_cast<std::ptrdiff_t>((streams == 1 ? 0 : g) * t * d), t * d,
+                        start.begin() + static_cast<std::ptrdiff_t>(g * t * d));
+        auto out_tc = fc::upload(start), out_lt = fc::upload(start), out_ref = fc::upload(start);
+        const foe::TensorView<const bfloat16, 3> xv(x_dev.data(), {streams, t, d});
+        scratch.reset();
+        tc.forward(dev_batch.view, xv, foe::TensorView<bfloat16, 3>(out_tc.data(), {groups, t, d}), ctx);
+        CHECK(scratch.used() <= tc.scratch_bytes());
+        scratch.reset();
+        lt.forward(dev_batch.view, xv, foe::TensorView<bfloat16, 3>(out_lt.data(), {groups, t, d}), ctx);
+        for (index_t g = 0; g < groups; ++g)
+            ref[sz(g)].forward(m, gemm, dev_batch.view, layout, x_dev.data() + (streams == 1 ? 0 : g) * t * d,
+                               out_ref.data() + g * t * d);
+        fc::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+
+        // Bit for bit against the group-by-group kernels: output and every group's caches.
+        const auto got_tc = fc::download(out_tc);
+        CHECK(same_bits(got_tc, fc::download(out_ref)));
+        std::vector<bfloat16> kc(sz(groups * per_cache)), vc(kc.size());
+        fc::check(cudaMemcpy(kc.data(), tc.kcache(), kc.size() * sizeof(bfloat16), cudaMemcpyDeviceToHost), "keys");
+        fc::check(cudaMemcpy(vc.data(), tc.vcache(), vc.size() * sizeof(bfloat16), cudaMemcpyDeviceToHost), "values");
+        for (index_t g = 0; g < groups; ++g) {
+            CAPTURE(g);
+            const auto from = kc.begin() + static_cast<std::ptrdiff_t>(g * per_cache);
+            CHECK(same_bits(std::vector<bfloat16>(from, from + per_cache), fc::download(ref[sz(g)].kcache)));
+            const auto vfrom = vc.begin() + static_cast<std::ptrdiff_t>(g * per_cache);
+            CHECK(same_bits(std::vector<bfloat16>(vfrom, vfrom + per_cache), fc::download(ref[sz(g)].vcache)));
+        }
+
+        // Within bf16 tolerance of the host GqaAttention (fp32) of each group: out = x + Attn(x).
+        std::vector<double> want(sz(groups * t * d));
+        for (index_t g = 0; g < groups; ++g) {
+            const float* xg = x.values.data() + (streams == 1 ? 0 : g) * t * d;
+            std::vector<float> host_out(sz(t * d));
+            host[sz(g)].forward(batch, foe::MatrixView<const float>(xg, {t, d}),
+                                foe::MatrixView<float>(host_out.data(), {t, d}));
+            for (index_t i = 0; i < t * d; ++i)
+                want[sz(g * t * d + i)] = static_cast<double>(xg[i]) + static_cast<double>(host_out[sz(i)]);
+        }
+        const double err_tc = rel_error(to_float(got_tc), want), err_lt = rel_error(to_float(fc::download(out_lt)), want);
+        CAPTURE(err_tc);
+        CAPTURE(err_lt);
+        CHECK(err_tc < 2e-2);
+        CHECK(err_lt < 2e-2);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: CudaGqaAttention over G groups equals the per-group kernels bit for bit and the host attention")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(28);
+    // hd 32: tensor-core prefill, per-head QK-norm, GQA 2; hd 16: the simple kernel, no QK-norm;
+    // a full-width QK-norm with input norms that differ per group (one stream: the batched GEMM).
+    const GqaCase cases[] = {{64, 2, 1, 32, foe::QkNorm::per_head, true},
+                             {32, 1, 1, 16, foe::QkNorm::none, true},
+                             {64, 2, 2, 32, foe::QkNorm::full_width, false}};
+    for (const auto& c : cases)
+        for (const index_t groups : {1, 2, 4})
+            for (const index_t streams : {index_t{1}, groups}) {
+                CAPTURE(c.hd);
+                CAPTURE(groups);
+                CAPTURE(streams);
+                run_grouped_case<fa::ContiguousKvCache>(c, groups, streams, rng);
+                run_grouped_case<fa::PagedKvCache>(c, groups, streams, rng);
+            }
+}
+
+// The spec and weight-shape checks throw before anything is allocated or uploaded: no device needed.
+TEST_CASE("CudaGqaAttention rejects shapes the kernels cannot run, naming the tensor")
+{
+    std::mt19937_64 rng(29);
+    GqaModel m = make_gqa_model({64, 2, 1, 32, foe::QkNorm::per_head, true}, 2, rng);
+    const std::span<const fa::AttentionWeights> views(m.views);
+    auto bad = m.spec;
+    bad.head_dim = 12;  // not a multiple of 8
+    CHECK_THROWS_AS(fa::CudaGqaAttention<fc::TcGemm>(bad, views), foe::ConfigError);
+    bad = m.spec;
+    bad.max_tokens = 0;
+    CHECK_THROWS_AS(fa::CudaGqaAttention<fc::TcGemm>(bad, views), foe::ConfigError);
+    bad = m.spec;
+    bad.q_heads = 3;
+    bad.kv_heads = 2;
+    CHECK_THROWS_AS(fa::CudaGqaAttention<fc::TcGemm>(bad, views), foe::ConfigError);
+    // A weight of the wrong shape: InvalidArgument naming it and the shape expected.
+    std::vector<fa::AttentionWeights> wrong(m.views);
+    wrong[1].o_proj = foe::WeightMatrix(m.o[1].data(), {m.spec.hidden_size / 2, m.qw()});
+    CHECK_THROWS_WITH_AS(fa::CudaGqaAttention<fc::TcGemm>(m.spec, std::span<const fa::AttentionWeights>(wrong)),
+                         doctest::Contains("group 1 attention weight o_proj has shape [32, 64], expected [64, 64]"),
+                         foe::InvalidArgument);
+}
+
+// The batched GEMM entry point the grouped attention runs (q|k|v and o_proj of every group).
+TEST_CASE("cuda: nt_batched equals nt per matrix (TcGemm bit for bit, LtGemm within tolerance)")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(30);
+    struct Shape {
+        index_t batch, m, n, k;
+    };
+    for (const auto sh : {Shape{1, 5, 24, 16}, Shape{3, 37, 96, 64}, Shape{4, 1, 64, 128}, Shape{2, 130, 200, 40}})
+        for (const auto out : {fc::OutType::bf16, fc::OutType::fp32})
+            for (const float beta : {0.0f, 1.0f}) {
+                CAPTURE(sh.batch);
+                CAPTURE(sh.m);
+                CAPTURE(sh.n);
+                CAPTURE(sh.k);
+                CAPTURE(beta);
+                const bool bf = out == fc::OutType::bf16;
+                const index_t sa = sh.m * sh.k, sb = sh.n * sh.k, sc = sh.m * sh.n;
+                const auto a = random_bf16(sz(sh.batch * sa), rng), b = random_bf16(sz(sh.batch * sb), rng);
+                const auto c0 = random_bf16(sz(sh.batch * sc), rng);
+                const auto da = fc::upload(a.bits), db = fc::upload(b.bits);
+                // C as bf16 or fp32 bytes, starting from the same values.
+                const std::size_t elem = bf ? sizeof(bfloat16) : sizeof(float);
+                std::vector<unsigned char> start(sz(sh.batch * sc) * elem);
+                for (std::size_t i = 0; i < sz(sh.batch * sc); ++i) {
+                    if (bf)
+                        std::memcpy(start.data() + i * elem, &c0.bits[i], elem);
+                    else
+                        std::memcpy(start.data() + i * elem, &c0.values[i], elem);
+                }
+                const auto run = [&](auto&& gemm, bool batched) {
+                    auto c = fc::upload(start);
+                    if (batched) {
+                        gemm.nt_batched(da.data(), sa, db.data(), sb, c.data(), sc, sh.batch, out, sh.m, sh.n, sh.k,
+                                        nullptr, beta);
+                    } else {
+                        for (index_t i = 0; i < sh.batch; ++i)
+                            gemm.nt(da.data() + i * sa, db.data() + i * sb, c.data() + sz(i * sc) * elem, out, sh.m,
+                                    sh.n, sh.k, nullptr, beta);
+                    }
+                    std::vector<double> values(sz(sh.batch * sc));
+                    const auto bytes = fc::download(c);
+                    for (std::size_t i = 0; i < values.size(); ++i) {
+                        if (bf) {
+                            bfloat16 v;
+                            std::memcpy(&v, bytes.data() + i * elem, elem);
+                            values[i] = static_cast<double>(static_cast<float>(v));
+                        } else {
+                            float v = 0.0f;
+                            std::memcpy(&v, bytes.data() + i * elem, elem);
+                            values[i] = v;
+                        }
+                    }
+                    return std::pair{bytes, values};
+                };
+                // Float64 oracle.
+                std::vector<double> want(sz(sh.batch * sc));
+                for (index_t i = 0; i < sh.batch; ++i)
+                    for (index_t r = 0; r < sh.m; ++r)
+                        for (index_t col = 0; col < sh.n; ++col) {
+                            double acc = beta * static_cast<double>(c0.values[sz(i * sc + r * sh.n + col)]);
+                            for (index_t kk = 0; kk < sh.k; ++kk)
+                                acc += static_cast<double>(a.values[sz(i * sa + r * sh.k + kk)]) *
+                                       static_cast<double>(b.values[sz(i * sb + col * sh.k + kk)]);
+                            want[sz(i * sc + r * sh.n + col)] = acc;
+                        }
+                fc::TcGemm tc;
+                const auto tc_batched = run(tc, true), tc_loop = run(tc, false);
+                CHECK(same_bits(tc_batched.first, tc_loop.first));
+                CHECK(rel_error(tc_batched.second, want) < bf16_tolerance);
+                fc::LtGemm lt;
+                const auto lt_batched = run(lt, true);
+                CHECK(rel_error(lt_batched.second, want) < bf16_tolerance);
+            }
+}
+
+// Stride checks come before anything touches the device.
+TEST_CASE("TcGemm::nt_batched rejects strides that would misalign a matrix")
+{
+    const fc::TcGemm tc;
+    CHECK_THROWS_AS(tc.nt_batched(nullptr, 4, nullptr, 8, nullptr, 8, 2, fc::OutType::bf16, 1, 8, 8, nullptr),
+                    foe::InvalidArgument);
+    CHECK_THROWS_AS(tc.nt_batched(nullptr, 8, nullptr, 8, nullptr, 2, 2, fc::OutType::fp32, 1, 8, 8, nullptr),
+                    foe::InvalidArgument);
+    CHECK_THROWS_AS(tc.nt_batched(nullptr, -8, nullptr, 8, nullptr, 8, 2, fc::OutType::bf16, 1, 8, 8, nullptr),
+                    foe::InvalidArgument);
+    CHECK_NOTHROW(tc.nt_batched(nullptr, 8, nullptr, 8, nullptr, 8, 0, fc::OutType::bf16, 1, 8, 8, nullptr));
 }

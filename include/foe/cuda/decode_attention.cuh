@@ -16,12 +16,18 @@
 // Query head q uses KV head q / (query_heads / kv_heads). The oracle is the host GqaAttention's
 // decode (a float64 loop in the test); paged and contiguous caches of the same rows give the
 // same bits (each block reads the same rows and adds them in the same order).
+//
+// Groups (foe/cuda/groups.cuh): one launch may cover the G groups of an FoE layer, each with its
+// query_heads and kv_heads. The grid's head dimension then runs over the folded heads g x
+// query_heads + h, and group g reads q + g * groups.in, its caches + g * groups.cache, and writes
+// out + g * groups.out; the workspace holds the partials of all G x query_heads heads.
 
 #include <cstdint>
 
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/check.cuh"
+#include "foe/cuda/groups.cuh"
 #include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
@@ -44,12 +50,40 @@ struct DecodeAttentionShape {
     index_t capacity = 0;     ///< positions per cache slot (paged: the most a sequence holds); sizes the workspace
 };
 
-/// Workspace floats: per (sequence, head, chunk) a max, a sum and head_dim partial outputs.
-[[nodiscard]] inline std::size_t decode_attention_workspace_bytes(const DecodeAttentionShape& s)
+/// Workspace floats: per (sequence, head, chunk) a max, a sum and head_dim partial outputs; for
+/// a launch over `groups` groups, per head of every group.
+[[nodiscard]] inline std::size_t decode_attention_workspace_bytes(const DecodeAttentionShape& s, index_t groups = 1)
 {
     const index_t chunks = (s.capacity + DecodeAttentionLaunch::chunk - 1) / DecodeAttentionLaunch::chunk;
-    return static_cast<std::size_t>(s.batch * s.query_heads * chunks * (s.head_dim + 2)) * sizeof(float);
+    return static_cast<std::size_t>(s.batch * groups * s.query_heads * chunks * (s.head_dim + 2)) * sizeof(float);
 }
+
+namespace detail::decode {
+/// Float offset of the partial of (sequence b, folded head, chunk c) in the workspace, over
+/// `heads` folded heads (G x query_heads) and `chunks` chunks per head.
+[[nodiscard]] FOE_HOST_DEVICE constexpr std::size_t partial_at(int b, int folded, int c, int heads, int chunks,
+                                                               int head_dim) noexcept
+{
+    return ((static_cast<std::size_t>(b) * static_cast<std::size_t>(heads) + static_cast<std::size_t>(folded)) *
+                static_cast<std::size_t>(chunks) +
+            static_cast<std::size_t>(c)) *
+           static_cast<std::size_t>(head_dim + 2);
+}
+/// Element offset of sequence b's head h of group g in q (row stride q_row_stride) and in out
+/// ([batch, query_heads, head_dim] per group).
+[[nodiscard]] FOE_HOST_DEVICE constexpr std::int64_t q_at(const GroupStrides& gs, int g, int b, int h,
+                                                          long long q_row_stride, int head_dim) noexcept
+{
+    return GroupStrides::at(gs.in, g) + static_cast<std::int64_t>(b) * q_row_stride +
+           static_cast<std::int64_t>(h) * head_dim;
+}
+[[nodiscard]] FOE_HOST_DEVICE constexpr std::int64_t out_at(const GroupStrides& gs, int g, int b, int h,
+                                                            int query_heads, int head_dim) noexcept
+{
+    return GroupStrides::at(gs.out, g) +
+           (static_cast<std::int64_t>(b) * query_heads + h) * static_cast<std::int64_t>(head_dim);
+}
+}  // namespace detail::decode
 
 inline namespace kernels_v0_1 {
 
@@ -59,7 +93,7 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, long long q
                                      const bfloat16* __restrict__ kcache, const bfloat16* __restrict__ vcache,
                                      const std::int32_t* __restrict__ slots, const std::int32_t* __restrict__ lengths,
                                      int query_heads, int kv_heads, int head_dim, Layout layout, int chunks,
-                                     float scale, float* partial)
+                                     float scale, float* partial, GroupStrides groups)
 {
     constexpr int chunk = Launch::chunk;
     constexpr float neg_inf = -__builtin_huge_valf();
@@ -67,7 +101,12 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, long long q
     __shared__ float p[chunk];
     __shared__ long long rows[chunk];  // element offset of each position's K/V row; -1: not mapped
     __shared__ float red[Launch::warps];
-    const int c = static_cast<int>(blockIdx.x), h = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
+    // blockIdx.y: the folded head g x query_heads + h.
+    const int c = static_cast<int>(blockIdx.x), folded = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
+    const HeadFold fold{query_heads};
+    const int g = fold.group(folded), h = fold.head(folded);
+    kcache += GroupStrides::at(groups.cache, g);
+    vcache += GroupStrides::at(groups.cache, g);
     const int len = lengths[b], begin = c * chunk;
     if (begin >= len) return;  // past this sequence's length: pass 2 never reads this chunk
     const int n = min(chunk, len - begin);
@@ -77,8 +116,7 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, long long q
     // contiguous cache, or within a page, position i + 1's row follows position i's.
     for (int i = static_cast<int>(threadIdx.x); i < n; i += Launch::block_threads)
         rows[i] = layout.offset(slot, kvh, begin + i, kv_heads, head_dim);
-    const bfloat16* qh = q + static_cast<std::size_t>(b) * static_cast<std::size_t>(q_row_stride) +
-                         static_cast<std::size_t>(h) * static_cast<std::size_t>(head_dim);
+    const bfloat16* qh = q + detail::decode::q_at(groups, g, b, h, q_row_stride, head_dim);
     for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads)
         qs[j] = static_cast<float>(qh[j]);
     __syncthreads();
@@ -122,9 +160,7 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, long long q
     l = 0.0f;
     for (int w = 0; w < Launch::warps; ++w) l += red[w];
 
-    float* out = partial + ((static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
-                                static_cast<std::size_t>(chunks) + static_cast<std::size_t>(c)) *
-                               static_cast<std::size_t>(head_dim + 2);
+    float* out = partial + detail::decode::partial_at(b, folded, c, static_cast<int>(gridDim.y), chunks, head_dim);
     if (threadIdx.x == 0) {
         out[0] = m;
         out[1] = l;
@@ -145,12 +181,14 @@ void decode_attention_partial_kernel(const bfloat16* __restrict__ q, long long q
 template <class Launch = DecodeAttentionLaunch>
 FOE_KERNEL(Launch::block_threads)
 void decode_attention_reduce_kernel(const float* __restrict__ partial, const std::int32_t* __restrict__ lengths,
-                                    int query_heads, int head_dim, int chunks, bfloat16* out)
+                                    int query_heads, int head_dim, int chunks, bfloat16* out, GroupStrides groups)
 {
-    const int h = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y);
+    // blockIdx.x: the folded head g x query_heads + h, as in pass 1.
+    const int folded = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y);
+    const HeadFold fold{query_heads};
+    const int g = fold.group(folded), h = fold.head(folded);
     const int used = (lengths[b] + Launch::chunk - 1) / Launch::chunk;
-    const float* part = partial + (static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
-                                      static_cast<std::size_t>(chunks) * static_cast<std::size_t>(head_dim + 2);
+    const float* part = partial + detail::decode::partial_at(b, folded, 0, static_cast<int>(gridDim.x), chunks, head_dim);
     const std::size_t stride = static_cast<std::size_t>(head_dim + 2);
     float m = -__int_as_float(0x7f800000);
     for (int c = 0; c < used; ++c) m = fmaxf(m, part[c * stride]);
@@ -160,8 +198,7 @@ void decode_attention_reduce_kernel(const float* __restrict__ partial, const std
     float l = 0.0f;
     for (int c = 0; c < used; ++c) l += part[c * stride + 1] * expf(part[c * stride] - m);
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // an empty sequence (length 0) gets zeros
-    bfloat16* o = out + (static_cast<std::size_t>(b) * static_cast<std::size_t>(query_heads) + static_cast<std::size_t>(h)) *
-                            static_cast<std::size_t>(head_dim);
+    bfloat16* o = out + detail::decode::out_at(groups, g, b, h, query_heads, head_dim);
     for (int j = static_cast<int>(threadIdx.x); j < head_dim; j += Launch::block_threads) {
         float acc = 0.0f;
         for (int c = 0; c < used; ++c) acc = fmaf(part[c * stride + 2 + j], expf(part[c * stride] - m), acc);
@@ -180,12 +217,17 @@ void decode_attention_reduce_kernel(const float* __restrict__ partial, const std
 /// (positions the layout does not map are masked out and not read; a sequence with none mapped
 /// gets zeros). workspace: decode_attention_workspace_bytes(shape) bytes. Kernel arguments only:
 /// capturable in a CUDA graph, and the device arrays (block table included) may change between
-/// replays.
+/// replays. `groups`: one launch over groups.count groups of s's heads each (q, the caches and
+/// out shifted by groups.in, .cache and .out per group; the layout and block table shared); the
+/// workspace then holds decode_attention_workspace_bytes(s, groups.count) bytes.
 template <KvLayout Layout>
 void decode_attention(const DecodeAttentionShape& s, const Layout& layout, const bfloat16* q, index_t q_row_stride,
                       const bfloat16* kcache, const bfloat16* vcache, const std::int32_t* slots,
-                      const std::int32_t* lengths, void* workspace, bfloat16* out, cudaStream_t stream)
+                      const std::int32_t* lengths, void* workspace, bfloat16* out, cudaStream_t stream,
+                      const GroupStrides& groups = {})
 {
+    require(groups.count >= 1 && static_cast<index_t>(groups.count) * s.query_heads <= 65535, "decode_attention: ",
+            groups.count, " groups of ", s.query_heads, " query heads exceed the grid's 65535");
     require(s.kv_heads > 0 && s.query_heads % s.kv_heads == 0, "decode_attention: ", s.query_heads,
             " query heads are not a multiple of ", s.kv_heads, " KV heads");
     require(s.head_dim > 0 && s.head_dim <= DecodeAttentionLaunch::max_head_dim, "decode_attention: head_dim ",
@@ -199,14 +241,15 @@ void decode_attention(const DecodeAttentionShape& s, const Layout& layout, const
     const auto chunks = static_cast<int>((s.capacity + DecodeAttentionLaunch::chunk - 1) / DecodeAttentionLaunch::chunk);
     const float scale = 1.0f / sqrtf(static_cast<float>(s.head_dim));
     auto* partial = static_cast<float*>(workspace);
-    const dim3 grid1(static_cast<unsigned>(chunks), static_cast<unsigned>(s.query_heads), static_cast<unsigned>(s.batch));
+    const auto heads = static_cast<unsigned>(groups.count * s.query_heads);  // folded over the groups
+    const dim3 grid1(static_cast<unsigned>(chunks), heads, static_cast<unsigned>(s.batch));
     decode_attention_partial_kernel<Layout><<<grid1, DecodeAttentionLaunch::block_threads, 0, stream>>>(
         q, static_cast<long long>(q_row_stride), kcache, vcache, slots, lengths, static_cast<int>(s.query_heads),
-        static_cast<int>(s.kv_heads), static_cast<int>(s.head_dim), layout, chunks, scale, partial);
+        static_cast<int>(s.kv_heads), static_cast<int>(s.head_dim), layout, chunks, scale, partial, groups);
     check_launch("decode_attention_partial_kernel");
-    const dim3 grid2(static_cast<unsigned>(s.query_heads), static_cast<unsigned>(s.batch));
+    const dim3 grid2(heads, static_cast<unsigned>(s.batch));
     decode_attention_reduce_kernel<<<grid2, DecodeAttentionLaunch::block_threads, 0, stream>>>(
-        partial, lengths, static_cast<int>(s.query_heads), static_cast<int>(s.head_dim), chunks, out);
+        partial, lengths, static_cast<int>(s.query_heads), static_cast<int>(s.head_dim), chunks, out, groups);
     check_launch("decode_attention_reduce_kernel");
 }
 

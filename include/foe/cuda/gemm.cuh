@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 
 #include <concepts>
+#include <map>
+#include <memory>
 
 #include "foe/core/half.hpp"
 #include "foe/core/types.hpp"
@@ -26,5 +28,33 @@ concept DeviceGemmPolicy = requires(G& g, const bfloat16* a, const bfloat16* b, 
                                     index_t n, index_t k, cudaStream_t stream, float beta) {
     { g.nt(a, b, c, out, m, n, k, stream, beta) } -> std::same_as<void>;
 };
+
+/// g.nt_batched(a, stride_a, b, stride_b, c, stride_c, batch, out, m, n, k, stream, beta): `batch`
+/// independent GEMMs of one launch, C_i = A_i B_i^T + beta C_i with A_i = a + i stride_a, B_i =
+/// b + i stride_b, C_i = c + i stride_c (strides in elements of each matrix's type; each matrix
+/// row-major and contiguous as in nt). What the attention of an FoE layer's groups runs as one
+/// call (every group's q|k|v projection, every group's o_proj). batch may be 0.
+template <class G>
+concept DeviceBatchedGemmPolicy =
+    DeviceGemmPolicy<G> && requires(G& g, const bfloat16* a, const bfloat16* b, void* c, OutType out, index_t m,
+                                    index_t n, index_t k, index_t stride, index_t batch, cudaStream_t stream,
+                                    float beta) {
+        { g.nt_batched(a, stride, b, stride, c, stride, batch, out, m, n, k, stream, beta) } -> std::same_as<void>;
+    };
+
+/// The GEMM policy instance that device policies share: one per (host thread, CUDA device), made
+/// on first use. A cuBLASLt handle and its 32 MiB workspace per policy object would cost every
+/// layer three of each; one per device and thread is what a stream-ordered caller needs (two
+/// threads never share a workspace).
+template <DeviceGemmPolicy Gemm>
+[[nodiscard]] Gemm& device_gemm()
+{
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) device = 0;
+    thread_local std::map<int, std::unique_ptr<Gemm>> per_device;
+    auto& g = per_device[device];
+    if (!g) g = std::make_unique<Gemm>();
+    return *g;
+}
 
 }  // namespace foe::cuda

@@ -73,10 +73,22 @@ public:
     void nt(const bfloat16* a, const bfloat16* b, void* c, OutType out, index_t m, index_t n, index_t k,
             cudaStream_t stream, float beta = 0.0f) const;
 
+    /// `batch` GEMMs C_i = A_i B_i^T + beta C_i, A_i = a + i stride_a, B_i = b + i stride_b, C_i =
+    /// c + i stride_c (elements; C's in its own type), one launch (grid.z over the batch). Each
+    /// C_i is the same bits nt() gives for it alone: a block's sums do not depend on the tile or
+    /// the batch. The strides must keep every matrix 16-byte aligned (InvalidArgument otherwise).
+    void nt_batched(const bfloat16* a, index_t stride_a, const bfloat16* b, index_t stride_b, void* c, index_t stride_c,
+                    index_t batch, OutType out, index_t m, index_t n, index_t k, cudaStream_t stream,
+                    float beta = 0.0f) const;
+
 private:
+    void run(const bfloat16* a, index_t stride_a, const bfloat16* b, index_t stride_b, void* c, index_t stride_c,
+             index_t batch, OutType out, index_t m, index_t n, index_t k, cudaStream_t stream, float beta) const;
+
     TcTileChoice tile_ = TcTileChoice::automatic;
 };
 static_assert(DeviceGemmPolicy<TcGemm>);
+static_assert(DeviceBatchedGemmPolicy<TcGemm>);
 
 // ---------------------------------------------------------------------------------------------
 // The tile machinery (device side), shared with grouped_swiglu.cuh.
@@ -309,16 +321,22 @@ __device__ inline void tc_store(void* c, bool out_bf16, std::size_t idx, float v
 
 inline namespace kernels_v0_1 {
 
-/// One Tile::bm x Tile::bn tile of C per block: blockIdx.x over M tiles, blockIdx.y over N tiles.
+/// One Tile::bm x Tile::bn tile of C per block: blockIdx.x over M tiles, blockIdx.y over N tiles,
+/// blockIdx.z over the batch (matrix z at a + z stride_a, b + z stride_b, c + z stride_c).
 template <class Tile>
 FOE_KERNEL(Tile::block_threads)
 void tc_gemm_kernel(const bfloat16* __restrict__ a, const bfloat16* __restrict__ b, void* c, bool out_bf16, int m,
-                    int n, int k, float beta)
+                    int n, int k, float beta, long long stride_a, long long stride_b, long long stride_c)
 {
 #ifdef FOE_TC_NO_TENSOR_CORES
     __trap();  // the host launcher refuses devices older than sm_80; never reached
 #else
     __shared__ detail::TcShared<Tile> sm;
+    const auto z = static_cast<long long>(blockIdx.z);
+    a += z * stride_a;
+    b += z * stride_b;
+    c = out_bf16 ? static_cast<void*>(static_cast<bfloat16*>(c) + z * stride_c)
+                 : static_cast<void*>(static_cast<float*>(c) + z * stride_c);
     const index_t m0 = static_cast<index_t>(blockIdx.x) * Tile::bm, n0 = static_cast<index_t>(blockIdx.y) * Tile::bn;
     const bfloat16* a_rows[Tile::a_loads];
     const bfloat16* b_rows[Tile::b_loads];
@@ -393,15 +411,18 @@ void require_tensor_core_image(Kernel* kernel, const char* who)
 [[nodiscard]] inline bool aligned16(const void* p) noexcept { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 template <class Tile>
-void launch_tc_gemm(const bfloat16* a, const bfloat16* b, void* c, OutType out, index_t m, index_t n, index_t k,
-                    cudaStream_t stream, float beta)
+void launch_tc_gemm(const bfloat16* a, index_t stride_a, const bfloat16* b, index_t stride_b, void* c, index_t stride_c,
+                    index_t batch, OutType out, index_t m, index_t n, index_t k, cudaStream_t stream, float beta)
 {
     const index_t n_tiles = ceil_div(n, Tile::bn);
     require(n_tiles <= 65535, "TcGemm: N (", n, ") needs ", n_tiles, " column tiles, more than the grid's 65535");
+    require(batch <= 65535, "TcGemm: a batch of ", batch, " exceeds the grid's 65535");
     require_tensor_core_image(tc_gemm_kernel<Tile>, "TcGemm");
-    const dim3 grid(static_cast<unsigned>(ceil_div(m, Tile::bm)), static_cast<unsigned>(n_tiles));
-    tc_gemm_kernel<Tile><<<grid, Tile::block_threads, 0, stream>>>(a, b, c, out == OutType::bf16, static_cast<int>(m),
-                                                                   static_cast<int>(n), static_cast<int>(k), beta);
+    const dim3 grid(static_cast<unsigned>(ceil_div(m, Tile::bm)), static_cast<unsigned>(n_tiles),
+                    static_cast<unsigned>(batch));
+    tc_gemm_kernel<Tile><<<grid, Tile::block_threads, 0, stream>>>(
+        a, b, c, out == OutType::bf16, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), beta,
+        static_cast<long long>(stride_a), static_cast<long long>(stride_b), static_cast<long long>(stride_c));
     check_launch("tc_gemm_kernel");
 }
 
@@ -409,6 +430,27 @@ void launch_tc_gemm(const bfloat16* a, const bfloat16* b, void* c, OutType out, 
 
 inline void TcGemm::nt(const bfloat16* a, const bfloat16* b, void* c, OutType out, index_t m, index_t n, index_t k,
                        cudaStream_t stream, float beta) const
+{
+    run(a, 0, b, 0, c, 0, 1, out, m, n, k, stream, beta);
+}
+
+inline void TcGemm::nt_batched(const bfloat16* a, index_t stride_a, const bfloat16* b, index_t stride_b, void* c,
+                               index_t stride_c, index_t batch, OutType out, index_t m, index_t n, index_t k,
+                               cudaStream_t stream, float beta) const
+{
+    require(batch >= 0 && stride_a >= 0 && stride_b >= 0 && stride_c >= 0, "TcGemm: bad batch ", batch,
+            " or strides A ", stride_a, ", B ", stride_b, ", C ", stride_c);
+    // 16 bytes: 8 bf16 (A, B, bf16 C) or 4 fp32 (C).
+    require(stride_a % 8 == 0 && stride_b % 8 == 0 && stride_c % (out == OutType::bf16 ? 8 : 4) == 0,
+            "TcGemm: batch strides A ", stride_a, ", B ", stride_b, ", C ", stride_c,
+            " must keep every matrix 16-byte aligned");
+    if (batch == 0) return;
+    run(a, stride_a, b, stride_b, c, stride_c, batch, out, m, n, k, stream, beta);
+}
+
+inline void TcGemm::run(const bfloat16* a, index_t stride_a, const bfloat16* b, index_t stride_b, void* c,
+                        index_t stride_c, index_t batch, OutType out, index_t m, index_t n, index_t k,
+                        cudaStream_t stream, float beta) const
 {
     require(m >= 0 && n >= 0 && k >= 0 && m <= 0x7fffffff && n <= 0x7fffffff && k <= 0x7fffffff,
             "TcGemm: bad shape M ", m, ", N ", n, ", K ", k, " (each must be in [0, 2^31 - 1])");
@@ -421,13 +463,14 @@ inline void TcGemm::nt(const bfloat16* a, const bfloat16* b, void* c, OutType ou
     // 128 x 128 tiles when they alone give every SM a block; smaller ones otherwise, so a
     // decode-size GEMM (a few rows) still spreads over the GPU. Not split-K: that would need a
     // second pass (or atomics, which would break determinism) for a gain only at tiny M x N.
+    // A batch's matrices all count towards filling the GPU (the tile changes no result bits).
     const bool large = tile_ == TcTileChoice::automatic
-                           ? detail::ceil_div(m, TcLargeTile::bm) * detail::ceil_div(n, TcLargeTile::bn) >= dev.sms
+                           ? batch * detail::ceil_div(m, TcLargeTile::bm) * detail::ceil_div(n, TcLargeTile::bn) >= dev.sms
                            : tile_ == TcTileChoice::large;
     if (large)
-        detail::launch_tc_gemm<TcLargeTile>(a, b, c, out, m, n, k, stream, beta);
+        detail::launch_tc_gemm<TcLargeTile>(a, stride_a, b, stride_b, c, stride_c, batch, out, m, n, k, stream, beta);
     else
-        detail::launch_tc_gemm<TcSmallTile>(a, b, c, out, m, n, k, stream, beta);
+        detail::launch_tc_gemm<TcSmallTile>(a, stride_a, b, stride_b, c, stride_c, batch, out, m, n, k, stream, beta);
 }
 
 }  // namespace foe::cuda

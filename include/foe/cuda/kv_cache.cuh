@@ -7,7 +7,8 @@
 // PagedKvCache. Either way one head's positions within a slot (a page) are contiguous, which is
 // what prefill and decode attention stream. Row i of the batch (slot token_slots[i], position
 // positions[i]) writes the layout's row (slot, h, position) for every KV head h. The copy is
-// exact (bits).
+// exact (bits). One launch may cover the groups of an FoE layer (gridDim.y = groups; group g
+// copies from k, v + g * groups.in into kcache, vcache + g * groups.cache: foe/cuda/groups.cuh).
 
 #include <algorithm>
 #include <cstdint>
@@ -16,6 +17,7 @@
 #include "foe/core/half.hpp"
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
+#include "foe/cuda/groups.cuh"
 #include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
@@ -35,9 +37,13 @@ inline void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat1
 /// position past the table's row, an entry outside the pool; for a contiguous cache a position
 /// outside [0, capacity)) are not written: the host's PagedKvCache::check_fits rejects such
 /// batches, and the kernel neither writes outside the pool nor reads past a table row.
+/// `groups`: one launch over groups.count groups, group g's k and v rows at k, v + g * groups.in
+/// and its caches at kcache, vcache + g * groups.cache (every group shares the layout, block table
+/// included; groups.out and .weight are ignored).
 template <KvLayout Layout>
 void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride, index_t kv_heads,
-               index_t head_dim, const Layout& layout, bfloat16* kcache, bfloat16* vcache, cudaStream_t stream);
+               index_t head_dim, const Layout& layout, bfloat16* kcache, bfloat16* vcache, cudaStream_t stream,
+               const GroupStrides& groups = {});
 
 /// 256 threads, one 16-byte vector (8 bf16 of one head) of k and one of v per thread: a
 /// bandwidth-bound copy. Consecutive threads take consecutive vectors of a token's row, so a warp
@@ -58,8 +64,13 @@ FOE_KERNEL(Launch::block_threads)
 void append_kv_kernel(const bfloat16* __restrict__ k, const bfloat16* __restrict__ v, long long row_stride,
                       const std::int32_t* __restrict__ token_slots, const std::int32_t* __restrict__ positions,
                       long long tokens, int kv_heads, int head_dim, Layout layout, bfloat16* __restrict__ kcache,
-                      bfloat16* __restrict__ vcache)
+                      bfloat16* __restrict__ vcache, long long in_group_stride, long long cache_group_stride)
 {
+    const int group = static_cast<int>(blockIdx.y);
+    k += GroupStrides::at(in_group_stride, group);
+    v += GroupStrides::at(in_group_stride, group);
+    kcache += GroupStrides::at(cache_group_stride, group);
+    vcache += GroupStrides::at(cache_group_stride, group);
     const int per_row = kv_heads * head_dim / VEC;  // vectors per token; a vector never spans two heads
     const long long total = tokens * per_row;
     const long long step = static_cast<long long>(gridDim.x) * Launch::block_threads;
@@ -87,8 +98,10 @@ void append_kv_kernel(const bfloat16* __restrict__ k, const bfloat16* __restrict
 
 template <KvLayout Layout>
 void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, index_t row_stride, index_t kv_heads,
-               index_t head_dim, const Layout& layout, bfloat16* kcache, bfloat16* vcache, cudaStream_t stream)
+               index_t head_dim, const Layout& layout, bfloat16* kcache, bfloat16* vcache, cudaStream_t stream,
+               const GroupStrides& groups)
 {
+    require(groups.count >= 1 && groups.count <= 65535, "append_kv: ", groups.count, " groups outside [1, 65535]");
     require(kv_heads > 0 && head_dim > 0 && kv_heads * head_dim <= 0x7fffffff, "append_kv: kv_heads (", kv_heads,
             ") and head_dim (", head_dim, ") must be positive, with a product below 2^31");
     require(row_stride >= kv_heads * head_dim, "append_kv: row_stride ", row_stride,
@@ -99,19 +112,23 @@ void append_kv(const DeviceBatch& batch, const bfloat16* k, const bfloat16* v, i
 
     constexpr int vec = AppendKvLaunch::vector;
     auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-    const bool vectorised = head_dim % vec == 0 && row_stride % vec == 0 && aligned(k) && aligned(v) &&
-                            aligned(kcache) && aligned(vcache);
+    // Every group's rows and caches 16-byte aligned too: strides of whole vectors.
+    const bool vectorised = head_dim % vec == 0 && row_stride % vec == 0 && groups.in % vec == 0 &&
+                            groups.cache % vec == 0 && aligned(k) && aligned(v) && aligned(kcache) && aligned(vcache);
     const index_t total = batch.tokens * kv_heads * head_dim / (vectorised ? vec : 1);
     const auto blocks = static_cast<unsigned>(
         std::min<index_t>(detail::ceil_div(total, AppendKvLaunch::block_threads), AppendKvLaunch::max_blocks));
     const auto stride = static_cast<long long>(row_stride), tokens = static_cast<long long>(batch.tokens);
     const auto heads = static_cast<int>(kv_heads), dim = static_cast<int>(head_dim);
+    const dim3 grid(blocks, static_cast<unsigned>(groups.count));
     if (vectorised)
-        append_kv_kernel<vec, Layout><<<blocks, AppendKvLaunch::block_threads, 0, stream>>>(
-            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, layout, kcache, vcache);
+        append_kv_kernel<vec, Layout><<<grid, AppendKvLaunch::block_threads, 0, stream>>>(
+            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, layout, kcache, vcache, groups.in,
+            groups.cache);
     else
-        append_kv_kernel<1, Layout><<<blocks, AppendKvLaunch::block_threads, 0, stream>>>(
-            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, layout, kcache, vcache);
+        append_kv_kernel<1, Layout><<<grid, AppendKvLaunch::block_threads, 0, stream>>>(
+            k, v, stride, batch.token_slots, batch.positions, tokens, heads, dim, layout, kcache, vcache, groups.in,
+            groups.cache);
     check_launch("append_kv_kernel");
 }
 

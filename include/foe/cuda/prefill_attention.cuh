@@ -37,6 +37,12 @@
 // per (row, query head), fp32 on CUDA cores, the same online softmax over chunks of 32 positions.
 //
 // Both kernels add in a fixed order: the same inputs give bit-identical outputs run to run.
+//
+// Groups (foe/cuda/groups.cuh): one launch may cover the G groups of an FoE layer, each with the
+// shape's query_heads and kv_heads. The query-head index is folded with the group (g x
+// query_heads + h: the tensor-core grid's y, the simple kernel's work index), and group g reads
+// q + g * groups.in and its caches + g * groups.cache, and writes out + g * groups.out. A group
+// computes exactly what its own launch would: the same rows, in the same order.
 
 #include <cmath>
 #include <cstdint>
@@ -46,6 +52,7 @@
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/decode_attention.cuh"
+#include "foe/cuda/groups.cuh"
 #include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
@@ -71,15 +78,18 @@ inline void prefill_attention(const AttentionShape& s, const DeviceBatch& batch,
 /// The same over a cache of any layout: ContiguousKvLayout (as above, with its own capacity), or
 /// PagedKvLayout (kcache and vcache the pools, the block table in device memory). Positions the
 /// layout does not map are masked out and not read. Kernel arguments only: capturable in a CUDA
-/// graph, with the block table's contents free to change between replays.
+/// graph, with the block table's contents free to change between replays. `groups`: one launch
+/// over groups.count groups of s's heads each (q, the caches and out shifted by groups.in, .cache
+/// and .out per group; the layout and block table shared).
 template <KvLayout Layout>
 void prefill_attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
                        index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
-                       cudaStream_t stream);
+                       cudaStream_t stream, const GroupStrides& groups = {});
 
 /// Workspace bytes of attention() for batches of up to max_sequences sequences (the decode path's
-/// split-KV partials; the prefill path needs none).
-[[nodiscard]] inline std::size_t attention_workspace_bytes(const AttentionShape& s, index_t max_sequences);
+/// split-KV partials; the prefill path needs none), for a launch over `groups` groups.
+[[nodiscard]] inline std::size_t attention_workspace_bytes(const AttentionShape& s, index_t max_sequences,
+                                                           index_t groups = 1);
 
 /// Attention of a ragged batch, choosing the kernel: a pure decode step (every sequence brings
 /// exactly one token: max_new_tokens == 1 and tokens == sequences) runs decode_attention over
@@ -90,11 +100,12 @@ inline void attention(const AttentionShape& s, const DeviceBatch& batch, const b
                       const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
                       cudaStream_t stream);
 
-/// The same over a cache of any layout (decode_attention or prefill_attention with `layout`).
+/// The same over a cache of any layout (decode_attention or prefill_attention with `layout`), and
+/// over groups.count groups in one launch (workspace: attention_workspace_bytes(s, n, groups.count)).
 template <KvLayout Layout>
 void attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
                index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
-               cudaStream_t stream);
+               cudaStream_t stream, const GroupStrides& groups = {});
 
 /// Tensor-core kernel: 4 warps of 16 query rows each (one m16 MMA row block per warp), K/V tiles
 /// of 64 positions. Shared memory at head_dim 128: two tiles of 64 x (128 + 8) bf16 = 34 KB,
@@ -175,6 +186,36 @@ __device__ inline void mma_bf16_16816(float (&c)[4], const std::uint32_t (&a)[4]
 
 constexpr float neg_inf = -__builtin_huge_valf();
 
+/// What one (row, folded head) of a grouped launch works on: element offsets of its q values
+/// (row stride q_row_stride) and of its output ([rows, query_heads, head_dim] per group), and its
+/// group's cache base (added to the layout's offsets).
+struct GroupedRowHead {
+    int group, head;
+    std::int64_t q, out, cache;
+};
+[[nodiscard]] FOE_HOST_DEVICE constexpr GroupedRowHead grouped_row_head(const GroupStrides& gs, int query_heads,
+                                                                        int folded, long long row,
+                                                                        long long q_row_stride, int head_dim) noexcept
+{
+    const HeadFold fold{query_heads};
+    const int g = fold.group(folded), h = fold.head(folded);
+    return {g, h, GroupStrides::at(gs.in, g) + row * q_row_stride + static_cast<std::int64_t>(h) * head_dim,
+            GroupStrides::at(gs.out, g) + (row * query_heads + h) * static_cast<std::int64_t>(head_dim),
+            GroupStrides::at(gs.cache, g)};
+}
+
+/// The simple kernel's work item `work` (one warp) of a launch over `groups` groups: row work /
+/// (groups x query_heads), folded head work % (groups x query_heads).
+struct SimpleWork {
+    long long row;
+    int folded;
+};
+[[nodiscard]] FOE_HOST_DEVICE constexpr SimpleWork simple_work(long long work, int query_heads, int groups) noexcept
+{
+    const long long heads = static_cast<long long>(query_heads) * groups;
+    return {work / heads, static_cast<int>(work % heads)};
+}
+
 }  // namespace detail::prefill
 
 inline namespace kernels_v0_1 {
@@ -186,7 +227,7 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
                                   const bfloat16* __restrict__ kcache, const bfloat16* __restrict__ vcache,
                                   const std::int32_t* __restrict__ row_offsets, const std::int32_t* __restrict__ slots,
                                   const std::int32_t* __restrict__ starts, int query_heads, int kv_heads, Layout layout,
-                                  float scale_log2, bfloat16* __restrict__ out)
+                                  float scale_log2, bfloat16* __restrict__ out, GroupStrides groups)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // never launched: the host sees this image's PTX target and takes the simple kernel
@@ -207,7 +248,13 @@ void prefill_attention_mma_kernel(const bfloat16* __restrict__ q, long long q_ro
     __shared__ __align__(16) std::uint16_t sv[BN * LD];
 
     const int tile = static_cast<int>(gridDim.x - 1 - blockIdx.x);  // longest rows first
-    const int h = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
+    // blockIdx.y: the folded head g x query_heads + h; group g's operands start g strides in.
+    const auto at0 = dp::grouped_row_head(groups, query_heads, static_cast<int>(blockIdx.y), 0, 0, D);
+    const int h = at0.head, b = static_cast<int>(blockIdx.z);
+    q += GroupStrides::at(groups.in, at0.group);
+    out += GroupStrides::at(groups.out, at0.group);
+    kcache += at0.cache;
+    vcache += at0.cache;
     const int row0 = row_offsets[b], new_tokens = row_offsets[b + 1] - row0;
     const int m0 = tile * BM;
     if (m0 >= new_tokens) return;
@@ -403,18 +450,22 @@ void prefill_attention_simple_kernel(const bfloat16* __restrict__ q, long long q
                                      const bfloat16* __restrict__ kcache, const bfloat16* __restrict__ vcache,
                                      const std::int32_t* __restrict__ token_slots,
                                      const std::int32_t* __restrict__ positions, long long tokens, int query_heads,
-                                     int kv_heads, int head_dim, Layout layout, float scale, bfloat16* __restrict__ out)
+                                     int kv_heads, int head_dim, Layout layout, float scale, bfloat16* __restrict__ out,
+                                     GroupStrides groups)
 {
     constexpr int warps = Launch::fallback_threads / 32;
     constexpr int per_lane = Launch::max_head_dim / 32;
     __shared__ float qs[warps][Launch::max_head_dim];
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
     const long long work = static_cast<long long>(blockIdx.x) * warps + warp;
-    if (work >= tokens * query_heads) return;  // whole warps leave; no block barrier follows
-    const long long row = work / query_heads;
-    const int h = static_cast<int>(work % query_heads), kvh = h / (query_heads / kv_heads);
+    if (work >= tokens * query_heads * groups.count) return;  // whole warps leave; no block barrier follows
+    const auto [row, folded] = detail::prefill::simple_work(work, query_heads, groups.count);
+    const auto at = detail::prefill::grouped_row_head(groups, query_heads, folded, row, q_row_stride, head_dim);
+    const int h = at.head, kvh = h / (query_heads / kv_heads);
+    kcache += at.cache;
+    vcache += at.cache;
 
-    const bfloat16* qr = q + static_cast<std::size_t>(row * q_row_stride) + static_cast<std::size_t>(h * head_dim);
+    const bfloat16* qr = q + at.q;
     for (int d = lane; d < head_dim; d += 32) qs[warp][d] = static_cast<float>(qr[d]);
     __syncwarp();
     // Keys [0, last], of which those the layout maps (a contiguous slot: all of them).
@@ -460,9 +511,7 @@ void prefill_attention_simple_kernel(const bfloat16* __restrict__ q, long long q
         m = m_new;
     }
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    bfloat16* orow = out + (static_cast<std::size_t>(row) * static_cast<std::size_t>(query_heads) +
-                            static_cast<std::size_t>(h)) *
-                               static_cast<std::size_t>(head_dim);
+    bfloat16* orow = out + at.out;
 #pragma unroll
     for (int i = 0; i < per_lane; ++i) {
         const int d = lane + 32 * i;
@@ -483,7 +532,7 @@ namespace detail::prefill {
 template <int HEAD_DIM, class Layout>
 [[nodiscard]] bool launch_mma(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch,
                               const bfloat16* q, index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache,
-                              bfloat16* out, cudaStream_t stream)
+                              bfloat16* out, cudaStream_t stream, const GroupStrides& groups)
 {
     using L = PrefillAttentionLaunch;
     cudaFuncAttributes attributes{};
@@ -492,10 +541,10 @@ template <int HEAD_DIM, class Layout>
     if (attributes.ptxVersion < 80) return false;
     const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(HEAD_DIM)));
     const dim3 grid(static_cast<unsigned>(ceil_div(batch.max_new_tokens, L::block_m)),
-                    static_cast<unsigned>(s.query_heads), static_cast<unsigned>(batch.sequences));
+                    static_cast<unsigned>(groups.count * s.query_heads), static_cast<unsigned>(batch.sequences));
     prefill_attention_mma_kernel<HEAD_DIM, Layout><<<grid, L::block_threads, 0, stream>>>(
         q, static_cast<long long>(q_row_stride), kcache, vcache, batch.row_offsets, batch.slots, batch.starts,
-        static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads), layout, scale_log2, out);
+        static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads), layout, scale_log2, out, groups);
     check_launch("prefill_attention_mma_kernel");
     return true;
 }
@@ -511,12 +560,14 @@ template <int HEAD_DIM, class Layout>
 template <KvLayout Layout>
 void prefill_attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
                        index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, bfloat16* out,
-                       cudaStream_t stream)
+                       cudaStream_t stream, const GroupStrides& groups)
 {
     using L = PrefillAttentionLaunch;
     require(s.kv_heads > 0 && s.query_heads > 0 && s.query_heads % s.kv_heads == 0, "prefill_attention: ",
             s.query_heads, " query heads are not a positive multiple of ", s.kv_heads, " KV heads");
-    require(s.query_heads <= 65535, "prefill_attention: ", s.query_heads, " query heads exceed the grid's 65535");
+    require(groups.count >= 1, "prefill_attention: ", groups.count, " groups; at least 1");
+    require(groups.count * s.query_heads <= 65535, "prefill_attention: ", groups.count, " groups of ", s.query_heads,
+            " query heads exceed the grid's 65535");
     require(s.head_dim > 0 && s.head_dim <= L::max_head_dim, "prefill_attention: head_dim ", s.head_dim,
             " outside [1, ", L::max_head_dim, "]");
     require(s.capacity > 0 && s.capacity <= 0x7fffffff, "prefill_attention: capacity ", s.capacity,
@@ -536,27 +587,29 @@ void prefill_attention(const AttentionShape& s, const Layout& layout, const Devi
     auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
     // 16-byte cp.async of Q/K/V rows: aligned pointers and a q stride of whole 16-byte chunks
     // (cache rows are head_dim apart, a multiple of 16 elements at every tensor-core head_dim).
-    if (q_row_stride % 8 == 0 && aligned(q) && aligned(kcache) && aligned(vcache) && aligned(out)) {
+    // Every group's operands aligned too: group strides of whole 16-byte chunks.
+    if (q_row_stride % 8 == 0 && groups.in % 8 == 0 && groups.cache % 8 == 0 && groups.out % 8 == 0 && aligned(q) &&
+        aligned(kcache) && aligned(vcache) && aligned(out)) {
         using namespace detail::prefill;
         bool done = false;
         switch (s.head_dim) {
-        case 32: done = launch_mma<32>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
-        case 64: done = launch_mma<64>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
-        case 96: done = launch_mma<96>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
-        case 128: done = launch_mma<128>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream); break;
+        case 32: done = launch_mma<32>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream, groups); break;
+        case 64: done = launch_mma<64>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream, groups); break;
+        case 96: done = launch_mma<96>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream, groups); break;
+        case 128: done = launch_mma<128>(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream, groups); break;
         default: break;
         }
         if (done) return;
     }
     constexpr int warps = L::fallback_threads / 32;
-    const index_t blocks = detail::ceil_div(batch.tokens * s.query_heads, warps);
-    require(blocks <= 0x7fffffff, "prefill_attention: ", batch.tokens, " tokens x ", s.query_heads,
+    const index_t blocks = detail::ceil_div(batch.tokens * groups.count * s.query_heads, warps);
+    require(blocks <= 0x7fffffff, "prefill_attention: ", batch.tokens, " tokens x ", groups.count * s.query_heads,
             " heads exceed the grid");
     const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.head_dim)));
     prefill_attention_simple_kernel<Layout><<<static_cast<unsigned>(blocks), L::fallback_threads, 0, stream>>>(
         q, static_cast<long long>(q_row_stride), kcache, vcache, batch.token_slots, batch.positions,
         static_cast<long long>(batch.tokens), static_cast<int>(s.query_heads), static_cast<int>(s.kv_heads),
-        static_cast<int>(s.head_dim), layout, scale, out);
+        static_cast<int>(s.head_dim), layout, scale, out, groups);
     check_launch("prefill_attention_simple_kernel");
 }
 
@@ -575,25 +628,26 @@ namespace detail::prefill {
 }
 }  // namespace detail::prefill
 
-inline std::size_t attention_workspace_bytes(const AttentionShape& s, index_t max_sequences)
+inline std::size_t attention_workspace_bytes(const AttentionShape& s, index_t max_sequences, index_t groups)
 {
-    require(max_sequences >= 0, "attention_workspace_bytes: negative max_sequences ", max_sequences);
-    return decode_attention_workspace_bytes(detail::prefill::decode_shape(s, max_sequences));
+    require(max_sequences >= 0 && groups >= 1, "attention_workspace_bytes: max_sequences ", max_sequences,
+            " must not be negative and groups ", groups, " positive");
+    return decode_attention_workspace_bytes(detail::prefill::decode_shape(s, max_sequences), groups);
 }
 
 template <KvLayout Layout>
 void attention(const AttentionShape& s, const Layout& layout, const DeviceBatch& batch, const bfloat16* q,
                index_t q_row_stride, const bfloat16* kcache, const bfloat16* vcache, void* workspace, bfloat16* out,
-               cudaStream_t stream)
+               cudaStream_t stream, const GroupStrides& groups)
 {
     // tokens == sequences with at most one token each means exactly one each: row b is sequence
     // b, the layout decode_attention reads and writes.
     if (batch.max_new_tokens == 1 && batch.tokens == batch.sequences) {
         decode_attention(detail::prefill::decode_shape(s, batch.sequences), layout, q, q_row_stride, kcache, vcache,
-                         batch.slots, batch.lengths, workspace, out, stream);
+                         batch.slots, batch.lengths, workspace, out, stream, groups);
         return;
     }
-    prefill_attention(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream);
+    prefill_attention(s, layout, batch, q, q_row_stride, kcache, vcache, out, stream, groups);
 }
 
 inline void attention(const AttentionShape& s, const DeviceBatch& batch, const bfloat16* q, index_t q_row_stride,

@@ -2,11 +2,13 @@
 // Rotary position embedding on the device, rotate-half convention, in place on bf16
 // [tokens, heads, head_dim]. Angles match the host's foe::ops::Rope: inv_freq and the angle in
 // float (as Hugging Face forms them), cos and sin of that float angle in double, the rotation in
-// float, one rounding to bf16.
+// float, one rounding to bf16. One launch may cover the groups of an FoE layer (gridDim.y =
+// groups; group g rotates x + g * groups.in: foe/cuda/groups.cuh).
 
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/check.cuh"
+#include "foe/cuda/groups.cuh"
 
 namespace foe::cuda {
 
@@ -22,11 +24,12 @@ inline namespace kernels_v0_1 {
 template <class Launch = RopeLaunch>
 FOE_KERNEL(Launch::block_threads)
 void rope_kernel(bfloat16* x, const std::int32_t* __restrict__ positions, int heads, int head_dim,
-                 std::size_t token_stride, double theta)
+                 std::size_t token_stride, double theta, long long group_stride)
 {
     const int half = head_dim / 2;
     const float pos = static_cast<float>(positions[blockIdx.x]);
-    bfloat16* xt = x + static_cast<std::size_t>(blockIdx.x) * token_stride;
+    bfloat16* xt = x + GroupStrides::at(group_stride, static_cast<int>(blockIdx.y)) +
+                   static_cast<std::size_t>(blockIdx.x) * token_stride;
     for (int p = static_cast<int>(threadIdx.x); p < heads * half; p += Launch::block_threads) {
         const int h = p / half, j = p % half;
         const float exponent = static_cast<float>(2 * j) / static_cast<float>(head_dim);
@@ -46,17 +49,21 @@ void rope_kernel(bfloat16* x, const std::int32_t* __restrict__ positions, int he
 
 /// Rotates x [tokens, heads, head_dim] in place, token rows token_stride elements apart (>= heads
 /// x head_dim: the q or k part of a fused q|k|v row); positions[t] (device, int32) is token t's
-/// position in its sequence.
+/// position in its sequence. `groups`: one launch over groups.count groups, group g's rows at
+/// x + g * groups.in (the other strides are ignored); every group sees the same positions.
 inline void rope(bfloat16* x, const std::int32_t* positions, index_t tokens, index_t heads, index_t head_dim,
-                 index_t token_stride, double theta, cudaStream_t stream)
+                 index_t token_stride, double theta, cudaStream_t stream, const GroupStrides& groups = {})
 {
+    require(groups.count >= 1 && groups.count <= 65535, "rope: ", groups.count, " groups outside [1, 65535]");
     require(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even, got ", head_dim);
     require(tokens >= 0 && tokens <= 0x7fffffff && heads > 0, "rope: bad shape [", tokens, ", ", heads, ", ", head_dim, "]");
     require(token_stride >= heads * head_dim, "rope: token_stride ", token_stride, " is less than the ", heads, " x ",
             head_dim, " elements of a token row");
     if (tokens == 0) return;
-    rope_kernel<<<static_cast<unsigned>(tokens), RopeLaunch::block_threads, 0, stream>>>(
-        x, positions, static_cast<int>(heads), static_cast<int>(head_dim), static_cast<std::size_t>(token_stride), theta);
+    const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(groups.count));
+    rope_kernel<<<grid, RopeLaunch::block_threads, 0, stream>>>(x, positions, static_cast<int>(heads),
+                                                                static_cast<int>(head_dim),
+                                                                static_cast<std::size_t>(token_stride), theta, groups.in);
     check_launch("rope_kernel");
 }
 
