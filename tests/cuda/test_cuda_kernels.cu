@@ -1,9 +1,14 @@
 // foe's CUDA kernels against the host kernels (the oracles) on fresh random inputs: RMSNorm,
 // QK-norm, RoPE, router scores + top-k, permutation by expert, weighted combine, stream mean,
-// decode attention, the cuBLASLt GEMM and the grouped SwiGLU experts. Outputs are poisoned
+// decode attention, the cuBLASLt GEMM and the grouped SwiGLU experts; and the device policies
+// built from them (CudaRouter, CudaSwiGluExperts, AllReduceMean over a device communicator,
+// CudaNoSync) against their host policies. Outputs are poisoned
 // (0xff bytes: NaN in bf16/fp32, -1 in int32) before every run, so an unwritten element fails.
 // Without a CUDA device every test case says so and passes: the file builds and runs in CI.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+// The host policies here (the oracles) use gemm::Default, foe's own GEMM; without CBLAS, since
+// OpenBLAS's cblas.h declares a global `bfloat16` that collides with this file's foe::bfloat16.
+#undef FOE_WITH_CBLAS
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -25,7 +30,20 @@
 #include "foe/cuda/rope.cuh"
 #include "foe/cuda/router.cuh"
 #include "foe/cuda/swiglu_experts.cuh"
+#include "foe/comm/cuda_self_comm.cuh"
+#include "foe/cuda/context.cuh"
+#include "foe/cuda/gemm_tc.cuh"
+#include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/experts/permute.hpp"
+#include "foe/experts/swiglu_experts.cuh"
+#include "foe/experts/swiglu_experts.hpp"
+#include "foe/parallel/exchange_experts.cuh"
+#include "foe/parallel/local_experts.cuh"
+#include "foe/routing/router.cuh"
+#include "foe/routing/router.hpp"
+#include "foe/sync/all_reduce_mean.cuh"
+#include "foe/sync/all_reduce_mean.hpp"
+#include "foe/sync/no_sync.cuh"
 #include "foe/ops/rmsnorm.hpp"
 #include "foe/ops/rope.hpp"
 #include "foe/routing/scores.hpp"
@@ -512,4 +530,377 @@ TEST_CASE("cuda: errors are foe::CudaError with file:line, and cuda_device_count
         CHECK(what.find("a deliberately failed call") != std::string::npos);
     }
     if (n > 0) CHECK(cudaGetLastError() == cudaSuccess);  // nothing left behind for the next call
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device policies against their host policies.
+
+namespace fr = foe::routing;
+namespace fx = foe::experts;
+namespace fp = foe::parallel;
+namespace fs = foe::sync;
+
+// What each device policy claims, checked at compile time (no device needed).
+static_assert(fr::DeviceRoutingPolicy<fr::CudaRouter<fr::Softmax, fr::PerGroupTopK, fc::TcGemm>>);
+static_assert(fr::DeviceRoutingPolicy<fr::CudaRouter<fr::Sigmoid, fr::GlobalTopK>>);
+static_assert(!fr::HostRoutingPolicy<fr::CudaRouter<fr::Sigmoid, fr::GlobalTopK>>);
+static_assert(fr::CudaRouter<fr::Softmax, fr::PerGroupTopK>::per_group && !fr::CudaRouter<fr::Softmax, fr::GlobalTopK>::per_group);
+static_assert(fx::DeviceExpertsPolicy<fx::CudaSwiGluExperts<>> && fx::DeviceExpertsPolicy<fx::CudaSwiGluExperts<fc::TcGemm>>);
+static_assert(!fx::HostExpertsPolicy<fx::CudaSwiGluExperts<>>);
+static_assert(fp::DeviceExpertParallelPolicy<fp::CudaLocalExperts, fx::CudaSwiGluExperts<>>);
+static_assert(fp::DeviceExpertParallelPolicy<fp::CudaExchangeExperts, fx::CudaSwiGluExperts<>>);
+static_assert(!fp::CudaLocalExperts::collective && fp::CudaExchangeExperts::collective);
+static_assert(foe::comm::Comm<foe::comm::CudaSelfComm>);
+static_assert(std::same_as<foe::backend_of_t<fs::AllReduceMean<>>, foe::HostBackend>);
+static_assert(fs::HostResidualSyncPolicy<fs::AllReduceMean<>>);
+static_assert(fs::DeviceResidualSyncPolicy<fs::AllReduceMean<foe::comm::CudaSelfComm>>);
+static_assert(fs::DeviceResidualSyncPolicy<fs::CudaNoSync>);
+static_assert(fs::CudaNoSync::identity && !fs::AllReduceMean<foe::comm::CudaSelfComm>::identity);
+
+namespace {
+
+/// Device scratch for one policy call, as a layer hands it out: reset before each call.
+struct TestScratch {
+    explicit TestScratch(std::size_t bytes) : buffer(std::max<std::size_t>(bytes, 1)), scratch(buffer.data(), bytes) {}
+    fc::DeviceContext context(cudaStream_t stream = nullptr)
+    {
+        scratch.reset();
+        return fc::DeviceContext{stream, &scratch};
+    }
+    fc::DeviceBuffer<unsigned char> buffer;
+    fc::Scratch scratch;
+};
+
+template <class T>
+std::vector<T> download_n(const T* p, std::size_t n)
+{
+    std::vector<T> h(n);
+    if (n > 0) fc::check(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy (test)");
+    return h;
+}
+
+/// CudaRouter<Score, Selection, Gemm> against routing::Router<Score, Selection> on the same bf16
+/// values. The logits of the two differ in the GEMM's summation order only, so an expert may
+/// differ only where the host's keys of the two candidates tie to 1e-4; weights agree to 1e-4.
+template <class Score, class Selection, class Gemm>
+void check_cuda_router(const fr::RoutingSpec& spec, index_t d, index_t tokens, std::mt19937_64& rng)
+{
+    CAPTURE(spec.num_experts);
+    CAPTURE(spec.groups);
+    CAPTURE(spec.top_k);
+    CAPTURE(tokens);
+    const index_t e = spec.num_experts;
+    const auto gate = random_bf16(sz(e * d), rng, -0.5f, 0.5f);
+    const auto u = random_bf16(sz(tokens * d), rng);
+    std::vector<float> bias(sz(e));
+    std::uniform_real_distribution<float> bd(-0.1f, 0.1f);
+    for (auto& b : bias) b = bd(rng);
+    const foe::MatrixView<const float> gv(gate.values.data(), {e, d});
+    const foe::VectorView<const float> bv(bias.data(), {e});
+
+    fr::Router<Score, Selection> host(spec, gv, bv);
+    fr::RoutingResult want;
+    host.route(foe::MatrixView<const float>(u.values.data(), {tokens, d}), want);
+    // The host's selection keys, for telling a near-tie from a wrong pick.
+    std::vector<float> logits(sz(e)), scores(sz(e)), keys(sz(tokens * e));
+    for (index_t t = 0; t < tokens; ++t) {
+        for (index_t x = 0; x < e; ++x) {
+            double acc = 0.0;
+            for (index_t j = 0; j < d; ++j) acc += double{gate.values[sz(x * d + j)]} * u.values[sz(t * d + j)];
+            logits[sz(x)] = static_cast<float>(acc);
+        }
+        Score::apply(logits, Score::uses_bias ? std::span<const float>(bias) : std::span<const float>{}, scores,
+                     std::span<float>(keys.data() + t * e, sz(e)));
+    }
+
+    fr::CudaRouter<Score, Selection, Gemm> dev(spec, gv, bv);
+    TestScratch scratch(dev.scratch_bytes());
+    auto du = fc::upload(u.bits);
+    std::vector<std::int32_t> got_e[2];
+    std::vector<float> got_w[2];
+    fr::DeviceRoutingResult got;
+    for (int run = 0; run < 2; ++run) {
+        dev.route(foe::MatrixView<const bfloat16>(du.data(), {tokens, d}), got, scratch.context());
+        const auto n = sz(got.tokens * got.slots_per_token);
+        got_e[run] = download_n(got.experts, n);
+        got_w[run] = download_n(got.weights, n);
+    }
+    CHECK(got.tokens == want.tokens);
+    CHECK(got.slots_per_token == want.slots_per_token);
+    CHECK(got.slots_per_group == want.slots_per_group);
+    CHECK(got.group_begin == want.group_begin);
+    REQUIRE(got_e[0].size() == want.experts.size());
+    CHECK(same_bits(got_e[0], got_e[1]));
+    CHECK(same_bits(got_w[0], got_w[1]));
+    std::string bad;
+    for (std::size_t i = 0; i < want.experts.size() && bad.empty(); ++i) {
+        const auto t = static_cast<index_t>(i) / want.slots_per_token;
+        const std::int32_t g = got_e[0][i], w = want.experts[i];
+        if (g != w) {
+            const float kg = g >= 0 && g < e ? keys[sz(t * e + g)] : std::numeric_limits<float>::quiet_NaN();
+            const float kw = keys[sz(t * e + w)];
+            if (!(std::abs(kg - kw) <= 1e-4f * std::max(1.0f, std::abs(kw))))
+                bad = "slot " + std::to_string(i) + ": expert " + std::to_string(g) + ", host " + std::to_string(w);
+        } else if (!(std::abs(got_w[0][i] - want.weights[i]) <= 1e-4f * std::max(1.0f, std::abs(want.weights[i])))) {
+            bad = "weight " + std::to_string(i) + ": got " + std::to_string(got_w[0][i]) + ", host " +
+                  std::to_string(want.weights[i]);
+        }
+    }
+    CHECK_MESSAGE(bad.empty(), bad);
+
+    // An empty batch routes nothing and still describes the slots.
+    dev.route(foe::MatrixView<const bfloat16>(du.data(), {0, d}), got, scratch.context());
+    CHECK(got.tokens == 0);
+    CHECK(got.slots_per_token == want.slots_per_token);
+}
+
+}  // namespace
+
+TEST_CASE("cuda policies: CudaRouter (softmax, sigmoid x per-group, global top-k) matches routing::Router")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(11);
+    // FoE: all 8 groups held, top-1 per group; T below the plan.
+    check_cuda_router<fr::Softmax, fr::PerGroupTopK, fc::TcGemm>({64, 8, 8, 0, 8, false, 64}, 64, 37, rng);
+    // Sigmoid with the selection bias, two of four groups held, renormalised; T at the plan.
+    check_cuda_router<fr::Sigmoid, fr::PerGroupTopK, fc::LtGemm>({64, 16, 4, 1, 3, true, 50}, 128, 50, rng);
+    // Standard MoE: one group, global top-8 (and E not a multiple of 32).
+    check_cuda_router<fr::Softmax, fr::GlobalTopK, fc::LtGemm>({64, 8, 1, 0, 1, true, 200}, 64, 129, rng);
+    check_cuda_router<fr::Sigmoid, fr::GlobalTopK, fc::TcGemm>({40, 6, 1, 0, 1, false, 16}, 96, 1, rng);
+}
+
+namespace {
+
+struct ExpertsCase {
+    index_t tokens, max_tokens, d, f, groups, experts_per_group, k_per_group, expert_begin, expert_end;
+};
+
+/// CudaSwiGluExperts compute + combine against experts::SwiGluExperts compute + per-group combine
+/// on the same bf16 values, and bit for bit against foe::cuda::Layer's local-experts kernels.
+void check_cuda_experts(const ExpertsCase& c, std::mt19937_64& rng)
+{
+    CAPTURE(c.tokens);
+    CAPTURE(c.groups);
+    CAPTURE(c.expert_begin);
+    CAPTURE(c.expert_end);
+    const index_t d = c.d, f = c.f, t = c.tokens, slots = c.groups * c.k_per_group, rows = t * slots;
+    const index_t held = c.expert_end - c.expert_begin;
+    std::vector<Bf16Data> gate_up, down;  // per held expert: [2f, d] (gate rows, then up rows), [d, f]
+    std::vector<fx::ExpertWeights> weights;
+    for (index_t e = 0; e < held; ++e) {
+        gate_up.push_back(random_bf16(sz(2 * f * d), rng, -0.2f, 0.2f));
+        down.push_back(random_bf16(sz(d * f), rng, -0.2f, 0.2f));
+    }
+    for (index_t e = 0; e < held; ++e) {
+        const float* gu = gate_up[sz(e)].values.data();
+        weights.push_back({foe::MatrixView<const float>(gu, {f, d}), foe::MatrixView<const float>(gu + f * d, {f, d}),
+                           foe::MatrixView<const float>(down[sz(e)].values.data(), {d, f})});
+    }
+    const auto u = random_bf16(sz(t * d), rng);
+    const auto residual = random_bf16(sz(t * d), rng);
+    // Routing over every group: k/H distinct experts of group g per token, weights in (0, 1).
+    fr::RoutingResult r;
+    r.tokens = t;
+    r.slots_per_token = slots;
+    r.slots_per_group = c.k_per_group;
+    r.group_begin = 0;
+    std::uniform_real_distribution<float> wd(0.05f, 1.0f);
+    std::vector<std::int32_t> ids(sz(c.experts_per_group));
+    for (index_t i = 0; i < t; ++i)
+        for (index_t g = 0; g < c.groups; ++g) {
+            for (index_t x = 0; x < c.experts_per_group; ++x) ids[sz(x)] = static_cast<std::int32_t>(g * c.experts_per_group + x);
+            std::shuffle(ids.begin(), ids.end(), rng);
+            for (index_t s = 0; s < c.k_per_group; ++s) {
+                r.experts.push_back(ids[sz(s)]);
+                r.weights.push_back(wd(rng));
+            }
+        }
+
+    // Host: y zero where the expert is not held (then it adds nothing, as on the device).
+    const fx::ExpertsSpec spec{d, f, c.expert_begin, c.expert_end, c.max_tokens * slots};
+    fx::SwiGluExperts<> host(spec, weights);
+    std::vector<float> y_host(sz(rows * d), 0.0f), want(sz(c.groups * t * d));
+    host.compute(foe::MatrixView<const float>(u.values.data(), {t, d}), r, foe::MatrixView<float>(y_host.data(), {rows, d}));
+    const foe::TensorView<float, 3> want_view(want.data(), {c.groups, t, d});
+    for (index_t g = 0; g < c.groups; ++g)
+        fx::SwiGluExperts<>::combine(r, foe::MatrixView<const float>(y_host.data(), {rows, d}),
+                                     foe::MatrixView<const float>(residual.values.data(), {t, d}), g * c.k_per_group,
+                                     c.k_per_group, want_view[g]);
+
+    fx::CudaSwiGluExperts<> dev(spec, weights);
+    CHECK(dev.weight_bytes() == sz(held * 3 * d * f) * sizeof(bfloat16));
+    const fp::CudaLocalExperts local;
+    TestScratch scratch(local.scratch_bytes(dev));
+    auto du = fc::upload(u.bits);
+    auto dres = fc::upload(residual.bits);
+    auto dexp = fc::upload(r.experts);
+    auto dw = fc::upload(r.weights);
+    const fr::DeviceRoutingResult dr{t, slots, c.k_per_group, 0, dexp.data(), dw.data()};
+    fc::DeviceBuffer<bfloat16> y(sz(rows * d)), out(sz(c.groups * t * d));
+    std::vector<bfloat16> runs[2];
+    fp::CudaLocalExperts ep;
+    for (int run = 0; run < 2; ++run) {
+        fc::fill_bytes(y, 0xff);
+        fc::fill_bytes(out, 0xff);
+        ep.run(dev, foe::MatrixView<const bfloat16>(du.data(), {t, d}), dr, foe::MatrixView<bfloat16>(y.data(), {rows, d}),
+               scratch.context());
+        ep.combine(dev, dr, foe::MatrixView<const bfloat16>(y.data(), {rows, d}),
+                   foe::MatrixView<const bfloat16>(dres.data(), {t, d}),
+                   foe::TensorView<bfloat16, 3>(out.data(), {c.groups, t, d}), scratch.context());
+        runs[run] = fc::download(out);
+    }
+    CHECK(rel_error(to_float(runs[0]), want) < bf16_tolerance);
+    CHECK(same_bits(runs[0], runs[1]));
+
+    // foe::cuda::Layer's kernels with the same plan: the same bits.
+    const fc::PermutePlan plan(spec.max_rows, held);
+    fc::DeviceBuffer<unsigned char> pws(plan.workspace_bytes()),
+        sws(fc::grouped_swiglu_workspace_bytes(spec.max_rows, held, f));
+    fc::DeviceBuffer<std::int32_t> sorted(sz(spec.max_rows)), offsets(sz(held + 1)), inverse(sz(spec.max_rows));
+    fc::DeviceBuffer<bfloat16> gathered(sz(spec.max_rows * d)), y2(sz(rows * d)), out2(sz(c.groups * t * d));
+    fc::fill_bytes(out2, 0xff);
+    fc::permute(plan, rows, dexp.data(), c.expert_begin, pws.data(), {sorted.data(), offsets.data(), inverse.data()},
+                nullptr);
+    fc::gather_rows(du.data(), sorted.data(), rows, slots, d, gathered.data(), nullptr);
+    fc::grouped_swiglu(dev.grouped(), offsets.data(), gathered.data(), rows, sws.data(), y2.data(), nullptr);
+    fc::combine(y2.data(), inverse.data(), dw.data(), dres.data(), t, d, slots, c.k_per_group, out2.data(), nullptr);
+    CHECK(same_bits(fc::download(out2), runs[0]));
+}
+
+}  // namespace
+
+TEST_CASE("cuda policies: CudaSwiGluExperts compute + combine match experts::SwiGluExperts, bit-identical to the layer's kernels")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(12);
+    check_cuda_experts({37, 64, 64, 96, 4, 4, 2, 0, 16}, rng);   // FoE: 4 streams in one combine
+    check_cuda_experts({1, 8, 128, 64, 1, 8, 4, 0, 8}, rng);     // decode-sized MoE batch
+    check_cuda_experts({50, 50, 64, 48, 2, 8, 2, 3, 12}, rng);   // a partial holder: others' slots add nothing
+    check_cuda_experts({300, 300, 64, 64, 1, 4, 2, 0, 4}, rng);  // rows past a 128-row tile per expert
+}
+
+// Not in an anonymous namespace: the Comm concept needs members that the test never calls.
+namespace policy_test {
+
+/// A device communicator of two ranks whose peer contributes zeros (its all-reduce is a no-op):
+/// drives AllReduceMean's cross-rank path (fp32 partial sum, all-reduce, scale) on one device.
+struct LoopbackPairComm {
+    using stream_type = cudaStream_t;
+    [[nodiscard]] int rank() const { return 0; }
+    [[nodiscard]] int size() const { return 2; }
+    void all_reduce_sum(std::span<float> buf, cudaStream_t) { reduced += buf.size(); }
+    void all_to_all_v(std::span<const float>, std::span<const index_t>, std::span<float>, std::span<const index_t>,
+                      cudaStream_t) {}
+    void all_gather(std::span<const float>, std::span<float>, cudaStream_t) {}
+    [[nodiscard]] LoopbackPairComm split(int, int) const { return {}; }
+    std::size_t reduced = 0;
+};
+static_assert(foe::comm::Comm<LoopbackPairComm>);
+static_assert(fs::DeviceResidualSyncPolicy<fs::AllReduceMean<LoopbackPairComm>>);
+
+/// bf16 of (sum of the held streams in order, fp32) * (1/groups): the host AllReduceMean's sum
+/// and scale, rounded once.
+std::vector<bfloat16> host_mean(const std::vector<float>& streams, index_t held, std::size_t n, index_t groups)
+{
+    std::vector<bfloat16> out(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        float acc = streams[i];
+        for (index_t h = 1; h < held; ++h) acc += streams[sz(h) * n + i];
+        out[i] = bfloat16(acc * (1.0f / static_cast<float>(groups)));
+    }
+    return out;
+}
+
+}  // namespace policy_test
+
+TEST_CASE("cuda policies: AllReduceMean over a device communicator and CudaNoSync match the host mean bit for bit")
+{
+    if (!have_device()) return;
+    std::mt19937_64 rng(13);
+    struct Case { index_t held, groups, tokens, d; };
+    for (auto c : {Case{4, 4, 33, 96}, Case{2, 4, 7, 64}, Case{1, 1, 16, 128}, Case{8, 8, 1, 2048}}) {
+        CAPTURE(c.held);
+        CAPTURE(c.groups);
+        const auto n = sz(c.tokens * c.d);
+        const auto r = random_bf16(sz(c.held) * n, rng, -3.0f, 3.0f);
+        // The host policy on the same values, rounded once at the end.
+        std::vector<foe::MatrixView<const float>> views;
+        for (index_t h = 0; h < c.held; ++h) views.emplace_back(r.values.data() + sz(h) * n, std::array<index_t, 2>{c.tokens, c.d});
+        std::vector<float> host_rf(n);
+        fs::AllReduceMean<> host_sync;
+        host_sync.sync(views, c.groups, foe::MatrixView<float>(host_rf.data(), {c.tokens, c.d}));
+        std::vector<bfloat16> want(n);
+        for (std::size_t i = 0; i < n; ++i) want[i] = bfloat16(host_rf[i]);
+        CHECK(same_bits(want, policy_test::host_mean(r.values, c.held, n, c.groups)));
+
+        auto dr = fc::upload(r.bits);
+        fc::DeviceBuffer<bfloat16> rf(n);
+        const foe::TensorView<const bfloat16, 3> streams(dr.data(), {c.held, c.tokens, c.d});
+        const foe::MatrixView<bfloat16> rf_view(rf.data(), {c.tokens, c.d});
+
+        fs::AllReduceMean<foe::comm::CudaSelfComm> one_rank;
+        CHECK(one_rank.scratch_bytes(c.tokens, c.d) == 0);
+        TestScratch none(0);
+        fc::fill_bytes(rf, 0xff);
+        one_rank.sync(streams, c.groups, rf_view, none.context());
+        CHECK_MESSAGE(same_bits(fc::download(rf), want), first_mismatch(to_float(fc::download(rf)), to_float(want)));
+
+        fs::AllReduceMean<policy_test::LoopbackPairComm> pair;
+        TestScratch scratch(pair.scratch_bytes(c.tokens, c.d));
+        fc::fill_bytes(rf, 0xff);
+        pair.sync(streams, c.groups, rf_view, scratch.context());
+        CHECK(pair.comm().reduced == n);
+        CHECK(same_bits(fc::download(rf), want));
+
+        if (c.held == 1 && c.groups == 1) {
+            fs::CudaNoSync no_sync;
+            fc::fill_bytes(rf, 0xff);
+            no_sync.sync(streams, 1, rf_view, none.context());
+            CHECK(same_bits(fc::download(rf), r.bits));
+        }
+    }
+}
+
+TEST_CASE("cuda policies: bad specs and shapes are typed errors before anything touches the device")
+{
+    // Runs without a device: every check below throws before the first CUDA call.
+    std::vector<float> gate(sz(64 * 64), 0.5f), bias(64, 0.0f);
+    const foe::MatrixView<const float> gv(gate.data(), {64, 64});
+    const foe::VectorView<const float> bv(bias.data(), {64});
+    using SoftmaxRouter = fr::CudaRouter<fr::Softmax, fr::PerGroupTopK>;
+    CHECK_THROWS_AS(SoftmaxRouter({64, 8, 8, 0, 8, false, 0}, gv, bv), foe::InvalidArgument);  // no max_tokens
+    CHECK_THROWS_AS(SoftmaxRouter({64, 9, 8, 0, 8, false, 4}, gv, bv), foe::ConfigError);     // k not a multiple of H
+    CHECK_THROWS_AS(SoftmaxRouter({32, 8, 8, 0, 8, false, 4}, gv, bv), foe::InvalidArgument); // gate is [64, d]
+    CHECK_THROWS_AS((fr::CudaRouter<fr::Softmax, fr::GlobalTopK>({64, 8, 2, 0, 2, false, 4}, gv, bv)), foe::ConfigError);
+    std::vector<float> big(sz(512 * 64), 0.5f);
+    CHECK_THROWS_AS(SoftmaxRouter({512, 8, 8, 0, 8, false, 4}, foe::MatrixView<const float>(big.data(), {512, 64}), bv),
+                    foe::ConfigError);  // more experts than the kernel's 256
+    std::vector<float> narrow(sz(64 * 60), 0.5f);
+    CHECK_THROWS_AS(SoftmaxRouter({64, 8, 8, 0, 8, false, 4}, foe::MatrixView<const float>(narrow.data(), {64, 60}), bv),
+                    foe::InvalidArgument);  // d not a multiple of 8
+
+    std::vector<float> w(sz(64 * 64), 0.1f);
+    const foe::MatrixView<const float> m(w.data(), {64, 64});
+    const std::vector<fx::ExpertWeights> two{{m, m, m}, {m, m, m}};
+    CHECK_THROWS_AS(fx::CudaSwiGluExperts<>({64, 64, 0, 2, 0}, two), foe::InvalidArgument);  // no max_rows
+    CHECK_THROWS_AS(fx::CudaSwiGluExperts<>({64, 64, 0, 3, 8}, two), foe::InvalidArgument);  // 3 experts, 2 weights
+    CHECK_THROWS_AS(fx::CudaSwiGluExperts<>({64, 64, 0, 0, 8}, {}), foe::ConfigError);       // holds nothing
+    CHECK_THROWS_AS(fx::CudaSwiGluExperts<>({64, 60, 0, 2, 8}, two), foe::ConfigError);      // f not a multiple of 8
+    CHECK_THROWS_AS(fx::CudaSwiGluExperts<>({64, 32, 0, 2, 8}, two), foe::InvalidArgument);  // shapes are [64, 64]
+
+    std::vector<bfloat16> r(sz(2 * 4 * 8)), rf(sz(4 * 8));
+    const foe::TensorView<const bfloat16, 3> two_streams(r.data(), {2, 4, 8});
+    fs::CudaNoSync no_sync;
+    CHECK_THROWS_AS(no_sync.sync(two_streams, 2, foe::MatrixView<bfloat16>(rf.data(), {4, 8}), {}), foe::ConfigError);
+    fs::AllReduceMean<foe::comm::CudaSelfComm> mean;
+    CHECK_THROWS_AS(mean.sync(two_streams, 1, foe::MatrixView<bfloat16>(rf.data(), {4, 8}), {}), foe::ConfigError);
+
+    foe::comm::CudaSelfComm self;
+    std::vector<float> a(4), b(4);
+    const std::vector<index_t> four{4}, three{3};
+    CHECK_THROWS_AS(self.all_to_all_v(a, four, b, three, nullptr), foe::CommError);
+    CHECK_THROWS_AS(self.all_gather(a, std::span<float>(b.data(), 3), nullptr), foe::CommError);
+
+    fp::CudaExchangeExperts no_exchange;
+    CHECK(no_exchange.exchange() == nullptr);
 }

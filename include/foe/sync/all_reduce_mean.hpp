@@ -2,20 +2,39 @@
 // AllReduceMean<Comm>: FoE's residual sync. The groups held locally are summed first (so a rank
 // with several groups sends one buffer, not one per group), then one all-reduce(sum) over the
 // ranks of the sync communicator, then a scale by 1/H.
+//
+// This is the host policy, over a host communicator (SelfComm, MpiComm, ...). Over a device
+// communicator (NcclComm, CudaSelfComm) AllReduceMean is the CUDA residual sync, a partial
+// specialization in foe/sync/all_reduce_mean.cuh (it needs nvcc); without that header this
+// template refuses a device communicator at compile time.
 
+#include <concepts>
 #include <vector>
 
 #include "foe/comm/comm.hpp"
 #include "foe/comm/self_comm.hpp"
+#include "foe/core/backend.hpp"
 #include "foe/sync/residual_sync.hpp"
 
 namespace foe::sync {
 
+namespace detail {
+/// A communicator whose collectives run on the device (comm::comm_backend_t is CudaBackend):
+/// AllReduceMean over it is the specialization in foe/sync/all_reduce_mean.cuh.
+template <class C>
+concept device_comm = comm::Comm<C> && std::same_as<comm::comm_backend_t<C>, CudaBackend>;
+}  // namespace detail
+
 template <comm::Comm C = comm::SelfComm>
 class AllReduceMean {
+    static_assert(!detail::device_comm<C>,
+                  "sync::AllReduceMean over a device communicator (NcclComm, CudaSelfComm) is the CUDA residual "
+                  "sync: #include \"foe/sync/all_reduce_mean.cuh\" (compiled by nvcc) before naming it");
+
 public:
     /// The communicator's: over NcclComm the all-reduce reads device memory, so a host layer
-    /// cannot take AllReduceMean<NcclComm> (layer/backend_check.hpp refuses it at compile time).
+    /// cannot take AllReduceMean<NcclComm> (layer/backend_check.hpp refuses it at compile time,
+    /// naming the policy, besides the static_assert above when the .cuh was not included).
     using backend = comm::comm_backend_t<C>;
 
     AllReduceMean() = default;
