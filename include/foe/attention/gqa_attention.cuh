@@ -17,6 +17,10 @@
 //   attention causal GQA (prefill / decode)    one launch (decode: split-KV, two)
 //   out[g]   += attn[g] o_g^T                  one batched GEMM, beta 1
 //
+// forward_partial() is the head-parallel form (MoeHeadParallelLayer: one instance over a rank's
+// share of the heads, G = 1): the same steps, but out = attn o^T is written in fp32 (one GEMM,
+// beta 0) for the ranks to sum before anything is rounded to bf16.
+//
 // The kernels take the group as a grid dimension or a folded head index (foe/cuda/groups.cuh):
 // group g reads its q|k|v columns, its cache and its weights at fixed strides from group 0's, so
 // each group computes exactly what a launch of its own would (the host replays of these index
@@ -53,6 +57,7 @@
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/groups.cuh"
+#include "foe/cuda/upload.cuh"
 #include "foe/cuda/kv_cache.cuh"
 #include "foe/cuda/kv_layout.cuh"
 #include "foe/cuda/prefill_attention.cuh"
@@ -115,6 +120,16 @@ public:
     void forward(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> x, TensorView<bfloat16, 3> out,
                  const cuda::DeviceContext& ctx);
 
+    /// One group only (a rank's share of the heads in head-parallel attention, MoeHeadParallelLayer):
+    /// the same steps as forward() on x [T, d], but the o_proj GEMM WRITES its fp32 output,
+    /// out [T, d] = o(Attn(RMSNorm(x))) (beta 0, no bf16 rounding): the partial attention output
+    /// that the ranks sum in fp32 before it is added to the residual. x and out row-major with
+    /// contiguous rows; appends the batch's keys and values to the cache; same scratch as
+    /// forward() (scratch_bytes()). InvalidArgument for an instance of several groups, the
+    /// capacity and shape errors of forward(). T = 0 enqueues nothing.
+    void forward_partial(const cuda::DeviceBatch& batch, MatrixView<const bfloat16> x, MatrixView<float> out,
+                         const cuda::DeviceContext& ctx);
+
     [[nodiscard]] const AttentionSpec& spec() const noexcept { return spec_; }
     [[nodiscard]] index_t groups() const noexcept { return groups_; }
     [[nodiscard]] std::size_t weight_bytes() const noexcept { return weights_.bytes(); }
@@ -132,6 +147,12 @@ public:
     [[nodiscard]] index_t page_table_width() const noexcept { return table_width_; }
 
 private:
+    /// forward()'s steps up to the o_proj GEMM for x [1 or G, T > 0, d] (checked by the caller):
+    /// input norm, q|k|v, QK-norm, RoPE, KV append and attention. Returns attn [G, T, q width],
+    /// taken from ctx.scratch.
+    const bfloat16* attend(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> x,
+                           const cuda::DeviceContext& ctx);
+
     /// The kernels' shape. Its capacity sizes the split-KV decode's chunks and workspace, so for a
     /// paged cache it is every position a block-table row can map (width x page_size, which the
     /// host's Batch::check_pages admits), not only cache_capacity: a sequence grown past
@@ -162,30 +183,6 @@ private:
 
 namespace detail {
 
-/// Row-major bf16 copy of a (possibly strided) host matrix view, appended.
-inline void append_bf16(std::vector<bfloat16>& out, const WeightMatrix& m)
-{
-    std::vector<float> row(static_cast<std::size_t>(m.extent(1)));
-    out.reserve(out.size() + static_cast<std::size_t>(m.extent(0) * m.extent(1)));
-    for (index_t i = 0; i < m.extent(0); ++i) {
-        m.widen_row(i, row.data());
-        for (const float v : row) out.push_back(bfloat16(v));
-    }
-}
-inline void append_bf16(std::vector<bfloat16>& out, VectorView<const float> v)
-{
-    for (index_t i = 0; i < v.extent(0); ++i) out.push_back(bfloat16(v(i)));
-}
-
-/// Uploads a host vector into an arena buffer (synchronous: weights load once).
-template <class T>
-T* upload_to(cuda::DeviceArena& arena, const std::vector<T>& host)
-{
-    T* p = arena.take<T>(host.size());
-    if (!host.empty())
-        cuda::check(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy (weights)");
-    return p;
-}
 
 }  // namespace detail
 
@@ -238,15 +235,15 @@ CudaGqaAttention<Gemm, Cache>::CudaGqaAttention(const AttentionSpec& spec, std::
         if (spec.qk_norm != QkNorm::none) {
             require_vector(w.q_norm, qk_norm_width_, g, "q_norm");
             require_vector(w.k_norm, k_norm_width_, g, "k_norm");
-            detail::append_bf16(q_norm, w.q_norm);
-            detail::append_bf16(k_norm, w.k_norm);
+            cuda::append_bf16(q_norm, w.q_norm);
+            cuda::append_bf16(k_norm, w.k_norm);
         }
-        detail::append_bf16(input_norm, w.input_norm);
+        cuda::append_bf16(input_norm, w.input_norm);
         // q, k and v stacked: [row, d] per group, [G row, d] for all (one GEMM's weights).
-        detail::append_bf16(qkv, w.q_proj);
-        detail::append_bf16(qkv, w.k_proj);
-        detail::append_bf16(qkv, w.v_proj);
-        detail::append_bf16(o, w.o_proj);
+        cuda::append_bf16(qkv, w.q_proj);
+        cuda::append_bf16(qkv, w.k_proj);
+        cuda::append_bf16(qkv, w.v_proj);
+        cuda::append_bf16(o, w.o_proj);
     }
     // One input norm for every group when their bf16 weights are equal (an FoE layer's groups
     // share input_layernorm): one stream then needs one norm and one q|k|v GEMM.
@@ -263,11 +260,11 @@ CudaGqaAttention<Gemm, Cache>::CudaGqaAttention(const AttentionSpec& spec, std::
     cuda::ArenaPlan plan;
     for (const auto* h : {&input_norm, &q_norm, &k_norm, &qkv, &o}) plan.add<bfloat16>(h->size());
     weights_ = cuda::DeviceArena(plan.bytes());
-    input_norm_ = detail::upload_to(weights_, input_norm);
-    q_norm_ = detail::upload_to(weights_, q_norm);
-    k_norm_ = detail::upload_to(weights_, k_norm);
-    qkv_ = detail::upload_to(weights_, qkv);
-    o_ = detail::upload_to(weights_, o);
+    input_norm_ = cuda::upload_to(weights_, input_norm);
+    q_norm_ = cuda::upload_to(weights_, q_norm);
+    k_norm_ = cuda::upload_to(weights_, k_norm);
+    qkv_ = cuda::upload_to(weights_, qkv);
+    o_ = cuda::upload_to(weights_, o);
 
     // KV caches: G equal caches back to back, keys then values.
     if constexpr (paged) {
@@ -310,8 +307,7 @@ template <cuda::DeviceBatchedGemmPolicy Gemm, class Cache>
 void CudaGqaAttention<Gemm, Cache>::forward(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> x,
                                             TensorView<bfloat16, 3> out, const cuda::DeviceContext& ctx)
 {
-    const index_t t = batch.tokens, d = spec_.hidden_size, g = groups_, hd = spec_.head_dim;
-    const index_t qh = spec_.q_heads, kvh = spec_.kv_heads;
+    const index_t t = batch.tokens, d = spec_.hidden_size, g = groups_;
     require<CapacityError>(t <= spec_.max_tokens && batch.sequences <= spec_.max_sequences, "device attention: ", t,
                            " tokens in ", batch.sequences, " sequences exceed the plan's ", spec_.max_tokens,
                            " tokens and ", spec_.max_sequences, " sequences");
@@ -327,6 +323,44 @@ void CudaGqaAttention<Gemm, Cache>::forward(const cuda::DeviceBatch& batch, Tens
                              "device attention: input and output rows must be contiguous (row strides ", x.stride(1),
                              " and ", out.stride(1), ", expected ", d, ")");
     if (t == 0) return;
+    const bfloat16* attn = attend(batch, x, ctx);
+
+    // out[g] += attn[g] o_g^T, every group in one GEMM.
+    cuda::device_gemm<Gemm>().nt_batched(attn, t * qw_, o_, d * qw_, out.data(), out.stride(0), g, cuda::OutType::bf16,
+                                         t, d, qw_, ctx.stream, 1.0f);
+}
+
+template <cuda::DeviceBatchedGemmPolicy Gemm, class Cache>
+void CudaGqaAttention<Gemm, Cache>::forward_partial(const cuda::DeviceBatch& batch, MatrixView<const bfloat16> x,
+                                                    MatrixView<float> out, const cuda::DeviceContext& ctx)
+{
+    const index_t t = batch.tokens, d = spec_.hidden_size;
+    require<InvalidArgument>(groups_ == 1, "device attention: forward_partial runs one group (a rank's share of the "
+                                           "heads); this instance holds ", groups_);
+    require<CapacityError>(t <= spec_.max_tokens && batch.sequences <= spec_.max_sequences, "device attention: ", t,
+                           " tokens in ", batch.sequences, " sequences exceed the plan's ", spec_.max_tokens,
+                           " tokens and ", spec_.max_sequences, " sequences");
+    require<InvalidArgument>(x.extent(0) == t && x.extent(1) == d && out.extent(0) == t && out.extent(1) == d,
+                             "device attention: the partial forward's input is ", format_shape(x.shape()),
+                             " and output ", format_shape(out.shape()), ", expected [", t, ", ", d, "]");
+    require<InvalidArgument>((t <= 1 || (x.stride(0) == d && out.stride(0) == d)) && x.stride(1) == 1 &&
+                                 out.stride(1) == 1,
+                             "device attention: input and output rows must be contiguous (row strides ", x.stride(0),
+                             " and ", out.stride(0), ", expected ", d, ")");
+    if (t == 0) return;
+    const bfloat16* attn = attend(batch, TensorView<const bfloat16, 3>(x.data(), {1, t, d}), ctx);
+
+    // out = attn o^T in fp32 (beta 0): one plain GEMM, what the layer's head-parallel path ran.
+    cuda::device_gemm<Gemm>().nt(attn, o_, out.data(), cuda::OutType::fp32, t, d, qw_, ctx.stream, 0.0f);
+}
+
+template <cuda::DeviceBatchedGemmPolicy Gemm, class Cache>
+const bfloat16* CudaGqaAttention<Gemm, Cache>::attend(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> x,
+                                                      const cuda::DeviceContext& ctx)
+{
+    const index_t t = batch.tokens, d = spec_.hidden_size, g = groups_, hd = spec_.head_dim;
+    const index_t qh = spec_.q_heads, kvh = spec_.kv_heads;
+    const index_t streams = x.extent(0);
     require<InvalidArgument>(!paged || batch.block_table != nullptr, "device attention: the KV cache is paged (pages of ",
                              spec_.page_size, " positions) but the batch carries no device block table");
     require<InvalidArgument>(ctx.scratch != nullptr, "device attention: the context has no scratch");
@@ -388,10 +422,7 @@ void CudaGqaAttention<Gemm, Cache>::forward(const cuda::DeviceBatch& batch, Tens
                                 batch.block_table, pool_pages_});
     else
         run(cuda::ContiguousKvLayout{static_cast<std::int32_t>(spec_.cache_capacity)});
-
-    // out[g] += attn[g] o_g^T, every group in one GEMM.
-    gemm.nt_batched(attn, t * qw_, o_, d * qw_, out.data(), out.stride(0), g, cuda::OutType::bf16, t, d, qw_, stream,
-                    1.0f);
+    return attn;
 }
 
 }  // namespace foe::attention

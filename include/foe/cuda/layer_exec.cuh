@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "foe/core/error.hpp"
@@ -22,6 +23,7 @@
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/context.cuh"
+#include "foe/cuda/elementwise.cuh"
 #include "foe/cuda/rmsnorm.cuh"
 #include "foe/layer/foe_layer.hpp"
 
@@ -71,6 +73,10 @@ struct layer_exec_state<CudaBackend> {
         post_norm = cuda::DeviceBuffer<bfloat16>(bf.size());
         cuda::check(cudaMemcpy(post_norm.data(), bf.data(), bf.size() * sizeof(bfloat16), cudaMemcpyHostToDevice),
                     "cudaMemcpy (post_attention_layernorm)");
+        // The policies uploaded their weights the same way. A copy from pageable memory may still
+        // be in flight when cudaMemcpy returns, and a forward on a non-blocking stream is not
+        // ordered after it: the layer is ready only when the device is done with them.
+        cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (layer weights uploaded)");
     }
 };
 
@@ -141,6 +147,52 @@ struct layer_exec<CudaBackend> {
                  MatrixView<const bfloat16> y, MatrixView<const bfloat16> rf, TensorView<bfloat16, 3> out)
     {
         ep.combine(experts, r, y, rf, out, policy_context());
+    }
+
+    // Head-parallel attention (layer/moe_head_parallel_layer.hpp, head_parallel_forward).
+
+    /// r = x + sum over the comm's ranks of this rank's heads' o(Attn(RMSNorm(x))), the sum in fp32:
+    /// the attention writes its fp32 share (forward_partial, into the body's scratch), the ranks
+    /// sum it in place, and x is added with one bf16 rounding.
+    template <class Attention, class C>
+    void attend_head_share(Attention& attention, C& comm, const cuda::DeviceBatch& batch, MatrixView<const bfloat16> x,
+                           MatrixView<bfloat16> r)
+    {
+        const index_t t = r.extent(0), d = r.extent(1);
+        const auto n = static_cast<std::size_t>(t * d);
+        float* partial = ctx_.scratch->take<float>(n);
+        attention.forward_partial(batch, x, MatrixView<float>(partial, {t, d}), policy_context());
+        comm.all_reduce_sum(std::span<float>(partial, n), ctx_.stream);
+        cuda::add_round(x.data(), partial, n, r.data(), ctx_.stream);
+    }
+
+    /// This rank's slice of x' [chunk, d] (rows past the slice's own are padding, not written).
+    MatrixView<bfloat16> slice_buffer(index_t chunk, index_t d) { return matrix(LayerBuffer::slice, chunk, d); }
+
+    /// out [T, d] = the first T rows of every rank's slice [chunk, d], gathered in rank order.
+    template <class C>
+    void gather_slices(C& comm, MatrixView<const bfloat16> slice, MatrixView<bfloat16> out)
+    {
+        const index_t chunk = slice.extent(0), d = slice.extent(1), t = out.extent(0);
+        const auto n = static_cast<std::size_t>(chunk * d);
+        bfloat16* all = ctx_.scratch->take<bfloat16>(static_cast<std::size_t>(comm.size()) * n);
+        comm.all_gather(std::span<const bfloat16>(slice.data(), n),
+                        std::span<bfloat16>(all, static_cast<std::size_t>(comm.size()) * n), ctx_.stream);
+        if (t > 0)
+            cuda::check(cudaMemcpyAsync(out.data(), all, static_cast<std::size_t>(t * d) * sizeof(bfloat16),
+                                        cudaMemcpyDeviceToDevice, ctx_.stream),
+                        "cudaMemcpyAsync (gathered slices)");
+    }
+
+    /// The bf16 and fp32 bytes of head_parallel_forward's tensors for T tokens over `parts` ranks
+    /// (slices of chunk = ceil(T / parts) rows): r, the fp32 partial, u, y, the slice and the
+    /// gathered slices, in the order they are taken.
+    [[nodiscard]] static std::size_t head_parallel_tensor_bytes(index_t t, index_t d, index_t slots, index_t parts)
+    {
+        const index_t chunk = (t + parts - 1) / parts;
+        const auto bf = [](index_t n) { return cuda::align_up(static_cast<std::size_t>(n) * sizeof(bfloat16)); };
+        return bf(t * d) + cuda::align_up(static_cast<std::size_t>(t * d) * sizeof(float)) + bf(chunk * d) +
+               bf(chunk * slots * d) + bf(chunk * d) + bf(parts * chunk * d);
     }
 
 private:

@@ -41,6 +41,7 @@
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/cuda/permute.cuh"
+#include "foe/cuda/upload.cuh"
 #include "foe/experts/experts.hpp"
 #include "foe/routing/routing.hpp"
 
@@ -107,17 +108,6 @@ static_assert(DeviceExpertsPolicy<CudaSwiGluExperts<>>);
 
 // ---------------------------------------------------------------------------------------------
 
-namespace detail {
-/// Appends a host weight matrix row by row, rounded to bf16.
-inline void append_bf16_rows(std::vector<bfloat16>& out, const WeightMatrix& m, std::vector<float>& row)
-{
-    row.resize(static_cast<std::size_t>(m.extent(1)));
-    for (index_t i = 0; i < m.extent(0); ++i) {
-        m.widen_row(i, row.data());
-        for (float v : row) out.push_back(bfloat16(v));
-    }
-}
-}  // namespace detail
 
 template <cuda::DeviceGemmPolicy Gemm>
 const ExpertsSpec& CudaSwiGluExperts<Gemm>::validated(const ExpertsSpec& spec, const std::vector<ExpertWeights>& w)
@@ -152,14 +142,13 @@ CudaSwiGluExperts<Gemm>::CudaSwiGluExperts(const ExpertsSpec& spec, std::vector<
     : spec_(validated(spec, weights)), plan_(spec.max_rows, spec.expert_end - spec.expert_begin)
 {
     std::vector<bfloat16> gate_up, down;
-    std::vector<float> row;
     const auto per_matrix = static_cast<std::size_t>(spec.hidden_size * spec.intermediate_size);
     gate_up.reserve(weights.size() * 2 * per_matrix);
     down.reserve(weights.size() * per_matrix);
     for (const auto& e : weights) {
-        detail::append_bf16_rows(gate_up, e.gate_proj, row);
-        detail::append_bf16_rows(gate_up, e.up_proj, row);
-        detail::append_bf16_rows(down, e.down_proj, row);
+        cuda::append_bf16(gate_up, e.gate_proj);
+        cuda::append_bf16(gate_up, e.up_proj);
+        cuda::append_bf16(down, e.down_proj);
     }
     cuda::ArenaPlan plan;
     plan.add<bfloat16>(gate_up.size());

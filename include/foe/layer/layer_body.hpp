@@ -9,8 +9,11 @@
 //                            scratch, every step one stream-ordered launch over all held groups
 //
 // An exec provides: element, batch_type, routing_type; streams()/matrix() scratch views; attend,
-// sync, rms_norm, route, run_experts, combine. It calls the policies and holds no equation.
+// sync, rms_norm, route, run_experts, combine; and for the head-parallel MoE body
+// (layer/moe_head_parallel_layer.hpp, head_parallel_forward) attend_head_share, slice_buffer and
+// gather_slices. It calls the policies and holds no equation.
 
+#include <algorithm>
 #include <span>
 #include <vector>
 
@@ -26,8 +29,10 @@ namespace foe::detail {
 template <class Backend>
 struct layer_exec;
 
-/// The scratch tensors of one forward.
-enum class LayerBuffer { residual, synced, normed, expert_out };
+/// The scratch tensors of one forward (slice, gathered: head-parallel attention's token slices,
+/// layer/moe_head_parallel_layer.hpp).
+enum class LayerBuffer { residual, synced, normed, expert_out, slice, gathered };
+inline constexpr int layer_buffer_count = 6;
 
 /// How the held groups' attention is held: one instance per group on the host, one instance for
 /// all of them when the policy covers groups (the device's group-batched attention).
@@ -83,7 +88,7 @@ struct layer_exec<HostBackend> {
     using routing_type = routing::RoutingResult;
 
     std::vector<index_t> order;  ///< the compute order of the held groups (a permutation)
-    std::vector<float> buffers[4];
+    std::vector<float> buffers[layer_buffer_count];
 
     TensorView<float, 3> streams(LayerBuffer b, index_t n, index_t t, index_t d)
     {
@@ -143,6 +148,42 @@ struct layer_exec<HostBackend> {
         const index_t per_group = r.slots_per_group;
         for (index_t g = 0; g < out.extent(0); ++g)
             parallel::combine<Experts>(ep, r, y, rf, g * per_group, per_group, out[g]);
+    }
+
+    // Head-parallel attention (layer/moe_head_parallel_layer.hpp, head_parallel_forward).
+
+    /// r = x + sum over the comm's ranks of this rank's heads' Attn(RMSNorm(x)): the attention
+    /// writes its share into r, the ranks sum r in place, then x is added.
+    template <class Attention, class C>
+    void attend_head_share(Attention& attention, C& comm, const Batch& batch, MatrixView<const float> x,
+                           MatrixView<float> r)
+    {
+        const index_t t = r.extent(0), d = r.extent(1);
+        attention.forward(batch, x, r);
+        comm.all_reduce_sum(std::span<float>(r.data(), static_cast<std::size_t>(t * d)), typename C::stream_type{});
+        FOE_OMP_PARALLEL_FOR
+        for (index_t i = 0; i < t; ++i)
+            for (index_t j = 0; j < d; ++j) r(i, j) += x(i, j);
+    }
+
+    /// This rank's slice of x' [chunk, d], zeroed (rows past the slice's own are padding).
+    MatrixView<float> slice_buffer(index_t chunk, index_t d)
+    {
+        auto& v = buffers[static_cast<int>(LayerBuffer::slice)];
+        v.assign(static_cast<std::size_t>(chunk * d), 0.0f);
+        return MatrixView<float>(v.data(), {chunk, d});
+    }
+
+    /// out [T, d] = the first T rows of every rank's slice [chunk, d], gathered in rank order.
+    template <class C>
+    void gather_slices(C& comm, MatrixView<const float> slice, MatrixView<float> out)
+    {
+        const index_t chunk = slice.extent(0), d = slice.extent(1), t = out.extent(0);
+        auto& all = buffers[static_cast<int>(LayerBuffer::gathered)];
+        all.resize(static_cast<std::size_t>(comm.size() * chunk * d));
+        comm.all_gather(std::span<const float>(slice.data(), static_cast<std::size_t>(chunk * d)), all,
+                        typename C::stream_type{});
+        for (index_t i = 0; i < t; ++i) std::copy_n(all.data() + i * d, d, &out(i, 0));
     }
 };
 
