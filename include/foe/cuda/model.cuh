@@ -30,6 +30,13 @@
 // With head_parts > 1 attention is head-parallel as well (the second MoE baseline): every rank
 // runs every sequence over its share of the KV heads, and only its slice of the tokens goes
 // through the exchange (ceil(T / head_parts) rows).
+//
+// The layers are the library's composed layer types over the device policies, as the host model's
+// are over host ones: FoeLayer / MoeLayer (layer/foe_layer.hpp, one body for both backends) or
+// MoeHeadParallelLayer, with CudaGqaAttention<Gemm, Cache>, CudaRouter<Score, Selection, Gemm>,
+// CudaSwiGluExperts<Gemm>, CudaLocalExperts or CudaExchangeExperts, and AllReduceMean over
+// CudaSelfComm or the options' reduce hook. The config's score function and the options' cache
+// layout and parallelism pick the type at construction (make_device_layer below).
 
 #include <algorithm>
 #include <cstdint>
@@ -51,14 +58,41 @@
 #include "foe/cuda/expert_exchange.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/gemm_lt.cuh"
-#include "foe/cuda/layer.cuh"
-#include "foe/cuda/permute.cuh"
+#include "foe/cuda/context.cuh"
 #include "foe/cuda/rmsnorm.cuh"
 #include "foe/cuda/stream.cuh"
+#include "foe/cuda/upload.cuh"
+#include "foe/attention/gqa_attention.cuh"
+#include "foe/comm/cuda_self_comm.cuh"
+#include "foe/comm/function_comm.cuh"
+#include "foe/experts/swiglu_experts.cuh"
+#include "foe/layer/moe_head_parallel_layer.hpp"
+#include "foe/layer/moe_layer.hpp"
 #include "foe/model/model.hpp"
 #include "foe/model/weights.hpp"
+#include "foe/parallel/exchange_experts.cuh"
+#include "foe/parallel/local_experts.cuh"
+#include "foe/routing/router.cuh"
+#include "foe/routing/scores.hpp"
+#include "foe/routing/topk.hpp"
+#include "foe/sync/all_reduce_mean.cuh"
 
 namespace foe::cuda {
+
+/// Sums n fp32 device values in place over the ranks that hold the other expert groups
+/// (NcclComm::all_reduce_sum on the given stream).
+using DeviceReduce = comm::FunctionComm::Reduce;
+
+/// out [ranks * n] = the n bf16 device values `in` of every rank, in rank order
+/// (NcclComm::all_gather on the given stream).
+using DeviceGather = comm::FunctionComm::Gather;
+
+/// The collectives of head-parallel attention over the ranks sharing the heads: the fp32 sum of
+/// the partial attention outputs, and the all-gather of the ranks' token slices.
+struct HeadParallelComm {
+    DeviceReduce reduce;
+    DeviceGather gather;
+};
 
 struct CudaModelOptions {
     index_t cache_slots = 1;       ///< sequences held at once
@@ -121,12 +155,135 @@ struct CudaModelOptions {
 
 /// Device bytes a CudaModel holds, by purpose (the GEMM policy's own workspace, 32 MiB for
 /// cuBLASLt, comes on top).
+namespace detail {
+
+/// Throws ConfigError for a valid config that the CUDA kernels cannot run.
+inline void require_device_config(const ModelConfig& c)
+{
+    c.validate();
+    require<ConfigError>(c.num_experts <= RouterLaunch::max_experts, "the CUDA router handles at most ",
+                         RouterLaunch::max_experts, " experts; the config has ", c.num_experts);
+    require<ConfigError>(c.head_dim % 2 == 0, "the CUDA RoPE needs an even head_dim, got ", c.head_dim);
+    require<ConfigError>(c.head_dim <= DecodeAttentionLaunch::max_head_dim, "the CUDA attention handles head_dim up to ",
+                         DecodeAttentionLaunch::max_head_dim, ", got ", c.head_dim);
+    require<ConfigError>(c.hidden_size % 8 == 0 && c.intermediate_size % 8 == 0 && c.head_dim % 8 == 0,
+                         "the CUDA GEMMs need hidden_size (", c.hidden_size, "), intermediate_size (",
+                         c.intermediate_size, ") and head_dim (", c.head_dim,
+                         ") to be multiples of 8 (16-byte bf16 rows)");
+}
+
+/// The model's handle on one layer, whichever composed type the config and options chose. One
+/// virtual call per layer per forward; the layer's own steps are direct calls.
+class DeviceLayer {
+public:
+    virtual ~DeviceLayer() = default;
+    virtual void forward(const DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
+                         const DeviceContext& ctx) = 0;
+    [[nodiscard]] virtual std::size_t scratch_bytes() const = 0;
+    [[nodiscard]] virtual std::size_t weight_bytes() const = 0;
+    [[nodiscard]] virtual std::size_t cache_bytes() const = 0;
+    /// The last forward's routing, on the device.
+    [[nodiscard]] virtual routing::DeviceRoutingResult routing() const = 0;
+    /// Expert-parallel layers: the exchange of the next forwards (the model switches between the
+    /// dynamic one and the capturable one of decode steps). Others ignore it.
+    virtual void use_exchange(ExpertExchange*) {}
+};
+
+template <class Layer>
+class DeviceLayerOf final : public DeviceLayer {
+public:
+    template <class... Args>
+    explicit DeviceLayerOf(Args&&... args) : layer_(std::forward<Args>(args)...)
+    {
+    }
+    void forward(const DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
+                 const DeviceContext& ctx) override
+    {
+        layer_.forward(batch, in, out, ctx);
+    }
+    [[nodiscard]] std::size_t scratch_bytes() const override { return layer_.scratch_bytes(); }
+    [[nodiscard]] std::size_t weight_bytes() const override
+    {
+        return layer_.attention().weight_bytes() + layer_.router().device_bytes() + layer_.experts().weight_bytes();
+    }
+    [[nodiscard]] std::size_t cache_bytes() const override { return layer_.attention().cache_bytes(); }
+    [[nodiscard]] routing::DeviceRoutingResult routing() const override { return layer_.last_routing(); }
+    void use_exchange(ExpertExchange* exchange) override
+    {
+        if constexpr (std::same_as<typename Layer::expert_parallel_type, parallel::CudaExchangeExperts>) {
+            require(exchange != nullptr, "an expert-parallel layer needs an expert exchange");
+            layer_.expert_parallel_policy() = parallel::CudaExchangeExperts(*exchange);
+        }
+    }
+
+private:
+    Layer layer_;
+};
+
+/// The composed layer type of a CudaModel with these options, built for layer l's weights.
+template <DeviceBatchedGemmPolicy Gemm, class Score, class Cache>
+std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const LayerWeights& w, const LayerOptions& lo,
+                                               const CudaModelOptions& o)
+{
+    using Attention = attention::CudaGqaAttention<Gemm, Cache>;
+    using Experts = experts::CudaSwiGluExperts<Gemm>;
+    using GlobalRouter = routing::CudaRouter<Score, routing::GlobalTopK, Gemm>;
+    using GroupRouter = routing::CudaRouter<Score, routing::PerGroupTopK, Gemm>;
+    if (o.head_parts > 1) {
+        using Layer = MoeHeadParallelLayer<Attention, GlobalRouter, Experts, parallel::CudaExchangeExperts,
+                                           comm::FunctionComm>;
+        return std::make_unique<DeviceLayerOf<Layer>>(
+            c, w, lo,
+            comm::FunctionComm(static_cast<int>(o.head_part), static_cast<int>(o.head_parts), o.head_comm.reduce,
+                               o.head_comm.gather),
+            parallel::CudaExchangeExperts(*o.expert_exchange));
+    }
+    if (o.expert_exchange) {
+        using Layer = MoeLayer<Attention, GlobalRouter, Experts, parallel::CudaExchangeExperts>;
+        return std::make_unique<DeviceLayerOf<Layer>>(c, w, lo, parallel::CudaExchangeExperts(*o.expert_exchange));
+    }
+    if (o.reduce_streams) {
+        // Other ranks hold the other groups: the sync all-reduces over them through the hook. Only
+        // the sync reads the communicator, and only its size > 1 (the ranks the held groups imply).
+        const index_t held = lo.group_end - lo.group_begin;
+        const auto ranks = static_cast<int>((c.groups() + held - 1) / held);
+        using Layer =
+            FoeLayer<Attention, GroupRouter, Experts, parallel::CudaLocalExperts, sync::AllReduceMean<comm::FunctionComm>>;
+        return std::make_unique<DeviceLayerOf<Layer>>(
+            c, w, lo,
+            sync::AllReduceMean<comm::FunctionComm>(
+                comm::FunctionComm(std::min(ranks - 1, static_cast<int>(lo.group_begin / held)), std::max(ranks, 2),
+                                   o.reduce_streams)));
+    }
+    if (c.groups() == 1) {  // the standard MoE: one stream, no sync
+        using Layer = MoeLayer<Attention, GlobalRouter, Experts, parallel::CudaLocalExperts>;
+        return std::make_unique<DeviceLayerOf<Layer>>(c, w, lo);
+    }
+    using Layer = FoeLayer<Attention, GroupRouter, Experts, parallel::CudaLocalExperts,
+                           sync::AllReduceMean<comm::CudaSelfComm>>;
+    return std::make_unique<DeviceLayerOf<Layer>>(c, w, lo);
+}
+
+template <DeviceBatchedGemmPolicy Gemm>
+std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const LayerWeights& w, const LayerOptions& lo,
+                                               const CudaModelOptions& o)
+{
+    const bool sigmoid = c.scoring_func == ScoreFunction::sigmoid;
+    if (o.page_size > 0)
+        return sigmoid ? make_device_layer<Gemm, routing::Sigmoid, attention::PagedKvCache>(c, w, lo, o)
+                       : make_device_layer<Gemm, routing::Softmax, attention::PagedKvCache>(c, w, lo, o);
+    return sigmoid ? make_device_layer<Gemm, routing::Sigmoid, attention::ContiguousKvCache>(c, w, lo, o)
+                   : make_device_layer<Gemm, routing::Softmax, attention::ContiguousKvCache>(c, w, lo, o);
+}
+
+}  // namespace detail
+
 struct CudaMemory {
     std::size_t weights = 0, kv_cache = 0, scratch = 0;
     [[nodiscard]] std::size_t total() const noexcept { return weights + kv_cache + scratch; }
 };
 
-template <DeviceGemmPolicy Gemm = LtGemm>
+template <DeviceBatchedGemmPolicy Gemm = LtGemm>
 class CudaModel final : public ModelInterface {
 public:
     /// Uploads the weights (bf16) and plans every buffer. Throws ConfigError / InvalidArgument
@@ -162,12 +319,10 @@ private:
     /// Enqueues embedding, layers, stream average, final norm and LM head for the batch staged
     /// in the device batch buffers: the part of a forward a graph captures.
     void enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts);
+    /// Every layer's forward on the staged batch (T may be 0: the expert exchanges still run).
+    void enqueue_layers(const DeviceBatch& batch, ExpertExchange* experts);
     void stage(const Batch& batch, std::span<const std::int32_t> tokens);
     void run_decode_graph(const DeviceBatch& batch);
-    [[nodiscard]] const HeadParallelComm* head_comm() const noexcept
-    {
-        return options_.head_parts > 1 ? &options_.head_comm : nullptr;
-    }
 
     /// Owns an instantiated graph.
     struct GraphExec {
@@ -190,10 +345,9 @@ private:
     std::vector<index_t> lengths_;
     int device_ = 0;
     std::unique_ptr<Stream> stream_;
-    std::unique_ptr<Gemm> gemm_;
-    std::vector<std::unique_ptr<Layer<Gemm>>> layers_;
-    std::unique_ptr<LayerWorkspace> workspace_;
-    DeviceArena head_weights_, scratch_arena_;
+    std::vector<std::unique_ptr<detail::DeviceLayer>> layers_;
+    DeviceArena head_weights_, scratch_arena_, layer_scratch_arena_;
+    Scratch layer_scratch_;  // the layers' shared scratch (they run one after another)
     bfloat16 *embed_ = nullptr, *final_norm_ = nullptr, *lm_head_ = nullptr;
     bfloat16 *stream_a_ = nullptr, *stream_b_ = nullptr, *hidden_ = nullptr;  // [held, T, d] x2, [T, d]
     float* hidden32_ = nullptr;                                                 // [T, d]
@@ -203,19 +357,19 @@ private:
     std::int32_t* batch_device_ = nullptr;
     PinnedBuffer<std::int32_t> batch_host_;
     // Paged caches: the block table [cache_slots, page_table_width], pinned staging and device.
-    LayerSpec spec_;
+    index_t table_width_ = 0;  // pages per sequence in the block table; 0: contiguous caches
     std::int32_t* table_device_ = nullptr;
     PinnedBuffer<std::int32_t> table_host_;
     std::map<index_t, GraphExec> graphs_;
     std::set<index_t> uncapturable_;  // decode sizes whose capture failed: run eagerly
     CudaMemory memory_;
     mutable std::vector<routing::RoutingResult> routing_cache_;
-    index_t last_tokens_ = 0;
+    mutable std::vector<bool> routing_fresh_;
 };
 
 // ---------------------------------------------------------------------------------------------
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
 CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaModelOptions options)
     : config_((require(weights != nullptr, "CudaModel: no weights"), weights->config)), options_(std::move(options))
 {
@@ -284,43 +438,50 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     device_ = o.device >= 0 ? o.device : current_device();
     const DeviceGuard on_device(device_);
     stream_ = std::make_unique<Stream>();
-    gemm_ = std::make_unique<Gemm>();
-
-    LayerSpec spec{o.max_batch_tokens, o.max_sequences, o.cache_slots, o.cache_capacity, o.group_begin, o.group_end};
+    // The layers: composed types over the device policies, planned for max_batch_tokens.
+    LayerOptions lo;
+    lo.cache_slots = o.cache_slots;
+    lo.cache_capacity = o.cache_capacity;
+    lo.page_size = o.page_size > 0 ? o.page_size : lo.page_size;
+    lo.cache_pages = o.cache_pages;
+    lo.group_begin = o.group_begin;
+    lo.group_end = o.group_end;
     if (o.expert_exchange) {
-        spec.expert_parallel = true;
-        spec.expert_begin = o.expert_exchange->expert_begin();
-        spec.expert_end = spec.expert_begin + o.expert_exchange->expert_count();
+        lo.expert_begin = o.expert_exchange->expert_begin();
+        lo.expert_end = lo.expert_begin + o.expert_exchange->expert_count();
     }
-    spec.head_part = o.head_part;
-    spec.head_parts = o.head_parts;
-    spec.page_size = o.page_size;
-    spec.cache_pages = o.cache_pages;
-    if (spec.paged()) o.cache_pages = spec.pool_pages();
-    spec_ = spec;
+    lo.max_tokens = o.max_batch_tokens;
+    lo.max_sequences = o.max_sequences;
+    if (o.page_size > 0) {
+        table_width_ = (o.cache_capacity + o.page_size - 1) / o.page_size;
+        if (o.cache_pages <= 0) o.cache_pages = lo.cache_pages = o.cache_slots * table_width_;
+    }
+    std::size_t layer_scratch = 0;
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
-        layers_.push_back(std::make_unique<Layer<Gemm>>(c, layer_weights(*weights, l), spec));
+        layers_.push_back(detail::make_device_layer<Gemm>(c, layer_weights(*weights, l), lo, o));
         memory_.weights += layers_.back()->weight_bytes();
         memory_.kv_cache += layers_.back()->cache_bytes();
+        layer_scratch = std::max(layer_scratch, layers_.back()->scratch_bytes());
     }
 
     // Embedding, final norm and LM head.
     const index_t d = c.hidden_size, vocab = c.vocab_size;
     std::vector<bfloat16> embed, norm, head;
-    detail::append_bf16(embed, weights->at("model.embed_tokens.weight").matrix());
-    detail::append_bf16(norm, weights->at("model.norm.weight").view<1>());
-    if (!c.tie_word_embeddings) detail::append_bf16(head, weights->at("lm_head.weight").matrix());
+    append_bf16(embed, weights->at("model.embed_tokens.weight").matrix());
+    append_bf16(norm, weights->at("model.norm.weight").view<1>());
+    if (!c.tie_word_embeddings) append_bf16(head, weights->at("lm_head.weight").matrix());
     ArenaPlan head_plan;
     for (const auto* h : {&embed, &norm, &head}) head_plan.add<bfloat16>(h->size());
     head_weights_ = DeviceArena(head_plan.bytes());
-    embed_ = detail::upload_to(head_weights_, embed);
-    final_norm_ = detail::upload_to(head_weights_, norm);
-    lm_head_ = c.tie_word_embeddings ? embed_ : detail::upload_to(head_weights_, head);
+    embed_ = upload_to(head_weights_, embed);
+    final_norm_ = upload_to(head_weights_, norm);
+    lm_head_ = c.tie_word_embeddings ? embed_ : upload_to(head_weights_, head);
     memory_.weights += head_weights_.bytes();
 
     // Scratch: the layers' shared workspace; the ping-pong streams, the head's and the batch's.
     const index_t t = o.max_batch_tokens;
-    workspace_ = std::make_unique<LayerWorkspace>(c, spec);
+    layer_scratch_arena_ = DeviceArena(layer_scratch);
+    layer_scratch_ = Scratch(layer_scratch_arena_.take_bytes(layer_scratch), layer_scratch);
     const auto td = static_cast<std::size_t>(t * d);
     batch_layout_ = std::make_unique<BatchLayout>(o.max_sequences, o.max_batch_tokens);
     const std::size_t batch_ints = batch_layout_->size();
@@ -331,7 +492,7 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     plan.add<float>(td);
     plan.add<float>(static_cast<std::size_t>(t * vocab));
     plan.add<std::int32_t>(batch_ints);
-    const auto table_ints = static_cast<std::size_t>(o.cache_slots * spec.page_table_width());
+    const auto table_ints = static_cast<std::size_t>(o.cache_slots * table_width_);
     plan.add<std::int32_t>(table_ints);
     scratch_arena_ = DeviceArena(plan.bytes());
     stream_a_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
@@ -345,12 +506,13 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
         table_device_ = scratch_arena_.take<std::int32_t>(table_ints);
         table_host_ = PinnedBuffer<std::int32_t>(table_ints);
     }
-    memory_.scratch = workspace_->bytes() + scratch_arena_.bytes();
+    memory_.scratch = layer_scratch_arena_.bytes() + scratch_arena_.bytes();
     routing_cache_.resize(layers_.size());
+    routing_fresh_.assign(layers_.size(), false);
     // The fp32 host weights are not kept: everything the model reads is on the device now.
 }
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
 CudaModel<Gemm>::~CudaModel()
 {
     // Work still in flight finishes before its graphs, buffers and stream go.
@@ -362,7 +524,7 @@ CudaModel<Gemm>::~CudaModel()
     }
 }
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
 void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> tokens)
 {
     // Writing the pinned staging area is safe: the previous forward synchronised before returning.
@@ -375,10 +537,10 @@ void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> to
                                   cudaMemcpyHostToDevice, stream_->get()),
                   "cudaMemcpyAsync (batch)");
     }
-    if (!spec_.paged()) return;
+    if (table_width_ == 0) return;
     // The whole table, rows past the batch's tables -1 (forward() checked the batch's own rows).
     const BlockTableView& t = *batch.block_tables();
-    const index_t width = spec_.page_table_width();
+    const index_t width = table_width_;
     std::int32_t* row = table_host_.data();
     for (index_t slot = 0; slot < options_.cache_slots; ++slot, row += width)
         for (index_t i = 0; i < width; ++i)
@@ -388,26 +550,16 @@ void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> to
           "cudaMemcpyAsync (block table)");
 }
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
 void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts)
 {
     const ModelConfig& c = config_;
     const index_t t = batch.tokens, d = c.hidden_size;
     const auto td = static_cast<std::size_t>(t * d);
     embedding(embed_, batch_device_ + batch_layout_->offset(BatchLayout::ids), t, d, stream_a_, stream_->get());
-    bfloat16 *in = stream_a_, *out = stream_b_;
-    index_t in_streams = 1;
-    const auto boundary = [&](index_t l) {
-        if (options_.layer_boundary) options_.layer_boundary(l, stream_->get());
-    };
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-        boundary(static_cast<index_t>(l));
-        layers_[l]->forward(*gemm_, batch, in, in_streams, out, *workspace_, options_.reduce_streams, stream_->get(),
-                            experts, head_comm());
-        std::swap(in, out);
-        in_streams = held_;
-    }
-    boundary(static_cast<index_t>(layers_.size()));
+    enqueue_layers(batch, experts);
+    // The last layer's output is in stream_a_ when the layer count is even, else in stream_b_.
+    const bfloat16* in = layers_.size() % 2 == 0 ? stream_a_ : stream_b_;
     // Average the H streams (in order, then over the ranks holding the others), final norm, head.
     if (options_.reduce_streams) {
         stream_sum(in, held_, td, hidden32_, stream_->get());
@@ -417,10 +569,28 @@ void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, ExpertExchange* 
         stream_mean(in, held_, t, d, c.groups(), hidden_, stream_->get());
     }
     rms_norm(hidden_, final_norm_, hidden_, t, d, static_cast<float>(c.rms_norm_eps), stream_->get());
-    gemm_->nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_->get(), 0.0f);
+    device_gemm<Gemm>().nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_->get(), 0.0f);
 }
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
+void CudaModel<Gemm>::enqueue_layers(const DeviceBatch& batch, ExpertExchange* experts)
+{
+    const index_t t = batch.tokens, d = config_.hidden_size;
+    const DeviceContext ctx{stream_->get(), &layer_scratch_};
+    bfloat16 *in = stream_a_, *out = stream_b_;
+    index_t in_streams = 1;
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+        if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(l), stream_->get());
+        layers_[l]->use_exchange(experts);
+        layers_[l]->forward(batch, TensorView<const bfloat16, 3>(in, {in_streams, t, d}),
+                            TensorView<bfloat16, 3>(out, {held_, t, d}), ctx);
+        std::swap(in, out);
+        in_streams = held_;
+    }
+    if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(layers_.size()), stream_->get());
+}
+
+template <DeviceBatchedGemmPolicy Gemm>
 void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
 {
     // The graph bakes in every host-side argument of the decode step: the token count (= the
@@ -467,13 +637,13 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
     if (options_.after_graph_launch) options_.after_graph_launch(stream_->get());
 }
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
 Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows)
 {
     const ModelConfig& c = config_;
     const index_t t = batch.tokens(), vocab = c.vocab_size;
     ::foe::detail::check_forward_input(batch, tokens, lengths_, options_.cache_capacity, vocab);
-    if (spec_.paged() && t > 0) {  // an empty batch writes and reads no cache
+    if (table_width_ > 0 && t > 0) {  // an empty batch writes and reads no cache
         const BlockTableView* tables = batch.block_tables();
         require<InvalidArgument>(tables != nullptr, "this CudaModel's KV cache is paged (pages of ", options_.page_size,
                                  " positions): the batch needs block tables (Batch::with_block_tables)");
@@ -492,8 +662,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     const DeviceGuard on_device(device_);
     Tensor<float> logits({n_kept, vocab});
     // From here the routing of the last forward is this one's, also if it fails part way.
-    last_tokens_ = t;
-    for (auto& r : routing_cache_) r.tokens = -1;  // downloaded again on request
+    routing_fresh_.assign(layers_.size(), false);  // downloaded again on request
     auto commit_lengths = [&] {
         for (const auto& chunk : batch.chunks())
             lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
@@ -501,13 +670,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     if (t == 0) {  // as on the host: an empty chunk still sets its slot's length
         if (options_.expert_exchange) {
             // The peers' routed rows still come to this rank's experts, layer by layer.
-            const DeviceBatch none{};
-            for (std::size_t l = 0; l < layers_.size(); ++l) {
-                if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(l), stream_->get());
-                layers_[l]->forward(*gemm_, none, nullptr, 1, nullptr, *workspace_, options_.reduce_streams,
-                                    stream_->get(), options_.expert_exchange.get(), head_comm());
-            }
-            if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(layers_.size()), stream_->get());
+            enqueue_layers(DeviceBatch{}, options_.expert_exchange.get());
             if (options_.synchronize) options_.synchronize(stream_->get());
             else check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
         }
@@ -545,30 +708,31 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     return logits;
 }
 
-template <DeviceGemmPolicy Gemm>
+template <DeviceBatchedGemmPolicy Gemm>
 const routing::RoutingResult& CudaModel<Gemm>::last_routing(index_t layer) const
 {
     require(layer >= 0 && layer < static_cast<index_t>(layers_.size()), "layer ", layer, " is outside [0, ",
             layers_.size(), ")");
     routing::RoutingResult& r = routing_cache_[static_cast<std::size_t>(layer)];
-    if (r.tokens == last_tokens_) return r;
+    if (routing_fresh_[static_cast<std::size_t>(layer)]) return r;
     const DeviceGuard on_device(device_);
-    const Layer<Gemm>& l = *layers_[static_cast<std::size_t>(layer)];
-    r.slots_per_token = l.slots_per_token();
-    r.slots_per_group = config_.top_k_per_group();
-    r.group_begin = l.group_begin();
-    const auto n = static_cast<std::size_t>(last_tokens_ * r.slots_per_token);
+    const routing::DeviceRoutingResult d = layers_[static_cast<std::size_t>(layer)]->routing();
+    r.tokens = d.tokens;
+    r.slots_per_token = d.slots_per_token;
+    r.slots_per_group = d.slots_per_group;
+    r.group_begin = d.group_begin;
+    const auto n = static_cast<std::size_t>(d.tokens * d.slots_per_token);
     r.experts.resize(n);
     r.weights.resize(n);
     if (n > 0) {
-        check(cudaMemcpyAsync(r.experts.data(), l.routed_experts(), n * sizeof(std::int32_t), cudaMemcpyDeviceToHost,
+        check(cudaMemcpyAsync(r.experts.data(), d.experts, n * sizeof(std::int32_t), cudaMemcpyDeviceToHost,
                               stream_->get()),
               "cudaMemcpyAsync (routing)");
-        check(cudaMemcpyAsync(r.weights.data(), l.routed_weights(), n * sizeof(float), cudaMemcpyDeviceToHost, stream_->get()),
+        check(cudaMemcpyAsync(r.weights.data(), d.weights, n * sizeof(float), cudaMemcpyDeviceToHost, stream_->get()),
               "cudaMemcpyAsync (routing)");
         check(cudaStreamSynchronize(stream_->get()), "cudaStreamSynchronize (routing)");
     }
-    r.tokens = last_tokens_;
+    routing_fresh_[static_cast<std::size_t>(layer)] = true;
     return r;
 }
 
