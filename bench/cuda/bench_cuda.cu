@@ -17,13 +17,13 @@
 #include <vector>
 
 #include "cuda_bench_util.hpp"
+#include "foe/attention/decode_attention.cuh"
 #include "foe/cuda/check.cuh"
-#include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/gemm_tc.cuh"
-#include "foe/cuda/grouped_swiglu.cuh"
-#include "foe/cuda/permute.cuh"
-#include "foe/cuda/swiglu_experts.cuh"
+#include "foe/experts/grouped_swiglu.cuh"
+#include "foe/experts/permute.cuh"
+#include "foe/experts/swiglu_reference.cuh"
 
 using foe::bfloat16;
 using foe::index_t;

@@ -13,10 +13,10 @@
 #include <vector>
 
 #include "cuda_bench_util.hpp"
+#include "foe/attention/kv_append.cuh"
+#include "foe/attention/prefill_attention.cuh"
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
-#include "foe/cuda/kv_cache.cuh"
-#include "foe/cuda/prefill_attention.cuh"
 
 using foe::bfloat16;
 using foe::index_t;

@@ -28,22 +28,22 @@
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "foe/attention/decode_attention.cuh"
 #include "foe/attention/gqa_attention.cuh"
 #include "foe/attention/gqa_attention.hpp"
+#include "foe/attention/kv_append.cuh"
+#include "foe/attention/kv_layout.cuh"
+#include "foe/attention/prefill_attention.cuh"
+#include "foe/cuda/batch.cuh"
+#include "foe/cuda/check.cuh"
 #include "foe/cuda/context.cuh"
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/groups.cuh"
-#include "foe/cuda/rmsnorm.cuh"
-#include "foe/cuda/rope.cuh"
-#include "foe/cuda/batch.cuh"
-#include "foe/cuda/check.cuh"
-#include "foe/cuda/decode_attention.cuh"
-#include "foe/cuda/kv_cache.cuh"
-#include "foe/cuda/kv_layout.cuh"
-#include "foe/cuda/prefill_attention.cuh"
 #include "foe/cuda/stream.cuh"
 #include "foe/layer/batch.hpp"
+#include "foe/ops/rmsnorm.cuh"
+#include "foe/ops/rope.cuh"
 
 using foe::bfloat16;
 using foe::index_t;

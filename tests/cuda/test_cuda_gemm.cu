@@ -19,7 +19,7 @@
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/gemm_tc.cuh"
-#include "foe/cuda/grouped_swiglu.cuh"
+#include "foe/experts/grouped_swiglu.cuh"
 
 using foe::bfloat16;
 using foe::index_t;

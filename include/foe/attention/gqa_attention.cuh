@@ -43,7 +43,11 @@
 #include <vector>
 
 #include "foe/attention/attention.hpp"
+#include "foe/attention/decode_attention.cuh"
+#include "foe/attention/kv_append.cuh"
 #include "foe/attention/kv_cache.hpp"
+#include "foe/attention/kv_layout.cuh"
+#include "foe/attention/prefill_attention.cuh"
 #include "foe/core/backend.hpp"
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
@@ -52,17 +56,13 @@
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/context.cuh"
-#include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/gemm_lt.cuh"
 #include "foe/cuda/gemm_tc.cuh"
 #include "foe/cuda/groups.cuh"
 #include "foe/cuda/upload.cuh"
-#include "foe/cuda/kv_cache.cuh"
-#include "foe/cuda/kv_layout.cuh"
-#include "foe/cuda/prefill_attention.cuh"
-#include "foe/cuda/rmsnorm.cuh"
-#include "foe/cuda/rope.cuh"
+#include "foe/ops/rmsnorm.cuh"
+#include "foe/ops/rope.cuh"
 
 namespace foe::attention {
 

@@ -1,7 +1,7 @@
 #pragma once
 // Where a KV-cache row lives: the element offset of the head_dim values of (slot, KV head,
 // position), for the two layouts of kv_cache.hpp. Plain C++ marked FOE_HOST_DEVICE, so the host
-// cache (PagedKvCache), the device kernels (foe/cuda/kv_cache.cuh, decode_attention.cuh,
+// cache (PagedKvCache), the device kernels (foe/attention/kv_append.cuh, decode_attention.cuh,
 // prefill_attention.cuh) and the host tests share one definition of the index rule.
 //
 //   ContiguousKvLayout  [slots, kv_heads, capacity, head_dim]: row ((slot * kv_heads + kv) *

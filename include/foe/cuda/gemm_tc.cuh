@@ -9,15 +9,16 @@
 // shared memory; the A and B tiles (BM x 32 and BN x 32) are staged by cp.async, double-buffered,
 // so the copy of k-tile t+1 overlaps the MMAs of k-tile t. Inline PTX rather than nvcuda::wmma:
 // wmma's fragment layout is opaque, so a fused epilogue (the grouped SwiGLU's silu(gate) * up,
-// grouped_swiglu.cuh) could not pair a gate element with its up element in registers; the PTX
-// fragment layouts are documented (PTX ISA, "Matrix fragments for mma.m16n8k16").
+// experts/grouped_swiglu.cuh) could not pair a gate element with its up element in registers; the
+// PTX fragment layouts are documented (PTX ISA, "Matrix fragments for mma.m16n8k16").
 //
 // Tails: rows of A or B past M or N, and 16-byte chunks past K, are loaded as zeros (cp.async
 // with a source size of 0) and stores are masked, so any M, N >= 0 work; K must be a multiple
 // of 8 (whole 16-byte chunks) and A, B, C 16-byte aligned (cp.async's granule).
 //
 // The tile loop (detail::tc_mainloop) takes per-thread row pointers, so grouped kernels whose
-// rows and weights are found on the device (grouped_swiglu.cuh) run the same tensor-core path.
+// rows and weights are found on the device (experts/grouped_swiglu.cuh) run the same tensor-core
+// path.
 
 #include <cuda_runtime.h>
 
@@ -91,7 +92,7 @@ static_assert(DeviceGemmPolicy<TcGemm>);
 static_assert(DeviceBatchedGemmPolicy<TcGemm>);
 
 // ---------------------------------------------------------------------------------------------
-// The tile machinery (device side), shared with grouped_swiglu.cuh.
+// The tile machinery (device side), shared with experts/grouped_swiglu.cuh.
 
 namespace detail {
 

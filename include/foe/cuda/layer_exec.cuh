@@ -23,9 +23,9 @@
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/context.cuh"
-#include "foe/cuda/elementwise.cuh"
-#include "foe/cuda/rmsnorm.cuh"
 #include "foe/layer/foe_layer.hpp"
+#include "foe/ops/elementwise.cuh"
+#include "foe/ops/rmsnorm.cuh"
 
 namespace foe::cuda {
 

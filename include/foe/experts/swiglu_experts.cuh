@@ -4,10 +4,10 @@
 // bf16 storage, fp32 accumulation.
 //
 //   compute: permute (CUB stable radix sort of the (token, slot) rows by held expert), gather the
-//            rows of u, grouped SwiGLU (cuda/grouped_swiglu.cuh: the expert offsets are read on
+//            rows of u, grouped SwiGLU (experts/grouped_swiglu.cuh: the expert offsets are read on
 //            the device, a fixed number of launches whatever the routing, capturable in a CUDA
 //            graph); y holds the outputs in sorted (by expert) row order
-//   combine: one launch for every held group (cuda/combine.cuh): out[h][i] = residual[i] + the
+//   combine: one launch for every held group (experts/combine.cuh): out[h][i] = residual[i] + the
 //            weighted outputs of token i's slots in group h, added in slot order in fp32, one
 //            bf16 rounding
 //
@@ -19,8 +19,8 @@
 // Gemm: the layer's dense GEMM policy. The grouped kernel does not take it: it runs foe's own
 // tensor-core tile loop (TcGemm's) for every Gemm, because a per-expert cuBLASLt GEMM needs the
 // expert row counts on the host (a device-to-host synchronisation per layer, not capturable;
-// cuda/swiglu_experts.cuh keeps that version as the reference). The parameter is kept so that a
-// composed layer's type names one GEMM choice for every policy; nothing here instantiates it.
+// experts/swiglu_reference.cuh keeps that version as the reference). The parameter is kept so that
+// a composed layer's type names one GEMM choice for every policy; nothing here instantiates it.
 //
 // Bits: the same permutation plan, gather, grouped SwiGLU (same row count, so the same tile
 // choice) and combine as foe::cuda::Layer's local-experts path.
@@ -35,14 +35,14 @@
 #include "foe/core/tensor.hpp"
 #include "foe/cuda/arena.cuh"
 #include "foe/cuda/check.cuh"
-#include "foe/cuda/combine.cuh"
 #include "foe/cuda/context.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/gemm_lt.cuh"
-#include "foe/cuda/grouped_swiglu.cuh"
-#include "foe/cuda/permute.cuh"
 #include "foe/cuda/upload.cuh"
+#include "foe/experts/combine.cuh"
 #include "foe/experts/experts.hpp"
+#include "foe/experts/grouped_swiglu.cuh"
+#include "foe/experts/permute.cuh"
 #include "foe/routing/routing.hpp"
 
 namespace foe::experts {

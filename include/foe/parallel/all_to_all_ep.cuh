@@ -19,10 +19,10 @@
 //                send/recv copy bytes, so ids, counts and weights arrive bit for bit), and the
 //                payload u[token], bf16 (d per row).
 //   4. experts   the receiver expands each row into its (row, expert) pairs, groups them by local
-//                expert (permute.cuh's stable radix sort), gathers the inputs and runs the grouped
-//                SwiGLU (grouped_swiglu.cuh: device offsets, no host synchronisation). Naive rows
-//                return FFN_e(u); dedup rows return bf16(w_1 FFN_e1(u) + ... + w_n FFN_en(u)),
-//                accumulated in fp32 in slot order.
+//                expert (experts/permute.cuh's stable radix sort), gathers the inputs and runs the
+//                grouped SwiGLU (experts/grouped_swiglu.cuh: device offsets, no host
+//                synchronisation). Naive rows return FFN_e(u); dedup rows return
+//                bf16(w_1 FFN_e1(u) + ... + w_n FFN_en(u)), accumulated in fp32 in slot order.
 //   5. combine   one all-to-all back (bf16, d per row); each returned row lands at its target row
 //                of y [T * slots, d]. combine() then adds them to the residual as the host does:
 //                naive, base + sum_s w_s y[t slots + s] in slot order; dedup, base + the
@@ -51,8 +51,8 @@
 //            The wire carries S (4 h + 2 d) + S 2 d bytes per exchange whatever the routing.
 //
 // NcclExpertExchange binds one to its NcclComm as the CUDA layer's ExpertExchange
-// (foe/cuda/expert_exchange.cuh): CudaModel then runs the standard-MoE baseline expert-parallel,
-// the dynamic variant in eager forwards and a fixed one in captured decode steps.
+// (foe/parallel/expert_exchange.cuh): CudaModel then runs the standard-MoE baseline
+// expert-parallel, the dynamic variant in eager forwards and a fixed one in captured decode steps.
 //
 // Errors found on the device (an expert no member holds, a token naming one expert twice, a block
 // over its capacity, a row for an expert this rank does not hold) drop the rows concerned, never
@@ -76,10 +76,10 @@
 #include "foe/core/half.hpp"
 #include "foe/cuda/arena.cuh"
 #include "foe/cuda/check.cuh"
-#include "foe/cuda/expert_exchange.cuh"
-#include "foe/cuda/grouped_swiglu.cuh"
-#include "foe/cuda/permute.cuh"
+#include "foe/experts/grouped_swiglu.cuh"
+#include "foe/experts/permute.cuh"
 #include "foe/parallel/dispatch_plan.hpp"
+#include "foe/parallel/expert_exchange.cuh"
 
 namespace foe::parallel {
 

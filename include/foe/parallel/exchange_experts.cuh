@@ -1,6 +1,6 @@
 #pragma once
 // CudaExchangeExperts: the device expert-parallel policy over ranks. The experts live on several
-// ranks and a cuda::ExpertExchange (cuda/expert_exchange.cuh; over NCCL parallel::
+// ranks and a cuda::ExpertExchange (parallel/expert_exchange.cuh; over NCCL parallel::
 // NcclExpertExchange, parallel/all_to_all_ep.cuh) sends the routed rows to the ranks that hold
 // their experts and brings the outputs back: run() is the exchange's run() with this rank's held
 // weights (experts.grouped()), combine() the exchange's combine() into the layer's one stream,
@@ -14,10 +14,10 @@
 #include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/cuda/context.cuh"
-#include "foe/cuda/expert_exchange.cuh"
-#include "foe/cuda/grouped_swiglu.cuh"
 #include "foe/experts/experts.hpp"
+#include "foe/experts/grouped_swiglu.cuh"
 #include "foe/experts/swiglu_experts.cuh"
+#include "foe/parallel/expert_exchange.cuh"
 #include "foe/parallel/expert_parallel.hpp"
 #include "foe/routing/routing.hpp"
 

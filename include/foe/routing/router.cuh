@@ -3,8 +3,9 @@
 // (routing/router.hpp) that is its oracle.
 //
 //   logits = u W_gate^T           [T, E] fp32: one dense GEMM (bf16 in, fp32 out) through Gemm
-//   scores, keys, top-k, weights  one warp per token (cuda/router.cuh), the same total order as
-//                                 the host: larger key first, ties to the lower expert, NaN last
+//   scores, keys, top-k, weights  one warp per token (routing/router_kernel.cuh), the same total
+//                                 order as the host: larger key first, ties to the lower expert,
+//                                 NaN last
 //
 // Score picks the kernel's score function (routing::Softmax or routing::Sigmoid; device_score
 // below maps them), Selection picks per-group top-(k/H) over the held groups or global top-k over
@@ -28,7 +29,7 @@
 #include "foe/cuda/context.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/gemm_lt.cuh"
-#include "foe/cuda/router.cuh"
+#include "foe/routing/router_kernel.cuh"
 #include "foe/routing/routing.hpp"
 #include "foe/routing/scores.hpp"
 #include "foe/routing/topk.hpp"
@@ -56,7 +57,8 @@ template <ScoreFunctionPolicy Score, SelectionPolicy Selection, cuda::DeviceGemm
 class CudaRouter {
     static_assert(device_score<Score>::available,
                   "CudaRouter: this score function has no device kernel; the CUDA router computes "
-                  "routing::Softmax and routing::Sigmoid (cuda/router.cuh). Use one of them, or route on the host");
+                  "routing::Softmax and routing::Sigmoid (routing/router_kernel.cuh). Use one of them, "
+                  "or route on the host");
 
 public:
     using backend = CudaBackend;

@@ -24,9 +24,9 @@
 #include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/cuda/arena.cuh"
-#include "foe/cuda/combine.cuh"
 #include "foe/cuda/context.cuh"
-#include "foe/cuda/elementwise.cuh"
+#include "foe/experts/combine.cuh"
+#include "foe/ops/elementwise.cuh"
 #include "foe/sync/all_reduce_mean.hpp"
 #include "foe/sync/residual_sync.hpp"
 

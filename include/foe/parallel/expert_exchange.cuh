@@ -7,15 +7,15 @@
 // the results back into y, combine() adds them to the residual. The layer holds only the experts
 // the exchange says this rank holds.
 //
-// This header is the interface alone, so that foe/cuda/layer.cuh and model.cuh need neither NCCL
-// nor a communicator. The implementation over NCCL is parallel::NcclExpertExchange
+// This header is the interface alone, so that the CUDA layers and foe/cuda/model.cuh need
+// neither NCCL nor a communicator. The implementation over NCCL is parallel::NcclExpertExchange
 // (foe/parallel/all_to_all_ep.cuh, a DeviceAllToAllEP bound to an NcclComm).
 
 #include <cstdint>
 
 #include "foe/core/half.hpp"
 #include "foe/core/types.hpp"
-#include "foe/cuda/grouped_swiglu.cuh"
+#include "foe/experts/grouped_swiglu.cuh"
 
 namespace foe::cuda {
 

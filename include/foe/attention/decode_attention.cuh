@@ -7,7 +7,7 @@
 //   pass 2, block (query head, sequence b): M = max m_c; out = sum_c exp(m_c - M) o_c /
 //           sum_c exp(m_c - M) l_c, chunks added in order: bit-identical run to run.
 //
-// Cache layout: a policy (foe/cuda/kv_layout.cuh). Contiguous: [slots, kv_heads, capacity,
+// Cache layout: a policy (foe/attention/kv_layout.cuh). Contiguous: [slots, kv_heads, capacity,
 // head_dim] bf16, head-major as the host's KV cache (foe/attention/kv_cache.hpp): one head's
 // positions are contiguous, so the warps of a block stream consecutive positions of one head.
 // Paged: the same rows in pages of a pool, found through a device block table; a page's rows
@@ -24,11 +24,11 @@
 
 #include <cstdint>
 
+#include "foe/attention/kv_layout.cuh"
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/groups.cuh"
-#include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
 

@@ -1,24 +1,24 @@
 #pragma once
 // Appending a batch's new keys and values to the device KV cache.
 //
-// The cache layout is a policy (foe/cuda/kv_layout.cuh): contiguous, [slots, kv_heads, capacity,
-// head_dim] bf16, head-major as the host's foe::attention::ContiguousKvCache; or paged, a pool
-// [pages, kv_heads, page_size, head_dim] addressed through a block table, as the host's
+// The cache layout is a policy (foe/attention/kv_layout.cuh): contiguous, [slots, kv_heads,
+// capacity, head_dim] bf16, head-major as the host's foe::attention::ContiguousKvCache; or paged,
+// a pool [pages, kv_heads, page_size, head_dim] addressed through a block table, as the host's
 // PagedKvCache. Either way one head's positions within a slot (a page) are contiguous, which is
 // what prefill and decode attention stream. Row i of the batch (slot token_slots[i], position
-// positions[i]) writes the layout's row (slot, h, position) for every KV head h. The copy is
-// exact (bits). One launch may cover the groups of an FoE layer (gridDim.y = groups; group g
-// copies from k, v + g * groups.in into kcache, vcache + g * groups.cache: foe/cuda/groups.cuh).
+// positions[i]) writes the layout's row (slot, h, position) for every KV head h. The copy is exact
+// (bits). One launch may cover the groups of an FoE layer (gridDim.y = groups; group g copies from
+// k, v + g * groups.in into kcache, vcache + g * groups.cache: foe/cuda/groups.cuh).
 
 #include <algorithm>
 #include <cstdint>
 
+#include "foe/attention/kv_layout.cuh"
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
 #include "foe/cuda/groups.cuh"
-#include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
 

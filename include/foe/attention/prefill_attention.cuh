@@ -3,14 +3,14 @@
 // dispatcher that sends decode steps to the split-KV decode kernel.
 //
 // Row i of the batch (sequence b, position p = starts[b] + its index among b's new tokens, which
-// is positions[i]) attends to positions [0, p] of slot slots[b] of the head-major caches
-// [slots, kv_heads, capacity, head_dim], or of a paged cache (pools [pages, kv_heads, page_size,
-// head_dim] and a device block table: foe/cuda/kv_layout.cuh); the chunk's own keys are appended
+// is positions[i]) attends to positions [0, p] of slot slots[b] of the head-major caches [slots,
+// kv_heads, capacity, head_dim], or of a paged cache (pools [pages, kv_heads, page_size, head_dim]
+// and a device block table: foe/attention/kv_layout.cuh); the chunk's own keys are appended
 // (append_kv) before the call, so a chunk whose start > 0 sees its cached prefix. Query head h
-// uses KV head h / (query_heads / kv_heads); scores are scaled by 1/sqrt(head_dim). Positions
-// the layout does not map (past a contiguous slot's capacity, an unassigned page) are masked out
-// and never read. Both layouts give the same bits for the same rows: each kernel reads a row
-// through the layout but computes on it exactly as on the other's.
+// uses KV head h / (query_heads / kv_heads); scores are scaled by 1/sqrt(head_dim). Positions the
+// layout does not map (past a contiguous slot's capacity, an unassigned page) are masked out and
+// never read. Both layouts give the same bits for the same rows: each kernel reads a row through
+// the layout but computes on it exactly as on the other's.
 //
 // Tensor-core kernel (head_dim 32, 64, 96, 128 on sm_80+), FlashAttention-2's scheme: a block
 // owns 64 query rows of one query head of one sequence (4 warps, 16 rows each); it walks the
@@ -47,13 +47,13 @@
 #include <cmath>
 #include <cstdint>
 
+#include "foe/attention/decode_attention.cuh"
+#include "foe/attention/kv_layout.cuh"
 #include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/cuda/batch.cuh"
 #include "foe/cuda/check.cuh"
-#include "foe/cuda/decode_attention.cuh"
 #include "foe/cuda/groups.cuh"
-#include "foe/cuda/kv_layout.cuh"
 
 namespace foe::cuda {
 

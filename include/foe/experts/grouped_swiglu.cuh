@@ -20,7 +20,7 @@
 // loop (detail::tc_mainloop), so foe has one tensor-core code path. Deterministic: every output
 // element is computed by one block in a fixed order.
 //
-// swiglu_experts.cuh keeps the host-driven cuBLASLt version (host_offsets read back) as the
+// swiglu_reference.cuh keeps the host-driven cuBLASLt version (host_offsets read back) as the
 // reference this one is measured against.
 
 #include <cuda_runtime.h>
