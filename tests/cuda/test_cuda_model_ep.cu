@@ -610,7 +610,7 @@ TEST_CASE("cuda ep layer: the device MoeHeadParallelLayer over one rank (CudaSel
         o.max_tokens = 0;
         CHECK_THROWS_AS(DeviceLayer<foe::comm::CudaSelfComm>(c, lw, o, {}, {}), foe::InvalidArgument);
         o = layer_options(c);
-        o.max_sequences = o.max_tokens + 1;
+        o.max_sequences = 0;
         CHECK_THROWS_AS(DeviceLayer<foe::comm::CudaSelfComm>(c, lw, o, {}, {}), foe::InvalidArgument);
         // OLMoE's full-width QK-norm cannot be split over two ranks' heads.
         const ModelConfig olmoe = moe_config();

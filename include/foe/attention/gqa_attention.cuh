@@ -326,7 +326,7 @@ void CudaGqaAttention<Gemm, Cache>::forward(const cuda::DeviceBatch& batch, Tens
     const bfloat16* attn = attend(batch, x, ctx);
 
     // out[g] += attn[g] o_g^T, every group in one GEMM.
-    cuda::device_gemm<Gemm>().nt_batched(attn, t * qw_, o_, d * qw_, out.data(), out.stride(0), g, cuda::OutType::bf16,
+    ctx.template gemm<Gemm>().nt_batched(attn, t * qw_, o_, d * qw_, out.data(), out.stride(0), g, cuda::OutType::bf16,
                                          t, d, qw_, ctx.stream, 1.0f);
 }
 
@@ -351,7 +351,7 @@ void CudaGqaAttention<Gemm, Cache>::forward_partial(const cuda::DeviceBatch& bat
     const bfloat16* attn = attend(batch, TensorView<const bfloat16, 3>(x.data(), {1, t, d}), ctx);
 
     // out = attn o^T in fp32 (beta 0): one plain GEMM, what the layer's head-parallel path ran.
-    cuda::device_gemm<Gemm>().nt(attn, o_, out.data(), cuda::OutType::fp32, t, d, qw_, ctx.stream, 0.0f);
+    ctx.template gemm<Gemm>().nt(attn, o_, out.data(), cuda::OutType::fp32, t, d, qw_, ctx.stream, 0.0f);
 }
 
 template <cuda::DeviceBatchedGemmPolicy Gemm, class Cache>
@@ -368,7 +368,7 @@ const bfloat16* CudaGqaAttention<Gemm, Cache>::attend(const cuda::DeviceBatch& b
     const cudaStream_t stream = ctx.stream;
     const auto eps = spec_.rms_norm_eps;
     const GqaGroupPlan plan = GqaGroupPlan::make(g, row_, t, d, streams, shared_norm_);
-    Gemm& gemm = cuda::device_gemm<Gemm>();
+    Gemm& gemm = ctx.template gemm<Gemm>();
     bfloat16* normed = ctx.take<bfloat16>(static_cast<std::size_t>((plan.fused ? 1 : g) * t * d));
     bfloat16* qkv = ctx.take<bfloat16>(static_cast<std::size_t>(g * t * row_));
     bfloat16* attn = ctx.take<bfloat16>(static_cast<std::size_t>(g * t * qw_));

@@ -38,6 +38,7 @@ public:
     void all_reduce_sum(std::span<float> buf, cudaStream_t stream)
     {
         require<InvalidArgument>(static_cast<bool>(reduce_), "FunctionComm: no all-reduce was given");
+        if (buf.empty()) return;  // every rank has the same count: all skip together (as NcclComm does)
         reduce_(buf.data(), buf.size(), stream);
     }
     void all_gather(std::span<const bfloat16> in, std::span<bfloat16> out, cudaStream_t stream)
@@ -45,6 +46,7 @@ public:
         require<InvalidArgument>(static_cast<bool>(gather_), "FunctionComm: no all-gather was given");
         require(out.size() == in.size() * static_cast<std::size_t>(size_), "FunctionComm::all_gather output holds ",
                 out.size(), " values, expected ", in.size(), " x ", size_, " ranks");
+        if (in.empty()) return;
         gather_(in.data(), in.size(), out.data(), stream);
     }
     void all_gather(std::span<const float>, std::span<float>, cudaStream_t) { unsupported("an fp32 all-gather"); }

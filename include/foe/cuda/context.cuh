@@ -12,9 +12,13 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <map>
+#include <memory>
+#include <typeindex>
 
 #include "foe/core/error.hpp"
 #include "foe/cuda/arena.cuh"
+#include "foe/cuda/gemm.cuh"
 
 namespace foe::cuda {
 
@@ -48,17 +52,47 @@ private:
     std::size_t used_ = 0;
 };
 
+/// The GEMM policy instances of one owner (a model), one per policy type, made on first use. A
+/// CUDA graph bakes in a GEMM's handle and workspace, so they must live as long as the graphs that
+/// captured them: CudaModel owns a GemmSet and makes its GEMM at construction, never inside a
+/// capture.
+class GemmSet {
+public:
+    template <DeviceGemmPolicy G>
+    [[nodiscard]] G& get()
+    {
+        const std::type_index key(typeid(G));
+        auto it = gemms_.find(key);
+        if (it == gemms_.end())
+            it = gemms_.emplace(key, Owned(new G(), [](void* p) { delete static_cast<G*>(p); })).first;
+        return *static_cast<G*>(it->second.get());
+    }
+
+private:
+    using Owned = std::unique_ptr<void, void (*)(void*)>;
+    std::map<std::type_index, Owned> gemms_;
+};
+
 /// What a device policy's call runs in: its kernels go on `stream` (no host synchronisation), its
-/// transient buffers come from `scratch`.
+/// transient buffers come from `scratch`, its dense GEMMs through `gemms` (none: the calling
+/// thread's shared instance, cuda::device_gemm; make it before capturing a graph, e.g. by one
+/// eager forward, since creating a cuBLASLt handle inside a capture fails).
 struct DeviceContext {
     cudaStream_t stream = nullptr;
     Scratch* scratch = nullptr;
+    GemmSet* gemms = nullptr;
 
     template <class T>
     [[nodiscard]] T* take(std::size_t count) const
     {
         require(scratch != nullptr, "device context has no scratch");
         return scratch->template take<T>(count);
+    }
+
+    template <DeviceGemmPolicy G>
+    [[nodiscard]] G& gemm() const
+    {
+        return gemms != nullptr ? gemms->template get<G>() : device_gemm<G>();
     }
 };
 

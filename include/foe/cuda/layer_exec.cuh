@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "foe/core/error.hpp"
@@ -73,10 +74,10 @@ struct layer_exec_state<CudaBackend> {
         post_norm = cuda::DeviceBuffer<bfloat16>(bf.size());
         cuda::check(cudaMemcpy(post_norm.data(), bf.data(), bf.size() * sizeof(bfloat16), cudaMemcpyHostToDevice),
                     "cudaMemcpy (post_attention_layernorm)");
-        // The policies uploaded their weights the same way. A copy from pageable memory may still
-        // be in flight when cudaMemcpy returns, and a forward on a non-blocking stream is not
-        // ordered after it: the layer is ready only when the device is done with them.
-        cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (layer weights uploaded)");
+        // The policies uploaded their weights the same way, on the legacy stream. A copy from
+        // pageable memory may still be in flight when cudaMemcpy returns, and a forward on a
+        // non-blocking stream is not ordered after it: the layer is ready when that stream is done.
+        cuda::check(cudaStreamSynchronize(cudaStreamLegacy), "cudaStreamSynchronize (layer weights uploaded)");
     }
 };
 
@@ -200,7 +201,7 @@ private:
     const cuda::DeviceContext& policy_context()
     {
         rest_ = ctx_.scratch->remaining();
-        policy_ctx_ = cuda::DeviceContext{ctx_.stream, &rest_};
+        policy_ctx_ = cuda::DeviceContext{ctx_.stream, &rest_, ctx_.gemms};
         return policy_ctx_;
     }
 
@@ -208,6 +209,23 @@ private:
     cuda::Scratch rest_;
     cuda::DeviceContext policy_ctx_;
 };
+
+/// What every device layer checks before its forward, then the context's scratch reset for it: the
+/// batch within the plan (CapacityError), contiguous tensors, a scratch of the planned size.
+inline void begin_device_forward(std::string_view name, const cuda::DeviceBatch& batch,
+                                 TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
+                                 const LayerOptions& options, const cuda::DeviceContext& ctx, std::size_t scratch_bytes)
+{
+    require(in.is_contiguous() && out.is_contiguous(), name, ": the device input and output must be contiguous");
+    require<CapacityError>(batch.tokens <= options.max_tokens && batch.sequences <= options.max_sequences, name, ": ",
+                           batch.tokens, " tokens in ", batch.sequences,
+                           " sequences exceed the plan's LayerOptions::max_tokens ", options.max_tokens,
+                           " and max_sequences ", options.max_sequences);
+    require(ctx.scratch != nullptr && ctx.scratch->bytes() >= scratch_bytes, name, ": the context's scratch holds ",
+            ctx.scratch == nullptr ? 0 : ctx.scratch->bytes(), " bytes; a forward takes scratch_bytes() = ",
+            scratch_bytes);
+    ctx.scratch->reset();
+}
 
 /// The transient scratch of a policy's calls (0 for one that declares none).
 template <class Experts, class ExpertParallel>
@@ -248,13 +266,7 @@ void ComposedLayer<Attention, Routing, Experts, ExpertParallel, Sync>::forward(c
 {
     const index_t t = batch.tokens, d = config_.hidden_size;
     check_streams(name_, in.shape(), out.shape(), t, d, streams());
-    require<CapacityError>(t <= options_.max_tokens && batch.sequences <= options_.max_sequences, name_, ": ", t,
-                           " tokens in ", batch.sequences, " sequences exceed the plan's LayerOptions::max_tokens ",
-                           options_.max_tokens, " and max_sequences ", options_.max_sequences);
-    require(ctx.scratch != nullptr && ctx.scratch->bytes() >= scratch_bytes(), name_, ": the context's scratch holds ",
-            ctx.scratch == nullptr ? 0 : ctx.scratch->bytes(), " bytes; a forward takes scratch_bytes() = ",
-            scratch_bytes());
-    ctx.scratch->reset();
+    begin_device_forward(name_, batch, in, out, options_, ctx, scratch_bytes());
     layer_exec<CudaBackend> exec(ctx);
     if (t == 0) {
         // Nothing of this rank's own to run; an expert exchange is a collective all the same, so

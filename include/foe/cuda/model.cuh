@@ -140,7 +140,7 @@ struct CudaModelOptions {
     /// KV-head share head_part of head_parts (and their KV caches), every rank runs the same
     /// batch, and head_comm's reduce (fp32 sum, NcclComm::all_reduce_sum) and gather
     /// (NcclComm::all_gather) join the shares; the exchanges then take ceil(tokens / head_parts)
-    /// tokens. last_routing() then holds this rank's token slice in its first rows.
+    /// tokens. last_routing() then holds the routing of this rank's token slice.
     index_t head_part = 0;
     index_t head_parts = 1;
     HeadParallelComm head_comm;
@@ -348,6 +348,7 @@ private:
     std::vector<std::unique_ptr<detail::DeviceLayer>> layers_;
     DeviceArena head_weights_, scratch_arena_, layer_scratch_arena_;
     Scratch layer_scratch_;  // the layers' shared scratch (they run one after another)
+    GemmSet gemms_;          // the layers' and the head's GEMM: made here, outlives every graph
     bfloat16 *embed_ = nullptr, *final_norm_ = nullptr, *lm_head_ = nullptr;
     bfloat16 *stream_a_ = nullptr, *stream_b_ = nullptr, *hidden_ = nullptr;  // [held, T, d] x2, [T, d]
     float* hidden32_ = nullptr;                                                 // [T, d]
@@ -365,6 +366,7 @@ private:
     CudaMemory memory_;
     mutable std::vector<routing::RoutingResult> routing_cache_;
     mutable std::vector<bool> routing_fresh_;
+    index_t last_tokens_ = 0;  // of the last forward (a replayed graph updates no layer's host state)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -438,6 +440,7 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     device_ = o.device >= 0 ? o.device : current_device();
     const DeviceGuard on_device(device_);
     stream_ = std::make_unique<Stream>();
+    (void)gemms_.template get<Gemm>();  // on this device, now: never inside a decode graph's capture
     // The layers: composed types over the device policies, planned for max_batch_tokens.
     LayerOptions lo;
     lo.cache_slots = o.cache_slots;
@@ -569,14 +572,14 @@ void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, ExpertExchange* 
         stream_mean(in, held_, t, d, c.groups(), hidden_, stream_->get());
     }
     rms_norm(hidden_, final_norm_, hidden_, t, d, static_cast<float>(c.rms_norm_eps), stream_->get());
-    device_gemm<Gemm>().nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_->get(), 0.0f);
+    gemms_.template get<Gemm>().nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_->get(), 0.0f);
 }
 
 template <DeviceBatchedGemmPolicy Gemm>
 void CudaModel<Gemm>::enqueue_layers(const DeviceBatch& batch, ExpertExchange* experts)
 {
     const index_t t = batch.tokens, d = config_.hidden_size;
-    const DeviceContext ctx{stream_->get(), &layer_scratch_};
+    const DeviceContext ctx{stream_->get(), &layer_scratch_, &gemms_};
     bfloat16 *in = stream_a_, *out = stream_b_;
     index_t in_streams = 1;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
@@ -663,6 +666,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     Tensor<float> logits({n_kept, vocab});
     // From here the routing of the last forward is this one's, also if it fails part way.
     routing_fresh_.assign(layers_.size(), false);  // downloaded again on request
+    last_tokens_ = t;
     auto commit_lengths = [&] {
         for (const auto& chunk : batch.chunks())
             lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
@@ -716,8 +720,12 @@ const routing::RoutingResult& CudaModel<Gemm>::last_routing(index_t layer) const
     routing::RoutingResult& r = routing_cache_[static_cast<std::size_t>(layer)];
     if (routing_fresh_[static_cast<std::size_t>(layer)]) return r;
     const DeviceGuard on_device(device_);
+    // The device arrays and the slot layout are the layer's; the row count is the last forward's
+    // (the layer's own count is stale after a graph replay): its tokens, or this rank's slice of them.
     const routing::DeviceRoutingResult d = layers_[static_cast<std::size_t>(layer)]->routing();
-    r.tokens = d.tokens;
+    r.tokens = options_.head_parts > 1
+                   ? ::foe::detail::TokenSlice::of(last_tokens_, options_.head_part, options_.head_parts).rows
+                   : last_tokens_;
     r.slots_per_token = d.slots_per_token;
     r.slots_per_group = d.slots_per_group;
     r.group_begin = d.group_begin;

@@ -58,14 +58,7 @@ void MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::forwa
     const index_t t = batch.tokens, d = config_.hidden_size;
     require(in.shape() == std::array<index_t, 3>{1, t, d} && out.shape() == in.shape(), name, " input is ",
             format_shape(in.shape()), " and output ", format_shape(out.shape()), ", expected [1, ", t, ", ", d, "]");
-    require(in.is_contiguous() && out.is_contiguous(), name, ": the device input and output must be contiguous");
-    require<CapacityError>(t <= options_.max_tokens && batch.sequences <= options_.max_sequences, name, ": ", t,
-                           " tokens in ", batch.sequences, " sequences exceed the plan's LayerOptions::max_tokens ",
-                           options_.max_tokens, " and max_sequences ", options_.max_sequences);
-    require(ctx.scratch != nullptr && ctx.scratch->bytes() >= scratch_bytes(), name, ": the context's scratch holds ",
-            ctx.scratch == nullptr ? 0 : ctx.scratch->bytes(), " bytes; a forward takes scratch_bytes() = ",
-            scratch_bytes());
-    ctx.scratch->reset();
+    detail::begin_device_forward(name, batch, in, out, options_, ctx, scratch_bytes());
     detail::layer_exec<CudaBackend> exec(ctx);
     // T = 0 (the same on every rank) runs the same steps, each empty: nothing is enqueued but the
     // expert exchange, which serves its peers (a collective), and the comm skips empty collectives.

@@ -2,10 +2,12 @@
 // The experts policy kind: the FFNs of the experts a rank holds, applied to grouped tokens, and
 // the weighted combine of their outputs into the residual stream(s).
 
+#include <array>
 #include <concepts>
 #include <vector>
 
 #include "foe/core/backend.hpp"
+#include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 #include "foe/core/weight.hpp"
@@ -28,6 +30,29 @@ struct ExpertsSpec {
     index_t expert_end = 0;
     index_t max_rows = 0;  ///< device policies: the most (token, slot) rows one compute() takes
 };
+
+namespace detail {
+/// The checks every experts policy makes of its spec and weights: a valid range, one set of
+/// weights per held expert, each [f, d] / [f, d] / [d, f] (ConfigError / InvalidArgument).
+inline void check_expert_weights(const ExpertsSpec& spec, const std::vector<ExpertWeights>& w)
+{
+    const index_t d = spec.hidden_size, f = spec.intermediate_size;
+    require<ConfigError>(spec.expert_begin >= 0 && spec.expert_begin <= spec.expert_end, "expert range [",
+                         spec.expert_begin, ", ", spec.expert_end, ") is invalid");
+    require<InvalidArgument>(static_cast<index_t>(w.size()) == spec.expert_end - spec.expert_begin, "experts [",
+                             spec.expert_begin, ", ", spec.expert_end, ") got weights for ", w.size(), " experts");
+    for (std::size_t e = 0; e < w.size(); ++e) {
+        const auto& x = w[e];
+        const bool ok = x.gate_proj.shape() == std::array<index_t, 2>{f, d} &&
+                        x.up_proj.shape() == std::array<index_t, 2>{f, d} &&
+                        x.down_proj.shape() == std::array<index_t, 2>{d, f};
+        require<InvalidArgument>(ok, "expert ", spec.expert_begin + static_cast<index_t>(e), " has gate/up/down shapes ",
+                                 format_shape(x.gate_proj.shape()), "/", format_shape(x.up_proj.shape()), "/",
+                                 format_shape(x.down_proj.shape()), ", expected [", f, ", ", d, "]/[", f, ", ", d,
+                                 "]/[", d, ", ", f, "]");
+    }
+}
+}  // namespace detail
 
 /// A host experts policy is built from a spec and the weights of its experts (in id order), and
 ///  - compute(u, routing, y): for every (token i, slot s) whose expert it holds,

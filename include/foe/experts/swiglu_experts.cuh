@@ -122,18 +122,7 @@ const ExpertsSpec& CudaSwiGluExperts<Gemm>::validated(const ExpertsSpec& spec, c
                          ") and intermediate_size (", f, ") to be positive multiples of 8 (16-byte bf16 rows)");
     require<InvalidArgument>(spec.max_rows > 0 && spec.max_rows <= 0x7fffffff, "CudaSwiGluExperts: max_rows (",
                              spec.max_rows, ") must be in [1, 2^31 - 1]: the device experts plan their buffers for it");
-    require<InvalidArgument>(static_cast<index_t>(w.size()) == held, "experts [", spec.expert_begin, ", ",
-                             spec.expert_end, ") got weights for ", w.size(), " experts");
-    for (std::size_t e = 0; e < w.size(); ++e) {
-        const auto& x = w[e];
-        const bool ok = x.gate_proj.shape() == std::array<index_t, 2>{f, d} &&
-                        x.up_proj.shape() == std::array<index_t, 2>{f, d} &&
-                        x.down_proj.shape() == std::array<index_t, 2>{d, f};
-        require<InvalidArgument>(ok, "expert ", spec.expert_begin + static_cast<index_t>(e), " has gate/up/down shapes ",
-                                 format_shape(x.gate_proj.shape()), "/", format_shape(x.up_proj.shape()), "/",
-                                 format_shape(x.down_proj.shape()), ", expected [", f, ", ", d, "]/[", f, ", ", d,
-                                 "]/[", d, ", ", f, "]");
-    }
+    detail::check_expert_weights(spec, w);
     return spec;
 }
 

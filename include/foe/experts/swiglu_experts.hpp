@@ -51,22 +51,7 @@ template <gemm::GemmPolicy Gemm>
 SwiGluExperts<Gemm>::SwiGluExperts(const ExpertsSpec& spec, std::vector<ExpertWeights> weights)
     : spec_(spec), w_(std::move(weights))
 {
-    const index_t d = spec.hidden_size, f = spec.intermediate_size;
-    require<ConfigError>(spec.expert_begin >= 0 && spec.expert_begin <= spec.expert_end,
-                         "expert range [", spec.expert_begin, ", ", spec.expert_end, ") is invalid");
-    require<InvalidArgument>(static_cast<index_t>(w_.size()) == spec.expert_end - spec.expert_begin,
-                             "experts [", spec.expert_begin, ", ", spec.expert_end, ") got weights for ", w_.size(),
-                             " experts");
-    for (std::size_t e = 0; e < w_.size(); ++e) {
-        const auto& x = w_[e];
-        const bool ok = x.gate_proj.shape() == std::array<index_t, 2>{f, d} &&
-                        x.up_proj.shape() == std::array<index_t, 2>{f, d} &&
-                        x.down_proj.shape() == std::array<index_t, 2>{d, f};
-        require<InvalidArgument>(ok, "expert ", spec.expert_begin + static_cast<index_t>(e), " has gate/up/down shapes ",
-                                 format_shape(x.gate_proj.shape()), "/", format_shape(x.up_proj.shape()), "/",
-                                 format_shape(x.down_proj.shape()), ", expected [", f, ", ", d, "]/[", f, ", ", d,
-                                 "]/[", d, ", ", f, "]");
-    }
+    detail::check_expert_weights(spec_, w_);
 }
 
 template <gemm::GemmPolicy Gemm>

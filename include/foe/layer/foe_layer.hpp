@@ -112,10 +112,9 @@ inline LayerOptions validated_options(const LayerOptions& o, index_t held, bool 
     LayerOptions v = o;
     v.compute_order = compute_order(o, held);
     if (device)
-        require<InvalidArgument>(o.max_tokens > 0 && o.max_sequences > 0 && o.max_sequences <= o.max_tokens,
+        require<InvalidArgument>(o.max_tokens > 0 && o.max_sequences > 0,
                                  "a CUDA layer plans its memory from LayerOptions::max_tokens (", o.max_tokens,
-                                 ") and max_sequences (", o.max_sequences,
-                                 "): both must be positive and max_sequences <= max_tokens");
+                                 ") and max_sequences (", o.max_sequences, "): both must be positive");
     return v;
 }
 
@@ -209,6 +208,11 @@ public:
           sync_(std::move(sync)),
           ep_(std::move(ep))
     {
+        // An identity sync is never called (rf is r[0]): it holds only for one stream and no peers.
+        if constexpr (identity_sync<Sync>)
+            require<ConfigError>(streams() == 1 && config.groups() == 1, name, " with a residual sync that leaves rf = "
+                                 "r[0] needs one group on one rank; it holds ", streams(), " of ", config.groups(),
+                                 " groups (use sync::AllReduceMean)");
         if constexpr (std::same_as<backend, HostBackend>)
             exec_.order = options_.compute_order;
         else
@@ -216,7 +220,9 @@ public:
     }
 
     /// Host: in [1 or streams(), T, d]; out [streams(), T, d], T = batch.tokens(). in and out must
-    /// not overlap. Appends the batch's keys and values to the held groups' KV caches.
+    /// not overlap. Appends the batch's keys and values to the held groups' KV caches. The held
+    /// groups' attention runs in options.compute_order (the device runs them in one launch and
+    /// ignores it: results never depend on it).
     void forward(const Batch& batch, TensorView<const float, 3> in, TensorView<float, 3> out)
         requires std::same_as<backend, HostBackend>
     {
@@ -278,13 +284,14 @@ private:
 
 }  // namespace detail
 
-// Sync is checked in the body, after the backend check: a sync built for the other backend fails
-// that check first, with the policy named, rather than as an unsatisfied concept.
+// Sync and ExpertParallel are checked in the body, after the backend check: a policy built for the
+// other backend fails that check first, with the policy named, rather than as an unsatisfied concept.
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel, class Sync>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 class FoeLayer : public detail::ComposedLayer<Attention, Routing, Experts, ExpertParallel, Sync> {
     static_assert(detail::foe_policies_share_backend<Attention, Routing, Experts, ExpertParallel, Sync>);
+    static_assert(parallel::ExpertParallelPolicy<ExpertParallel, Experts>,
+                  "the expert-parallel policy cannot run these experts (parallel/expert_parallel.hpp)");
     static_assert(sync::ResidualSyncPolicy<Sync>, "the residual sync is not a residual-sync policy of the layer's "
                                                   "backend (sync/residual_sync.hpp)");
     static_assert(Routing::per_group, "an FoE layer routes top-(k/H) inside every group: use a per-group selection "

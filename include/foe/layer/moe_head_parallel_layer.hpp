@@ -136,7 +136,7 @@ public:
     /// comm joins the P ranks sharing the heads; options' expert range says which experts this
     /// rank holds (and ExpertParallel must agree). Host policies read the weights in place (they
     /// must outlive the layer); device policies upload them, planned for options.max_tokens and
-    /// max_sequences (InvalidArgument unless 0 < max_sequences <= max_tokens): the attention for
+    /// max_sequences (InvalidArgument unless both are positive): the attention for
     /// every token, the router and experts for a slice of ceil(max_tokens / P) tokens.
     MoeHeadParallelLayer(const ModelConfig& config, const LayerWeights& weights, const LayerOptions& options, C comm,
                          ExpertParallel ep);

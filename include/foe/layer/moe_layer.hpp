@@ -16,11 +16,12 @@ namespace foe {
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 class MoeLayer
     : public detail::ComposedLayer<Attention, Routing, Experts, ExpertParallel,
                                    detail::OneStream<backend_of_t<Attention>>> {
     static_assert(detail::moe_policies_share_backend<Attention, Routing, Experts, ExpertParallel>);
+    static_assert(parallel::ExpertParallelPolicy<ExpertParallel, Experts>,
+                  "the expert-parallel policy cannot run these experts (parallel/expert_parallel.hpp)");
     using Base =
         detail::ComposedLayer<Attention, Routing, Experts, ExpertParallel, detail::OneStream<backend_of_t<Attention>>>;
 

@@ -115,17 +115,8 @@ const RoutingSpec& CudaRouter<Score, Selection, Gemm>::validated(const RoutingSp
                                                                  VectorView<const float> bias)
 {
     // The host Router's checks first (same messages), then what the device kernels add.
-    const index_t e = spec.num_experts, h = spec.groups;
-    require<ConfigError>(e > 0 && h > 0 && e % h == 0, "num_experts (", e, ") must be a positive multiple of the ",
-                         h, " expert groups");
-    require<ConfigError>(spec.top_k > 0 && spec.top_k % h == 0, "num_experts_per_tok (", spec.top_k,
-                         ") must be a positive multiple of num_expert_groups (", h, ")");
-    require<ConfigError>(spec.top_k / h <= e / h, "top-k per group (", spec.top_k / h, ") exceeds the ", e / h,
-                         " experts of a group");
-    require<ConfigError>(0 <= spec.group_begin && spec.group_begin < spec.group_end && spec.group_end <= h,
-                         "routed groups [", spec.group_begin, ", ", spec.group_end, ") are not inside [0, ", h, ")");
-    require<ConfigError>(per_group || h == 1, "global top-k routing selects over all experts and so needs one "
-                                              "expert group, got ", h, "; use PerGroupTopK for FoE");
+    const index_t e = spec.num_experts;
+    detail::check_routing_spec(spec, per_group);
     require<ConfigError>(e <= cuda::RouterLaunch::max_experts, "the CUDA router handles at most ",
                          cuda::RouterLaunch::max_experts, " experts; the spec has ", e);
     require<InvalidArgument>(spec.max_tokens > 0 && spec.max_tokens <= 0x7fffffff, "CudaRouter: max_tokens (",
@@ -200,7 +191,7 @@ void CudaRouter<Score, Selection, Gemm>::route(MatrixView<const bfloat16> u, Dev
     out.weights = weights_;
     if (t == 0) return;
     float* logits = ctx.take<float>(static_cast<std::size_t>(t * e));
-    cuda::device_gemm<Gemm>().nt(u.data(), gate_, logits, cuda::OutType::fp32, t, e, hidden_, ctx.stream, 0.0f);
+    ctx.template gemm<Gemm>().nt(u.data(), gate_, logits, cuda::OutType::fp32, t, e, hidden_, ctx.stream, 0.0f);
     cuda::route(args_, logits, bias_, t, experts_, weights_, ctx.stream);
 }
 

@@ -47,17 +47,8 @@ template <ScoreFunctionPolicy Score, SelectionPolicy Selection, gemm::GemmPolicy
 Router<Score, Selection, Gemm>::Router(const RoutingSpec& spec, MatrixView<const float> gate, VectorView<const float> bias)
     : spec_(spec), gate_(gate), bias_(bias)
 {
-    const index_t e = spec.num_experts, h = spec.groups;
-    require<ConfigError>(e > 0 && h > 0 && e % h == 0, "num_experts (", e, ") must be a positive multiple of the ",
-                         h, " expert groups");
-    require<ConfigError>(spec.top_k > 0 && spec.top_k % h == 0, "num_experts_per_tok (", spec.top_k,
-                         ") must be a positive multiple of num_expert_groups (", h, ")");
-    require<ConfigError>(spec.top_k / h <= e / h, "top-k per group (", spec.top_k / h, ") exceeds the ", e / h,
-                         " experts of a group");
-    require<ConfigError>(0 <= spec.group_begin && spec.group_begin < spec.group_end && spec.group_end <= h,
-                         "routed groups [", spec.group_begin, ", ", spec.group_end, ") are not inside [0, ", h, ")");
-    require<ConfigError>(per_group || h == 1, "global top-k routing selects over all experts and so needs one "
-                                              "expert group, got ", h, "; use PerGroupTopK for FoE");
+    const index_t e = spec.num_experts;
+    detail::check_routing_spec(spec, per_group);
     require<InvalidArgument>(gate.extent(0) == e && gate.stride(1) == 1, "router gate weight is ",
                              format_shape(gate.shape()), ", expected [", e, ", hidden]");
     if (Score::uses_bias && !bias.empty())

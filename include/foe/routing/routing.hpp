@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "foe/core/backend.hpp"
+#include "foe/core/error.hpp"
 #include "foe/core/half.hpp"
 #include "foe/core/tensor.hpp"
 
@@ -60,6 +61,25 @@ struct RoutingSpec {
     bool renormalize = false;   ///< scale each group's selected weights to sum to 1 (norm_topk_prob)
     index_t max_tokens = 0;     ///< device policies: the most tokens one route() takes (plans memory)
 };
+
+namespace detail {
+/// The checks every router makes of its spec (ConfigError): k/H experts of each group's E/H, the
+/// routed groups inside [0, H), and a global selection only over one group.
+inline void check_routing_spec(const RoutingSpec& spec, bool per_group)
+{
+    const index_t e = spec.num_experts, h = spec.groups;
+    require<ConfigError>(e > 0 && h > 0 && e % h == 0, "num_experts (", e, ") must be a positive multiple of the ",
+                         h, " expert groups");
+    require<ConfigError>(spec.top_k > 0 && spec.top_k % h == 0, "num_experts_per_tok (", spec.top_k,
+                         ") must be a positive multiple of num_expert_groups (", h, ")");
+    require<ConfigError>(spec.top_k / h <= e / h, "top-k per group (", spec.top_k / h, ") exceeds the ", e / h,
+                         " experts of a group");
+    require<ConfigError>(0 <= spec.group_begin && spec.group_begin < spec.group_end && spec.group_end <= h,
+                         "routed groups [", spec.group_begin, ", ", spec.group_end, ") are not inside [0, ", h, ")");
+    require<ConfigError>(per_group || h == 1, "global top-k routing selects over all experts and so needs one "
+                                              "expert group, got ", h, "; use PerGroupTopK for FoE");
+}
+}  // namespace detail
 
 /// A score function turns logits into scores (the weights) and selection keys (what top-k ranks).
 template <class S>
