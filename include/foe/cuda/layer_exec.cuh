@@ -248,7 +248,7 @@ std::size_t sync_scratch_bytes(const Sync& sync, index_t max_tokens, index_t hid
 
 template <class Attention, class Routing, class Experts, class ExpertParallel, class Sync>
 std::size_t ComposedLayer<Attention, Routing, Experts, ExpertParallel, Sync>::scratch_bytes() const
-    requires std::same_as<backend, CudaBackend>
+    requires std::same_as<backend_of_t<Attention>, CudaBackend>
 {
     const index_t t = options_.max_tokens, d = config_.hidden_size;
     const index_t slots = streams() * config_.top_k_per_group();
@@ -262,7 +262,7 @@ void ComposedLayer<Attention, Routing, Experts, ExpertParallel, Sync>::forward(c
                                                                                TensorView<const bfloat16, 3> in,
                                                                                TensorView<bfloat16, 3> out,
                                                                                const cuda::DeviceContext& ctx)
-    requires std::same_as<backend, CudaBackend>
+    requires std::same_as<backend_of_t<Attention>, CudaBackend>
 {
     const index_t t = batch.tokens, d = config_.hidden_size;
     check_streams(name_, in.shape(), out.shape(), t, d, streams());

@@ -29,7 +29,7 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
           class ExpertParallel, comm::Comm C>
     requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 std::size_t MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::scratch_bytes() const
-    requires std::same_as<backend, CudaBackend>
+    requires std::same_as<backend_of_t<Attention>, CudaBackend>
 {
     const index_t t = options_.max_tokens, d = config_.hidden_size;
     const std::size_t policies = std::max({attention_.scratch_bytes(), router_.scratch_bytes(),
@@ -46,7 +46,7 @@ void MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::forwa
                                                                                    TensorView<const bfloat16, 3> in,
                                                                                    TensorView<bfloat16, 3> out,
                                                                                    const cuda::DeviceContext& ctx)
-    requires std::same_as<backend, CudaBackend>
+    requires std::same_as<backend_of_t<Attention>, CudaBackend>
 {
     static_assert(detail::PartialDeviceAttention<Attention>,
                   "MoeHeadParallelLayer's device attention must write one group's fp32 partial output "

@@ -224,7 +224,7 @@ public:
     /// groups' attention runs in options.compute_order (the device runs them in one launch and
     /// ignores it: results never depend on it).
     void forward(const Batch& batch, TensorView<const float, 3> in, TensorView<float, 3> out)
-        requires std::same_as<backend, HostBackend>
+        requires std::same_as<backend_of_t<Attention>, HostBackend>
     {
         check_streams(name_, in.shape(), out.shape(), batch.tokens(), config_.hidden_size, streams());
         layer_forward(exec_, batch, in, out, attention_, router_, experts_, ep_, sync_, config_.groups(),
@@ -236,11 +236,11 @@ public:
     /// run one after another). Nothing is allocated: a decode step is capturable in a CUDA graph.
     void forward(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
                  const cuda::DeviceContext& ctx)
-        requires std::same_as<backend, CudaBackend>;
+        requires std::same_as<backend_of_t<Attention>, CudaBackend>;
 
     /// CUDA: the device scratch one forward takes at options.max_tokens (cuda/layer_exec.cuh).
     [[nodiscard]] std::size_t scratch_bytes() const
-        requires std::same_as<backend, CudaBackend>;
+        requires std::same_as<backend_of_t<Attention>, CudaBackend>;
 
     /// Residual streams this layer produces: the number of held groups.
     [[nodiscard]] index_t streams() const noexcept { return group_end_ - group_begin_; }

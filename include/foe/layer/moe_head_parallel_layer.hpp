@@ -143,7 +143,7 @@ public:
 
     /// Host: in, out [1, T, d] with every token of the batch (the same on every rank).
     void forward(const Batch& batch, TensorView<const float, 3> in, TensorView<float, 3> out)
-        requires std::same_as<backend, HostBackend>;
+        requires std::same_as<backend_of_t<Attention>, HostBackend>;
 
     /// CUDA: the same on bf16 device tensors [1, T, d] (contiguous, not overlapping), enqueued on
     /// ctx.stream, the comm's collectives on that stream too (cuda/moe_head_parallel_layer.cuh);
@@ -151,11 +151,11 @@ public:
     /// otherwise). Nothing is allocated.
     void forward(const cuda::DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
                  const cuda::DeviceContext& ctx)
-        requires std::same_as<backend, CudaBackend>;
+        requires std::same_as<backend_of_t<Attention>, CudaBackend>;
 
     /// CUDA: the device scratch one forward takes at options.max_tokens.
     [[nodiscard]] std::size_t scratch_bytes() const
-        requires std::same_as<backend, CudaBackend>;
+        requires std::same_as<backend_of_t<Attention>, CudaBackend>;
 
     [[nodiscard]] static constexpr index_t streams() noexcept { return 1; }
     [[nodiscard]] const ModelConfig& config() const noexcept { return config_; }
@@ -256,7 +256,7 @@ template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, 
 void MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::forward(const Batch& batch,
                                                                                    TensorView<const float, 3> in,
                                                                                    TensorView<float, 3> out)
-    requires std::same_as<backend, HostBackend>
+    requires std::same_as<backend_of_t<Attention>, HostBackend>
 {
     const index_t t = batch.tokens(), d = config_.hidden_size;
     require(in.shape() == std::array<index_t, 3>{1, t, d} && out.shape() == in.shape(), "MoE layer input is ",
