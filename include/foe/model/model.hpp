@@ -11,7 +11,8 @@
 //
 // The first layer takes the embedding as one stream (broadcast to the groups); every later layer
 // takes the previous layer's streams. ModelInterface is the type-erased face the runner and
-// make_model() use; Model<Layer> is the composed, fully inlined implementation.
+// make_model() use; Model<Layer> is the composed, fully inlined implementation. Its equations are
+// model/model_body.hpp's, which cuda::CudaModel runs as well.
 
 #include <algorithm>
 #include <bit>
@@ -30,6 +31,7 @@
 #include "foe/core/tensor.hpp"
 #include "foe/layer/batch.hpp"
 #include "foe/layer/layer_options.hpp"
+#include "foe/model/model_body.hpp"
 #include "foe/model/sampling.hpp"
 #include "foe/model/weights.hpp"
 #include "foe/ops/gemm.hpp"
@@ -181,108 +183,41 @@ public:
     using ModelInterface::forward;
     [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows) override;
     [[nodiscard]] const ModelConfig& config() const noexcept override { return weights_->config; }
-    [[nodiscard]] index_t sequence_length(index_t slot) const override
-    {
-        require(slot >= 0 && slot < static_cast<index_t>(lengths_.size()), "slot ", slot, " is outside [0, ",
-                lengths_.size(), ")");
-        return lengths_[static_cast<std::size_t>(slot)];
-    }
-    [[nodiscard]] index_t cache_capacity() const noexcept override { return capacity_; }
+    [[nodiscard]] index_t sequence_length(index_t slot) const override { return slots_.length(slot); }
+    [[nodiscard]] index_t cache_capacity() const noexcept override { return slots_.capacity(); }
     [[nodiscard]] const Layer& layer(index_t l) const { return *layers_.at(static_cast<std::size_t>(l)); }
     [[nodiscard]] const routing::RoutingResult& last_routing(index_t l) const override { return layer(l).last_routing(); }
 
 private:
     std::shared_ptr<const ModelWeights> weights_;
-    StreamReduce reduce_streams_;
-    bool check_finite_;
-    index_t capacity_;
-    std::vector<index_t> lengths_;
+    detail::CacheSlots slots_;
     std::vector<std::unique_ptr<Layer>> layers_;
-    std::vector<float> a_, b_, hidden_;
+    detail::model_exec<HostBackend, Gemm> exec_;  // the body's buffers, and the head's weights
 };
 
 // ---------------------------------------------------------------------------------------------
 
-namespace detail {
-
-/// What every backend's forward checks before it changes anything: one token id per row, each
-/// inside the vocabulary; every chunk in a slot of the cache, fitting its capacity, and starting
-/// at or before its slot's current length.
-inline void check_forward_input(const Batch& batch, std::span<const std::int32_t> tokens,
-                                std::span<const index_t> lengths, index_t capacity, index_t vocab)
-{
-    const index_t t = batch.tokens();
-    require(static_cast<index_t>(tokens.size()) == t, "the batch has ", t, " tokens but ", tokens.size(),
-            " token ids were given");
-    batch.check_fits(static_cast<index_t>(lengths.size()), capacity);
-    for (const auto& chunk : batch.chunks())
-        require(chunk.start <= lengths[static_cast<std::size_t>(chunk.slot)], "slot ", chunk.slot, " holds ",
-                lengths[static_cast<std::size_t>(chunk.slot)], " positions; a chunk cannot start at position ",
-                chunk.start, " (positions in between would be missing)");
-    for (index_t i = 0; i < t; ++i) {
-        const std::int32_t id = tokens[static_cast<std::size_t>(i)];
-        require(id >= 0 && id < vocab, "token id ", id, " (at row ", i, " of the batch) is outside the vocabulary [0, ",
-                vocab, ")");
-    }
-}
-
-/// ModelOptions::check_finite: throws NumericalError for the first non-finite value of
-/// `values`, [streams, rows, width] row-major, in token-row order (the earliest position of the
-/// batch first); `where` says what the values are ("the hidden state after layer 3").
-/// token_row_of maps each of the `rows` rows to its token row of the batch (empty: row i is token
-/// row i), for logits of kept rows only.
-inline void check_finite(std::span<const float> values, index_t streams, index_t rows, index_t width,
-                         const Batch& batch, std::string_view where, std::string_view column,
-                         std::span<const index_t> token_row_of = {})
-{
-    // Fast path: is any value's exponent all ones (NaN, +-inf)? An integer OR-reduction
-    // vectorises; an early-exit search, or a float reduction without -ffast-math, does not.
-    constexpr std::uint32_t exponent = 0x7f800000u;
-    std::uint32_t non_finite = 0;
-    for (float v : values) non_finite |= (std::bit_cast<std::uint32_t>(v) & exponent) == exponent ? 1u : 0u;
-    if (non_finite == 0) return;
-    for (index_t i = 0; i < rows; ++i)
-        for (index_t s = 0; s < streams; ++s)
-            for (index_t j = 0; j < width; ++j) {
-                const float v = values[static_cast<std::size_t>((s * rows + i) * width + j)];
-                if (std::isfinite(v)) continue;
-                const index_t row = token_row_of.empty() ? i : token_row_of[static_cast<std::size_t>(i)];
-                index_t b = 0;
-                while (batch.offset(b + 1) <= row) ++b;
-                const SequenceChunk& chunk = batch.chunks()[static_cast<std::size_t>(b)];
-                raise<NumericalError>("non-finite value ", v, " in ", where,
-                                      streams > 1 ? concat(" (stream ", s, " of ", streams, ")") : std::string(),
-                                      " at token row ", row, " of the batch: sequence ", b, " (KV-cache slot ",
-                                      chunk.slot, "), position ", batch.positions()[static_cast<std::size_t>(row)],
-                                      ", ", column, " ", j);
-            }
-}
-
-}  // namespace detail
-
 template <class Layer, gemm::GemmPolicy Gemm>
 Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const ModelOptions& options,
                           LayerFactory make_layer, StreamReduce reduce_streams)
-    : weights_(std::move(weights)),
-      reduce_streams_(std::move(reduce_streams)),
-      check_finite_(options.check_finite),
-      capacity_(options.cache_capacity > 0 ? options.cache_capacity : weights_->config.max_position_embeddings)
+    : weights_(std::move(weights))
 {
     const ModelConfig& c = weights_->config;
     check_weights(*weights_);
+    const index_t capacity = options.cache_capacity > 0 ? options.cache_capacity : c.max_position_embeddings;
     require<InvalidArgument>(options.cache_slots > 0, "cache_slots (", options.cache_slots, ") must be positive");
-    require<InvalidArgument>(capacity_ <= c.max_position_embeddings, "cache_capacity (", capacity_,
+    require<InvalidArgument>(capacity <= c.max_position_embeddings, "cache_capacity (", capacity,
                              ") exceeds max_position_embeddings (", c.max_position_embeddings, ")");
     // validate() bounds one sequence's cache; the slot count multiplies it.
-    const auto cache_bytes = detail::CheckedIndex(options.cache_slots) * capacity_ * 2 * c.num_hidden_layers *
+    const auto cache_bytes = detail::CheckedIndex(options.cache_slots) * capacity * 2 * c.num_hidden_layers *
                              c.num_key_value_heads * c.head_dim * index_t{sizeof(float)};
     require<InvalidArgument>(cache_bytes.ok() && cache_bytes.value_or_max() <= (index_t{1} << 62), "cache_slots (",
-                             options.cache_slots, ") x cache_capacity (", capacity_,
+                             options.cache_slots, ") x cache_capacity (", capacity,
                              ") make a KV cache of more than 2^62 bytes");
-    lengths_.assign(static_cast<std::size_t>(options.cache_slots), 0);
+    slots_ = detail::CacheSlots(options.cache_slots, capacity);
     LayerOptions lo;
     lo.cache_slots = options.cache_slots;
-    lo.cache_capacity = capacity_;
+    lo.cache_capacity = capacity;
     lo.page_size = options.page_size;
     lo.cache_pages = options.cache_pages;
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -294,61 +229,26 @@ Model<Layer, Gemm>::Model(std::shared_ptr<const ModelWeights> weights, const Mod
             raise<InvalidArgument>("this layer type needs its communicators: build the model with a layer factory");
         }
     }
+    exec_.embedding = weights_->at("model.embed_tokens.weight").matrix();
+    exec_.head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").matrix();
+    exec_.norm = weights_->at("model.norm.weight").view<1>();
+    exec_.eps = static_cast<float>(c.rms_norm_eps);
+    exec_.reduce_streams = std::move(reduce_streams);
+    exec_.check_finite = options.check_finite;
 }
 
 template <class Layer, gemm::GemmPolicy Gemm>
 Tensor<float> Model<Layer, Gemm>::forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows)
 {
     const ModelConfig& c = weights_->config;
-    const index_t t = batch.tokens(), d = c.hidden_size, vocab = c.vocab_size;
-    detail::check_forward_input(batch, tokens, lengths_, capacity_, vocab);
+    slots_.check(batch, tokens, c.vocab_size);
     const std::vector<index_t> kept = detail::kept_logit_rows(batch, rows);
-    const auto n_kept = static_cast<index_t>(kept.size());
-
-    // Embedding: one stream.
-    const WeightMatrix embed = weights_->at("model.embed_tokens.weight").matrix();
-    a_.resize(static_cast<std::size_t>(t * d));
-    for (index_t i = 0; i < t; ++i) embed.widen_row(tokens[static_cast<std::size_t>(i)], &a_[static_cast<std::size_t>(i * d)]);
-
-    index_t streams = 1;
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-        const index_t out_streams = layers_[l]->streams();
-        b_.resize(static_cast<std::size_t>(out_streams * t * d));
-        layers_[l]->forward(batch, TensorView<const float, 3>(a_.data(), {streams, t, d}),
-                            TensorView<float, 3>(b_.data(), {out_streams, t, d}));
-        if (check_finite_)
-            detail::check_finite(b_, out_streams, t, d, batch, detail::concat("the hidden state after layer ", l),
-                                 "hidden dimension");
-        std::swap(a_, b_);
-        streams = out_streams;
-    }
-
-    // Average the H streams (in stream order, then over the ranks holding the others), final
-    // norm and LM head, for the kept rows only: each is a function of its own row, so a row's
-    // logits are the same bits whichever rows are kept. The reduce across ranks still sums every
-    // row (all ranks take part in it with the same count).
-    hidden_.assign(static_cast<std::size_t>(t * d), 0.0f);
-    std::copy_n(a_.begin(), t * d, hidden_.begin());
-    for (index_t s = 1; s < streams; ++s)
-        for (index_t i = 0; i < t * d; ++i) hidden_[static_cast<std::size_t>(i)] += a_[static_cast<std::size_t>(s * t * d + i)];
-    if (reduce_streams_) reduce_streams_(hidden_);
-    if (n_kept != t)
-        for (index_t r = 0; r < n_kept; ++r)  // kept rows ascend, so a row never overwrites one still to move
-            std::copy_n(hidden_.begin() + kept[static_cast<std::size_t>(r)] * d, d, hidden_.begin() + r * d);
-    const std::span<float> kept_hidden(hidden_.data(), static_cast<std::size_t>(n_kept * d));
-    if (c.groups() > 1) {
-        const float scale = 1.0f / static_cast<float>(c.groups());
-        for (float& v : kept_hidden) v *= scale;
-    }
-    const MatrixView<float> h(hidden_.data(), {n_kept, d});
-    ops::rms_norm(h, weights_->at("model.norm.weight").view<1>(), static_cast<float>(c.rms_norm_eps), h);
-    Tensor<float> logits({n_kept, vocab});
-    const WeightMatrix head = weights_->at(c.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight").matrix();
-    gemm::nt<Gemm>(h, head, logits.view<2>(), false);
-    if (check_finite_)
-        detail::check_finite(logits.span(), 1, n_kept, vocab, batch, "the logits", "vocabulary entry", kept);
-
-    for (const auto& chunk : batch.chunks()) lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
+    Tensor<float> logits({static_cast<index_t>(kept.size()), c.vocab_size});
+    detail::model_forward(exec_, batch, tokens, std::span(layers_), c.groups(), kept, logits.view<2>());
+    if (exec_.check_finite)
+        detail::check_finite(logits.span(), 1, logits.shape()[0], c.vocab_size, batch, "the logits", "vocabulary entry",
+                             kept);
+    slots_.commit(batch);
     return logits;
 }
 
