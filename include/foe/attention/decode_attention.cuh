@@ -187,7 +187,9 @@ void decode_attention_reduce_kernel(const float* __restrict__ partial, const std
     const int folded = static_cast<int>(blockIdx.x), b = static_cast<int>(blockIdx.y);
     const HeadFold fold{query_heads};
     const int g = fold.group(folded), h = fold.head(folded);
-    const int used = (lengths[b] + Launch::chunk - 1) / Launch::chunk;
+    // Pass 1 ran `chunks` chunks (the planned capacity): never read a partial past them, even for
+    // a length past the capacity (the host refuses one; the device must not read out of bounds).
+    const int used = min((lengths[b] + Launch::chunk - 1) / Launch::chunk, chunks);
     const float* part = partial + detail::decode::partial_at(b, folded, 0, static_cast<int>(gridDim.x), chunks, head_dim);
     const std::size_t stride = static_cast<std::size_t>(head_dim + 2);
     float m = -__int_as_float(0x7f800000);
