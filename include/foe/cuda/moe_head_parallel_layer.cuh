@@ -27,7 +27,6 @@ namespace foe {
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel, comm::Comm C>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 std::size_t MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::scratch_bytes() const
     requires std::same_as<backend_of_t<Attention>, CudaBackend>
 {
@@ -41,7 +40,6 @@ std::size_t MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel, comm::Comm C>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 void MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::forward(const cuda::DeviceBatch& batch,
                                                                                    TensorView<const bfloat16, 3> in,
                                                                                    TensorView<bfloat16, 3> out,

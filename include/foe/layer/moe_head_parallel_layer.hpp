@@ -118,10 +118,12 @@ concept Bf16GatherComm = requires(C& c, std::span<const bfloat16> in, std::span<
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel, comm::Comm C>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 class MoeHeadParallelLayer {
     static_assert(detail::moe_policies_share_backend<Attention, Routing, Experts, ExpertParallel> &&
                   detail::policy_on_backend<detail::PolicyKind::communicator, C, backend_of_t<Attention>>::value);
+    // After the backend check, as in FoeLayer: a policy of the other backend is named there first.
+    static_assert(parallel::ExpertParallelPolicy<ExpertParallel, Experts>,
+                  "the expert-parallel policy cannot run these experts (parallel/expert_parallel.hpp)");
 
 public:
     using backend = backend_of_t<Attention>;
@@ -232,7 +234,6 @@ private:
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel, comm::Comm C>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::MoeHeadParallelLayer(
     const ModelConfig& config, const LayerWeights& weights, const LayerOptions& options, C comm, ExpertParallel ep)
     : config_(detail::single_group(config, "MoeHeadParallelLayer")),
@@ -252,7 +253,6 @@ MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::MoeHeadPar
 
 template <attention::AttentionPolicy Attention, routing::RoutingPolicy Routing, experts::ExpertsPolicy Experts,
           class ExpertParallel, comm::Comm C>
-    requires parallel::ExpertParallelPolicy<ExpertParallel, Experts>
 void MoeHeadParallelLayer<Attention, Routing, Experts, ExpertParallel, C>::forward(const Batch& batch,
                                                                                    TensorView<const float, 3> in,
                                                                                    TensorView<float, 3> out)
