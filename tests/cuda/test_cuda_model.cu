@@ -192,6 +192,70 @@ TEST_CASE("cuda: a ragged batch (one prefill, one decode) gives each sequence it
     check_logits_close(*host, *dev, want.values(), got.values());
 }
 
+TEST_CASE("cuda: LogitRows::last_per_chunk gives each chunk's last row: the same bits with TcGemm, close with cuBLASLt")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::softmax,
+                                             foe::QkNorm::per_head), 18);
+    const foe::index_t vocab = w->config.vocab_size;
+    const auto a = random_tokens(9, vocab, 10), b = random_tokens(14, vocab, 11);
+    std::vector<std::int32_t> ids(a);
+    ids.insert(ids.end(), b.begin(), b.end());
+    const Batch batch({foe::SequenceChunk{0, 0, 9}, foe::SequenceChunk{1, 0, 14}});
+    // The rows' last tokens: 8 and 22; their logits from a model that kept every row.
+    auto last_rows = [&](const foe::Tensor<float>& all) {
+        std::vector<float> rows(all.values().begin() + 8 * vocab, all.values().begin() + 9 * vocab);
+        rows.insert(rows.end(), all.values().begin() + 22 * vocab, all.values().begin() + 23 * vocab);
+        return rows;
+    };
+    {
+        auto all = device_model<fc::TcGemm>(w), last = device_model<fc::TcGemm>(w);
+        const auto want = last_rows(all->forward(batch, ids));
+        const auto got = last->forward(batch, ids, foe::LogitRows::last_per_chunk);
+        CHECK(got.shape()[0] == 2);
+        CHECK(same_bits(got.values(), want));  // foe's GEMM: no result bit depends on the row count
+        CHECK(last->sequence_length(1) == 14);
+    }
+    auto all = device_model<fc::LtGemm>(w), last = device_model<fc::LtGemm>(w);
+    const auto want = last_rows(all->forward(batch, ids));
+    const auto got = last->forward(batch, ids, foe::LogitRows::last_per_chunk);
+    CHECK(rel_error(got.values(), want) < 1e-3);  // cuBLASLt may pick another algorithm for 2 rows
+}
+
+TEST_CASE("cuda: a CudaModel of layers composed by the user (make_layer) runs them: the same bits as the type it picks")
+{
+    if (!have_device()) return;
+    const auto w = bf16_weights(small_config(foe::Architecture::foe, 4, foe::ScoreFunction::sigmoid,
+                                             foe::QkNorm::per_head), 19);
+    using Gemm = fc::TcGemm;
+    // What CudaModel<TcGemm> picks for this config, written out as a user composes it.
+    using Layer = foe::FoeLayer<foe::attention::CudaGqaAttention<Gemm>,
+                                foe::routing::CudaRouter<foe::routing::Sigmoid, foe::routing::PerGroupTopK, Gemm>,
+                                foe::experts::CudaSwiGluExperts<Gemm>, foe::parallel::CudaLocalExperts,
+                                foe::sync::AllReduceMean<foe::comm::CudaSelfComm>>;
+    fc::CudaModelOptions o;
+    o.cache_slots = 2;
+    o.max_batch_tokens = 160;
+    o.make_layer = [&](foe::index_t, const foe::LayerWeights& lw, const foe::LayerOptions& lo) {
+        return fc::model_layer<Layer>(w->config, lw, lo);
+    };
+    fc::CudaModel<Gemm> mine(w, o);
+    auto picked = device_model<Gemm>(w);
+    const auto prompt = random_tokens(21, w->config.vocab_size, 12);
+    CHECK(same_bits(mine.prefill(prompt).values(), picked->prefill(prompt).values()));
+    for (int step = 0; step < 2; ++step) CHECK(same_bits(mine.decode(prompt[sz(step)]), picked->decode(prompt[sz(step)])));
+    CHECK(mine.memory().total() == picked->memory().total());
+
+    // A layer that writes other streams than the model holds is refused at construction.
+    o.make_layer = [&](foe::index_t, const foe::LayerWeights& lw, const foe::LayerOptions& lo) {
+        foe::LayerOptions one = lo;
+        one.group_end = one.group_begin + 1;
+        return fc::model_layer<Layer>(w->config, lw, one);
+    };
+    CHECK_THROWS_WITH_AS(fc::CudaModel<Gemm>(w, o), doctest::Contains("writes 1 streams; the model holds 4 groups"),
+                         foe::ConfigError);
+}
+
 TEST_CASE("cuda: results are bit-identical run to run, and a graph-replayed decode equals the eager one")
 {
     if (!have_device()) return;

@@ -31,12 +31,16 @@
 // runs every sequence over its share of the KV heads, and only its slice of the tokens goes
 // through the exchange (ceil(T / head_parts) rows).
 //
+// The model's equations are the host model's: one body, model/model_body.hpp, run here by
+// model_exec<CudaBackend> (cuda/model_exec.cuh). What this file adds is the backend's framing:
+// the memory plan, staging the batch, decode graphs, the expert exchanges, downloading the logits.
 // The layers are the library's composed layer types over the device policies, as the host model's
 // are over host ones: FoeLayer / MoeLayer (layer/foe_layer.hpp, one body for both backends) or
 // MoeHeadParallelLayer, with CudaGqaAttention<Gemm, Cache>, CudaRouter<Score, Selection, Gemm>,
 // CudaSwiGluExperts<Gemm>, CudaLocalExperts or CudaExchangeExperts, and AllReduceMean over
 // CudaSelfComm or the options' reduce hook. The config's score function and the options' cache
-// layout and parallelism pick the type at construction (make_device_layer below).
+// layout and parallelism pick the type at construction (make_device_layer below), unless
+// CudaModelOptions::make_layer builds layers of your own composition (cuda::model_layer<Layer>).
 
 #include <algorithm>
 #include <cstdint>
@@ -59,6 +63,7 @@
 #include "foe/cuda/context.cuh"
 #include "foe/cuda/gemm.cuh"
 #include "foe/cuda/gemm_lt.cuh"
+#include "foe/cuda/model_exec.cuh"
 #include "foe/cuda/stream.cuh"
 #include "foe/cuda/upload.cuh"
 #include "foe/experts/combine.cuh"
@@ -93,6 +98,90 @@ struct HeadParallelComm {
     DeviceReduce reduce;
     DeviceGather gather;
 };
+
+/// A CudaModel's handle on one of its layers, whichever composed type it is: one virtual call per
+/// layer per forward; the layer's own steps are direct calls. model_layer<Layer>(...) makes one.
+class ModelLayer {
+public:
+    virtual ~ModelLayer() = default;
+    virtual void forward(const DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
+                         const DeviceContext& ctx) = 0;
+    /// The streams the layer writes (its held groups).
+    [[nodiscard]] virtual index_t streams() const = 0;
+    [[nodiscard]] virtual std::size_t scratch_bytes() const = 0;
+    /// Device bytes of the policies: weights, and state kept between a forward's calls (the
+    /// experts' inverse permutation); 0 for a policy that does not say.
+    [[nodiscard]] virtual std::size_t weight_bytes() const = 0;
+    [[nodiscard]] virtual std::size_t cache_bytes() const = 0;
+    /// The last forward's routing, on the device.
+    [[nodiscard]] virtual routing::DeviceRoutingResult routing() const = 0;
+    /// Expert-parallel layers: the exchange of the next forwards (the model switches between the
+    /// dynamic one and the capturable one of decode steps). Others ignore it.
+    virtual void use_exchange(ExpertExchange*) {}
+};
+
+namespace detail {
+/// A policy's device bytes as it reports them (device_bytes() or weight_bytes()), else 0.
+template <class Policy>
+[[nodiscard]] std::size_t policy_device_bytes(const Policy& p)
+{
+    if constexpr (requires { p.device_bytes(); })
+        return p.device_bytes();
+    else if constexpr (requires { p.weight_bytes(); })
+        return p.weight_bytes();
+    else
+        return 0;
+}
+
+template <class Layer>
+class ModelLayerOf final : public ModelLayer {
+public:
+    template <class... Args>
+    explicit ModelLayerOf(Args&&... args) : layer_(std::forward<Args>(args)...)
+    {
+    }
+    void forward(const DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
+                 const DeviceContext& ctx) override
+    {
+        layer_.forward(batch, in, out, ctx);
+    }
+    [[nodiscard]] index_t streams() const override { return layer_.streams(); }
+    [[nodiscard]] std::size_t scratch_bytes() const override { return layer_.scratch_bytes(); }
+    [[nodiscard]] std::size_t weight_bytes() const override
+    {
+        return policy_device_bytes(layer_.attention()) + policy_device_bytes(layer_.router()) +
+               policy_device_bytes(layer_.experts());
+    }
+    [[nodiscard]] std::size_t cache_bytes() const override
+    {
+        if constexpr (requires { layer_.attention().cache_bytes(); })
+            return layer_.attention().cache_bytes();
+        else
+            return 0;
+    }
+    [[nodiscard]] routing::DeviceRoutingResult routing() const override { return layer_.last_routing(); }
+    void use_exchange(ExpertExchange* exchange) override
+    {
+        if constexpr (std::same_as<typename Layer::expert_parallel_type, parallel::CudaExchangeExperts>) {
+            require(exchange != nullptr, "an expert-parallel layer needs an expert exchange");
+            layer_.expert_parallel_policy() = parallel::CudaExchangeExperts(*exchange);
+        }
+    }
+
+private:
+    Layer layer_;
+};
+}  // namespace detail
+
+/// A CudaModel layer of the composed device layer type Layer (FoeLayer, MoeLayer or
+/// MoeHeadParallelLayer over device policies), built from Layer's constructor arguments: what a
+/// CudaModelOptions::make_layer factory returns.
+template <class Layer, class... Args>
+    requires std::same_as<backend_of_t<typename Layer::attention_type>, CudaBackend>
+[[nodiscard]] std::unique_ptr<ModelLayer> model_layer(Args&&... args)
+{
+    return std::make_unique<detail::ModelLayerOf<Layer>>(std::forward<Args>(args)...);
+}
 
 struct CudaModelOptions {
     index_t cache_slots = 1;       ///< sequences held at once
@@ -151,10 +240,18 @@ struct CudaModelOptions {
     /// a page. Sequences still hold at most cache_capacity positions. 0: contiguous caches.
     index_t page_size = 0;
     index_t cache_pages = 0;  ///< 0: cache_slots x ceil(cache_capacity / page_size), as much as contiguous
+    /// Builds layer l from its weights and the planned LayerOptions (cache, held groups,
+    /// max_tokens = max_batch_tokens, max_sequences): a layer type of your own composition,
+    ///   [&](foe::index_t, const foe::LayerWeights& w, const foe::LayerOptions& lo) {
+    ///       return foe::cuda::model_layer<MyLayer>(config, w, lo); }
+    /// Its layers must write every held group's stream (ConfigError otherwise), and should use
+    /// the model's GEMM policy: that one is made at construction, another at its first use,
+    /// which must then be an eager forward (a decode step's graph capture cannot create a cuBLASLt
+    /// handle), and its workspace is not in memory(). Empty: the layer type the config and these
+    /// options pick (make_device_layer).
+    std::function<std::unique_ptr<ModelLayer>(index_t layer, const LayerWeights&, const LayerOptions&)> make_layer;
 };
 
-/// Device bytes a CudaModel holds, by purpose (the GEMM policy's own workspace, 32 MiB for
-/// cuBLASLt, comes on top).
 namespace detail {
 
 /// Throws ConfigError for a valid config that the CUDA kernels cannot run.
@@ -172,57 +269,9 @@ inline void require_device_config(const ModelConfig& c)
                          ") to be multiples of 8 (16-byte bf16 rows)");
 }
 
-/// The model's handle on one layer, whichever composed type the config and options chose. One
-/// virtual call per layer per forward; the layer's own steps are direct calls.
-class DeviceLayer {
-public:
-    virtual ~DeviceLayer() = default;
-    virtual void forward(const DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
-                         const DeviceContext& ctx) = 0;
-    [[nodiscard]] virtual std::size_t scratch_bytes() const = 0;
-    [[nodiscard]] virtual std::size_t weight_bytes() const = 0;
-    [[nodiscard]] virtual std::size_t cache_bytes() const = 0;
-    /// The last forward's routing, on the device.
-    [[nodiscard]] virtual routing::DeviceRoutingResult routing() const = 0;
-    /// Expert-parallel layers: the exchange of the next forwards (the model switches between the
-    /// dynamic one and the capturable one of decode steps). Others ignore it.
-    virtual void use_exchange(ExpertExchange*) {}
-};
-
-template <class Layer>
-class DeviceLayerOf final : public DeviceLayer {
-public:
-    template <class... Args>
-    explicit DeviceLayerOf(Args&&... args) : layer_(std::forward<Args>(args)...)
-    {
-    }
-    void forward(const DeviceBatch& batch, TensorView<const bfloat16, 3> in, TensorView<bfloat16, 3> out,
-                 const DeviceContext& ctx) override
-    {
-        layer_.forward(batch, in, out, ctx);
-    }
-    [[nodiscard]] std::size_t scratch_bytes() const override { return layer_.scratch_bytes(); }
-    [[nodiscard]] std::size_t weight_bytes() const override
-    {
-        return layer_.attention().weight_bytes() + layer_.router().device_bytes() + layer_.experts().weight_bytes();
-    }
-    [[nodiscard]] std::size_t cache_bytes() const override { return layer_.attention().cache_bytes(); }
-    [[nodiscard]] routing::DeviceRoutingResult routing() const override { return layer_.last_routing(); }
-    void use_exchange(ExpertExchange* exchange) override
-    {
-        if constexpr (std::same_as<typename Layer::expert_parallel_type, parallel::CudaExchangeExperts>) {
-            require(exchange != nullptr, "an expert-parallel layer needs an expert exchange");
-            layer_.expert_parallel_policy() = parallel::CudaExchangeExperts(*exchange);
-        }
-    }
-
-private:
-    Layer layer_;
-};
-
 /// The composed layer type of a CudaModel with these options, built for layer l's weights.
 template <DeviceBatchedGemmPolicy Gemm, class Score, class Cache>
-std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const LayerWeights& w, const LayerOptions& lo,
+std::unique_ptr<ModelLayer> make_device_layer(const ModelConfig& c, const LayerWeights& w, const LayerOptions& lo,
                                                const CudaModelOptions& o)
 {
     using Attention = attention::CudaGqaAttention<Gemm, Cache>;
@@ -232,7 +281,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const Layer
     if (o.head_parts > 1) {
         using Layer = MoeHeadParallelLayer<Attention, GlobalRouter, Experts, parallel::CudaExchangeExperts,
                                            comm::FunctionComm>;
-        return std::make_unique<DeviceLayerOf<Layer>>(
+        return model_layer<Layer>(
             c, w, lo,
             comm::FunctionComm(static_cast<int>(o.head_part), static_cast<int>(o.head_parts), o.head_comm.reduce,
                                o.head_comm.gather),
@@ -240,7 +289,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const Layer
     }
     if (o.expert_exchange) {
         using Layer = MoeLayer<Attention, GlobalRouter, Experts, parallel::CudaExchangeExperts>;
-        return std::make_unique<DeviceLayerOf<Layer>>(c, w, lo, parallel::CudaExchangeExperts(*o.expert_exchange));
+        return model_layer<Layer>(c, w, lo, parallel::CudaExchangeExperts(*o.expert_exchange));
     }
     if (o.reduce_streams) {
         // Other ranks hold the other groups: the sync all-reduces over them through the hook. Only
@@ -249,7 +298,7 @@ std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const Layer
         const auto ranks = static_cast<int>((c.groups() + held - 1) / held);
         using Layer =
             FoeLayer<Attention, GroupRouter, Experts, parallel::CudaLocalExperts, sync::AllReduceMean<comm::FunctionComm>>;
-        return std::make_unique<DeviceLayerOf<Layer>>(
+        return model_layer<Layer>(
             c, w, lo,
             sync::AllReduceMean<comm::FunctionComm>(
                 comm::FunctionComm(std::min(ranks - 1, static_cast<int>(lo.group_begin / held)), std::max(ranks, 2),
@@ -257,15 +306,15 @@ std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const Layer
     }
     if (c.groups() == 1) {  // the standard MoE: one stream, no sync
         using Layer = MoeLayer<Attention, GlobalRouter, Experts, parallel::CudaLocalExperts>;
-        return std::make_unique<DeviceLayerOf<Layer>>(c, w, lo);
+        return model_layer<Layer>(c, w, lo);
     }
     using Layer = FoeLayer<Attention, GroupRouter, Experts, parallel::CudaLocalExperts,
                            sync::AllReduceMean<comm::CudaSelfComm>>;
-    return std::make_unique<DeviceLayerOf<Layer>>(c, w, lo);
+    return model_layer<Layer>(c, w, lo);
 }
 
 template <DeviceBatchedGemmPolicy Gemm>
-std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const LayerWeights& w, const LayerOptions& lo,
+std::unique_ptr<ModelLayer> make_device_layer(const ModelConfig& c, const LayerWeights& w, const LayerOptions& lo,
                                                const CudaModelOptions& o)
 {
     const bool sigmoid = c.scoring_func == ScoreFunction::sigmoid;
@@ -278,9 +327,14 @@ std::unique_ptr<DeviceLayer> make_device_layer(const ModelConfig& c, const Layer
 
 }  // namespace detail
 
+/// Device bytes a CudaModel holds, by purpose. Not counted: the CUDA context, cuBLASLt's handle,
+/// the captured graphs, and an expert exchange's buffers (the exchange's own).
 struct CudaMemory {
-    std::size_t weights = 0, kv_cache = 0, scratch = 0;
-    [[nodiscard]] std::size_t total() const noexcept { return weights + kv_cache + scratch; }
+    std::size_t weights = 0;         ///< bf16 weights (and the experts' inverse permutations, int32 per row)
+    std::size_t kv_cache = 0;        ///< every layer's K and V (bf16)
+    std::size_t scratch = 0;         ///< activations, logits, the batch's device copy
+    std::size_t gemm_workspace = 0;  ///< the GEMM policy's own (32 MiB for cuBLASLt; none for TcGemm)
+    [[nodiscard]] std::size_t total() const noexcept { return weights + kv_cache + scratch + gemm_workspace; }
 };
 
 template <DeviceBatchedGemmPolicy Gemm = LtGemm>
@@ -294,17 +348,14 @@ public:
     ~CudaModel() override;
 
     using ModelInterface::forward;
-    /// LogitRows::last_per_chunk downloads only the kept rows; the LM head still runs over every
-    /// row on the device (a graph-captured step keeps one shape).
+    /// LogitRows::last_per_chunk runs the final norm and the LM head over the kept rows only (a
+    /// decode step keeps every row). A kept row's logits are the same bits as with every row kept
+    /// with TcGemm, and close with cuBLASLt, which may pick another algorithm for another row
+    /// count (see ModelInterface::forward).
     [[nodiscard]] Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens, LogitRows rows) override;
     [[nodiscard]] const ModelConfig& config() const noexcept override { return config_; }
-    [[nodiscard]] index_t sequence_length(index_t slot) const override
-    {
-        require(slot >= 0 && slot < static_cast<index_t>(lengths_.size()), "slot ", slot, " is outside [0, ",
-                lengths_.size(), ")");
-        return lengths_[static_cast<std::size_t>(slot)];
-    }
-    [[nodiscard]] index_t cache_capacity() const noexcept override { return options_.cache_capacity; }
+    [[nodiscard]] index_t sequence_length(index_t slot) const override { return slots_.length(slot); }
+    [[nodiscard]] index_t cache_capacity() const noexcept override { return slots_.capacity(); }
     /// Downloads layer l's routing of the last forward (synchronises the model's stream).
     [[nodiscard]] const routing::RoutingResult& last_routing(index_t layer) const override;
 
@@ -316,13 +367,11 @@ public:
     [[nodiscard]] std::size_t captured_graphs() const noexcept { return graphs_.size(); }
 
 private:
-    /// Enqueues embedding, layers, stream average, final norm and LM head for the batch staged
-    /// in the device batch buffers: the part of a forward a graph captures.
-    void enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts);
-    /// Every layer's forward on the staged batch (T may be 0: the expert exchanges still run).
-    void enqueue_layers(const DeviceBatch& batch, ExpertExchange* experts);
+    /// Enqueues the model body (model/model_body.hpp) for the batch staged in the device batch
+    /// buffers, logits of the kept rows into logits_: the part of a forward a graph captures.
+    void enqueue_forward(const DeviceBatch& batch, std::span<const index_t> kept, ExpertExchange* experts);
     void stage(const Batch& batch, std::span<const std::int32_t> tokens);
-    void run_decode_graph(const DeviceBatch& batch);
+    void run_decode_graph(const DeviceBatch& batch, std::span<const index_t> kept);
 
     /// Owns an instantiated graph.
     struct GraphExec {
@@ -342,17 +391,17 @@ private:
     ModelConfig config_;
     CudaModelOptions options_;
     index_t held_;
-    std::vector<index_t> lengths_;
+    ::foe::detail::CacheSlots slots_;
     int device_ = 0;
     std::unique_ptr<Stream> stream_;
-    std::vector<std::unique_ptr<detail::DeviceLayer>> layers_;
+    std::vector<std::unique_ptr<ModelLayer>> layers_;
     DeviceArena head_weights_, scratch_arena_, layer_scratch_arena_;
     Scratch layer_scratch_;  // the layers' shared scratch (they run one after another)
     GemmSet gemms_;          // the layers' and the head's GEMM: made here, outlives every graph
-    bfloat16 *embed_ = nullptr, *final_norm_ = nullptr, *lm_head_ = nullptr;
-    bfloat16 *stream_a_ = nullptr, *stream_b_ = nullptr, *hidden_ = nullptr;  // [held, T, d] x2, [T, d]
-    float* hidden32_ = nullptr;                                                 // [T, d]
-    float* logits_ = nullptr;                                                   // [T, vocab]
+    // The body's execution: the head's weights and the body's buffers (in the arenas above), the
+    // stream, the layers' scratch and the GEMMs.
+    ::foe::detail::model_exec<CudaBackend, Gemm> exec_;
+    float* logits_ = nullptr;  // [T, vocab]
     // Batch metadata: pinned staging and a device buffer at fixed addresses, laid out alike.
     std::unique_ptr<BatchLayout> batch_layout_;
     std::int32_t* batch_device_ = nullptr;
@@ -432,7 +481,7 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     require<InvalidArgument>(o.head_parts == 1 || (o.expert_exchange && o.head_comm.reduce && o.head_comm.gather),
                              "head-parallel attention (head_parts ", o.head_parts,
                              ") needs an expert_exchange and head_comm's reduce and gather");
-    lengths_.assign(static_cast<std::size_t>(o.cache_slots), 0);
+    slots_ = ::foe::detail::CacheSlots(o.cache_slots, o.cache_capacity);
     const int devices = cuda_device_count();
     require<CudaError>(devices > 0, "CudaModel: no CUDA device is available");
     require<InvalidArgument>(o.device < devices, "CudaModel: device ", o.device, " requested but only ", devices,
@@ -441,6 +490,7 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     const DeviceGuard on_device(device_);
     stream_ = std::make_unique<Stream>();
     (void)gemms_.template get<Gemm>();  // on this device, now: never inside a decode graph's capture
+    if constexpr (requires { Gemm::workspace_bytes; }) memory_.gemm_workspace = Gemm::workspace_bytes;
     // The layers: composed types over the device policies, planned for max_batch_tokens.
     LayerOptions lo;
     lo.cache_slots = o.cache_slots;
@@ -461,8 +511,13 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     }
     std::size_t layer_scratch = 0;
     for (index_t l = 0; l < c.num_hidden_layers; ++l) {
-        layers_.push_back(detail::make_device_layer<Gemm>(c, layer_weights(*weights, l), lo, o));
-        memory_.weights += layers_.back()->weight_bytes();
+        const LayerWeights lw = layer_weights(*weights, l);
+        layers_.push_back(o.make_layer ? o.make_layer(l, lw, lo) : detail::make_device_layer<Gemm>(c, lw, lo, o));
+        require<ConfigError>(layers_.back() != nullptr && layers_.back()->streams() == held_, "CudaModel: layer ", l,
+                             " writes ", layers_.back() ? layers_.back()->streams() : 0, " streams; the model holds ",
+                             held_, " groups");
+        // The policies' bytes, and the post-attention norm (bf16 [d]) that every composed layer keeps.
+        memory_.weights += layers_.back()->weight_bytes() + static_cast<std::size_t>(c.hidden_size) * sizeof(bfloat16);
         memory_.kv_cache += layers_.back()->cache_bytes();
         layer_scratch = std::max(layer_scratch, layers_.back()->scratch_bytes());
     }
@@ -476,9 +531,16 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     ArenaPlan head_plan;
     for (const auto* h : {&embed, &norm, &head}) head_plan.add<bfloat16>(h->size());
     head_weights_ = DeviceArena(head_plan.bytes());
-    embed_ = upload_to(head_weights_, embed);
-    final_norm_ = upload_to(head_weights_, norm);
-    lm_head_ = c.tie_word_embeddings ? embed_ : upload_to(head_weights_, head);
+    exec_.embedding = upload_to(head_weights_, embed);
+    exec_.norm = upload_to(head_weights_, norm);
+    exec_.head = c.tie_word_embeddings ? exec_.embedding : upload_to(head_weights_, head);
+    exec_.hidden_size = d;
+    exec_.vocab = vocab;
+    exec_.eps = static_cast<float>(c.rms_norm_eps);
+    exec_.held = held_;
+    exec_.ctx = DeviceContext{stream_->get(), &layer_scratch_, &gemms_};
+    exec_.reduce_streams = o.reduce_streams;
+    exec_.on_layer_boundary = o.layer_boundary;
     memory_.weights += head_weights_.bytes();
 
     // Scratch: the layers' shared workspace; the ping-pong streams, the head's and the batch's.
@@ -498,10 +560,10 @@ CudaModel<Gemm>::CudaModel(std::shared_ptr<const ModelWeights> weights, CudaMode
     const auto table_ints = static_cast<std::size_t>(o.cache_slots * table_width_);
     plan.add<std::int32_t>(table_ints);
     scratch_arena_ = DeviceArena(plan.bytes());
-    stream_a_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
-    stream_b_ = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
-    hidden_ = scratch_arena_.take<bfloat16>(td);
-    hidden32_ = scratch_arena_.take<float>(td);
+    exec_.buffers[0] = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
+    exec_.buffers[1] = scratch_arena_.take<bfloat16>(static_cast<std::size_t>(held_) * td);
+    exec_.hidden = scratch_arena_.take<bfloat16>(td);
+    exec_.hidden32 = scratch_arena_.take<float>(td);
     logits_ = scratch_arena_.take<float>(static_cast<std::size_t>(t * vocab));
     batch_device_ = scratch_arena_.take<std::int32_t>(batch_ints);
     batch_host_ = PinnedBuffer<std::int32_t>(batch_ints);
@@ -554,54 +616,24 @@ void CudaModel<Gemm>::stage(const Batch& batch, std::span<const std::int32_t> to
 }
 
 template <DeviceBatchedGemmPolicy Gemm>
-void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, ExpertExchange* experts)
+void CudaModel<Gemm>::enqueue_forward(const DeviceBatch& batch, std::span<const index_t> kept, ExpertExchange* experts)
 {
-    const ModelConfig& c = config_;
-    const index_t t = batch.tokens, d = c.hidden_size;
-    const auto td = static_cast<std::size_t>(t * d);
-    embedding(embed_, batch_device_ + batch_layout_->offset(BatchLayout::ids), t, d, stream_a_, stream_->get());
-    enqueue_layers(batch, experts);
-    // The last layer's output is in stream_a_ when the layer count is even, else in stream_b_.
-    const bfloat16* in = layers_.size() % 2 == 0 ? stream_a_ : stream_b_;
-    // Average the H streams (in order, then over the ranks holding the others), final norm, head.
-    if (options_.reduce_streams) {
-        stream_sum(in, held_, td, hidden32_, stream_->get());
-        options_.reduce_streams(hidden32_, td, stream_->get());
-        scale_round(hidden32_, td, 1.0f / static_cast<float>(c.groups()), hidden_, stream_->get());
-    } else {
-        stream_mean(in, held_, t, d, c.groups(), hidden_, stream_->get());
-    }
-    rms_norm(hidden_, final_norm_, hidden_, t, d, static_cast<float>(c.rms_norm_eps), stream_->get());
-    gemms_.template get<Gemm>().nt(hidden_, lm_head_, logits_, OutType::fp32, t, c.vocab_size, d, stream_->get(), 0.0f);
+    exec_.experts = experts;
+    const auto n_kept = static_cast<index_t>(kept.size());
+    ::foe::detail::model_forward(exec_, batch, batch_device_ + batch_layout_->offset(BatchLayout::ids),
+                                 std::span(layers_), config_.groups(), kept,
+                                 MatrixView<float>(logits_, {n_kept, config_.vocab_size}));
 }
 
 template <DeviceBatchedGemmPolicy Gemm>
-void CudaModel<Gemm>::enqueue_layers(const DeviceBatch& batch, ExpertExchange* experts)
-{
-    const index_t t = batch.tokens, d = config_.hidden_size;
-    const DeviceContext ctx{stream_->get(), &layer_scratch_, &gemms_};
-    bfloat16 *in = stream_a_, *out = stream_b_;
-    index_t in_streams = 1;
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-        if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(l), stream_->get());
-        layers_[l]->use_exchange(experts);
-        layers_[l]->forward(batch, TensorView<const bfloat16, 3>(in, {in_streams, t, d}),
-                            TensorView<bfloat16, 3>(out, {held_, t, d}), ctx);
-        std::swap(in, out);
-        in_streams = held_;
-    }
-    if (options_.layer_boundary) options_.layer_boundary(static_cast<index_t>(layers_.size()), stream_->get());
-}
-
-template <DeviceBatchedGemmPolicy Gemm>
-void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
+void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch, std::span<const index_t> kept)
 {
     // The graph bakes in every host-side argument of the decode step: the token count (= the
     // sequence count) and the buffers' addresses. Positions, slots, lengths and token ids are
     // read on the device, so one graph per batch size serves every later step of that size.
     ExpertExchange* experts = options_.decode_expert_exchange.get();
     if (uncapturable_.contains(batch.tokens)) {
-        enqueue_forward(batch, experts);
+        enqueue_forward(batch, kept, experts);
         return;
     }
     auto it = graphs_.find(batch.tokens);
@@ -609,7 +641,7 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
         cudaGraph_t graph = nullptr;
         check(cudaStreamBeginCapture(stream_->get(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
         try {
-            enqueue_forward(batch, experts);
+            enqueue_forward(batch, kept, experts);
         } catch (...) {
             (void)cudaStreamEndCapture(stream_->get(), &graph);  // leaves capture mode; the partial graph is dropped
             if (graph != nullptr) (void)cudaGraphDestroy(graph);
@@ -627,7 +659,7 @@ void CudaModel<Gemm>::run_decode_graph(const DeviceBatch& batch)
                                "); with a cross-rank reduce or expert exchange, set cuda_graphs = false on every rank");
             // Something in the step cannot be captured: run this size eagerly from now on.
             uncapturable_.insert(batch.tokens);
-            enqueue_forward(batch, experts);
+            enqueue_forward(batch, kept, experts);
             return;
         }
         cudaGraphExec_t exec = nullptr;
@@ -645,7 +677,7 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
 {
     const ModelConfig& c = config_;
     const index_t t = batch.tokens(), vocab = c.vocab_size;
-    ::foe::detail::check_forward_input(batch, tokens, lengths_, options_.cache_capacity, vocab);
+    slots_.check(batch, tokens, vocab);
     if (table_width_ > 0 && t > 0) {  // an empty batch writes and reads no cache
         const BlockTableView* tables = batch.block_tables();
         require<InvalidArgument>(tables != nullptr, "this CudaModel's KV cache is paged (pages of ", options_.page_size,
@@ -667,18 +699,16 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     // From here the routing of the last forward is this one's, also if it fails part way.
     routing_fresh_.assign(layers_.size(), false);  // downloaded again on request
     last_tokens_ = t;
-    auto commit_lengths = [&] {
-        for (const auto& chunk : batch.chunks())
-            lengths_[static_cast<std::size_t>(chunk.slot)] = chunk.start + chunk.length;
-    };
     if (t == 0) {  // as on the host: an empty chunk still sets its slot's length
         if (options_.expert_exchange) {
             // The peers' routed rows still come to this rank's experts, layer by layer.
-            enqueue_layers(DeviceBatch{}, options_.expert_exchange.get());
+            exec_.experts = options_.expert_exchange.get();
+            (void)::foe::detail::model_layers(exec_, DeviceBatch{}, std::span(layers_),
+                                              TensorView<const bfloat16, 3>(exec_.buffers[0], {1, 0, c.hidden_size}));
             if (options_.synchronize) options_.synchronize(stream_->get());
             else check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
         }
-        commit_lengths();
+        slots_.commit(batch);
         return logits;
     }
 
@@ -690,25 +720,17 @@ Tensor<float> CudaModel<Gemm>::forward(const Batch& batch, std::span<const std::
     const bool decode_step = db.max_new_tokens == 1 && batch.tokens() == batch.sequences();
     // With expert parallelism a graph needs the capturable exchange.
     const bool graphs = options_.cuda_graphs && (!options_.expert_exchange || options_.decode_expert_exchange);
-    if (graphs && decode_step) run_decode_graph(db);
-    else enqueue_forward(db, options_.expert_exchange.get());
-    if (n_kept == t) {
-        check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(t * vocab) * sizeof(float),
-                              cudaMemcpyDeviceToHost, stream_->get()),
-              "cudaMemcpyAsync (logits)");
-    } else {
-        const auto row_bytes = static_cast<std::size_t>(vocab) * sizeof(float);
-        for (index_t r = 0; r < n_kept; ++r)
-            check(cudaMemcpyAsync(logits.values().data() + r * vocab, logits_ + kept[static_cast<std::size_t>(r)] * vocab,
-                                  row_bytes, cudaMemcpyDeviceToHost, stream_->get()),
-                  "cudaMemcpyAsync (logits)");
-    }
+    if (graphs && decode_step) run_decode_graph(db, kept);
+    else enqueue_forward(db, kept, options_.expert_exchange.get());
+    check(cudaMemcpyAsync(logits.values().data(), logits_, static_cast<std::size_t>(n_kept * vocab) * sizeof(float),
+                          cudaMemcpyDeviceToHost, stream_->get()),
+          "cudaMemcpyAsync (logits)");
     if (options_.synchronize) options_.synchronize(stream_->get());
     else check(cudaStreamSynchronize(stream_->get()), "forward (cudaStreamSynchronize)");
     if (options_.check_finite)
         ::foe::detail::check_finite(logits.span(), 1, n_kept, vocab, batch, "the logits", "vocabulary entry", kept);
 
-    commit_lengths();
+    slots_.commit(batch);
     return logits;
 }
 

@@ -87,6 +87,8 @@ public:
         return static_cast<std::size_t>(held_experts() * 3 * spec_.hidden_size * spec_.intermediate_size) *
                sizeof(bfloat16);
     }
+    /// Device bytes the policy holds: its weights and its [max_rows] inverse permutation (int32).
+    [[nodiscard]] std::size_t device_bytes() const noexcept { return store_.bytes(); }
     /// The held weights as the grouped kernel and the expert exchanges take them.
     [[nodiscard]] cuda::GroupedExpertWeights grouped() const noexcept
     {

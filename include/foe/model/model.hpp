@@ -98,7 +98,11 @@ public:
     virtual ~ModelInterface() = default;
 
     /// Logits for a ragged batch: [batch.tokens(), vocab] with LogitRows::all, one row per chunk
-    /// (its last token's) with LogitRows::last_per_chunk; a row is the same bits either way.
+    /// (its last token's) with LogitRows::last_per_chunk. A row is the same bits either way with
+    /// a GEMM whose results do not depend on the row count (the host's default BatchInvariant, the
+    /// device's TcGemm); OpenBLAS and cuBLASLt may pick another kernel for another row count, so
+    /// with them a row is close, not always the same bits (and generate() may then break a
+    /// near-tie differently with prefill_logits than without).
     /// tokens holds batch.tokens() ids, laid out sequence after sequence. A chunk must start at
     /// or before its slot's current length (starting earlier discards the positions after start).
     [[nodiscard]] virtual Tensor<float> forward(const Batch& batch, std::span<const std::int32_t> tokens,

@@ -106,7 +106,7 @@ void model_forward(Exec& exec, const typename Exec::batch_type& batch, Tokens to
                    index_t groups, std::span<const index_t> kept, MatrixView<float> logits)
 {
     const auto x = model_layers(exec, batch, layers, exec.embed(batch, tokens));
-    const auto h = exec.keep_rows(exec.mean_streams(x, groups), kept);
+    const auto h = exec.keep_rows(exec.mean_streams(x, groups), batch, kept);
     exec.final_norm(h);
     exec.lm_head(h, logits);
 }
@@ -179,7 +179,7 @@ struct model_exec<HostBackend, Gemm> {
         return MatrixView<float>(hidden.data(), {t, d});
     }
 
-    static MatrixView<float> keep_rows(MatrixView<float> h, std::span<const index_t> kept)
+    static MatrixView<float> keep_rows(MatrixView<float> h, const Batch&, std::span<const index_t> kept)
     {
         const index_t d = h.extent(1), n = static_cast<index_t>(kept.size());
         for (index_t r = 0; r < n; ++r)  // kept rows ascend, so a row never overwrites one still to move

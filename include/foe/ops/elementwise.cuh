@@ -1,6 +1,6 @@
 #pragma once
-// The model's small memory-bound kernels: the embedding lookup, and the two halves of a residual
-// sync whose sum crosses ranks (sum the held streams in fp32; scale and round once to bf16).
+// The model's small memory-bound kernels: the embedding lookup, the gather of each sequence's last
+// row (LogitRows::last_per_chunk), and the two halves of a residual sync whose sum crosses ranks (sum the held streams in fp32; scale and round once to bf16).
 // Each output element is written by one thread that adds its terms in a fixed order, so results
 // are bit-identical run to run.
 
@@ -27,6 +27,17 @@ FOE_KERNEL(Launch::block_threads)
 void embedding_kernel(const bfloat16* __restrict__ table, const std::int32_t* __restrict__ ids, int d, bfloat16* out)
 {
     const bfloat16* src = table + static_cast<std::size_t>(ids[blockIdx.x]) * static_cast<std::size_t>(d);
+    bfloat16* dst = out + static_cast<std::size_t>(blockIdx.x) * static_cast<std::size_t>(d);
+    for (int j = static_cast<int>(threadIdx.x); j < d; j += Launch::block_threads) dst[j] = src[j];
+}
+
+/// out[b, :] = x[row_offsets[b + 1] - 1, :]: each sequence's last row (every sequence has one).
+template <class Launch = ElementwiseLaunch>
+FOE_KERNEL(Launch::block_threads)
+void gather_last_rows_kernel(const bfloat16* __restrict__ x, const std::int32_t* __restrict__ row_offsets, int d,
+                             bfloat16* __restrict__ out)
+{
+    const bfloat16* src = x + static_cast<std::size_t>(row_offsets[blockIdx.x + 1] - 1) * static_cast<std::size_t>(d);
     bfloat16* dst = out + static_cast<std::size_t>(blockIdx.x) * static_cast<std::size_t>(d);
     for (int j = static_cast<int>(threadIdx.x); j < d; j += Launch::block_threads) dst[j] = src[j];
 }
@@ -86,6 +97,19 @@ inline void embedding(const bfloat16* table, const std::int32_t* ids, index_t to
     embedding_kernel<<<static_cast<unsigned>(tokens), ElementwiseLaunch::block_threads, 0, stream>>>(
         table, ids, static_cast<int>(d), out);
     check_launch("embedding_kernel");
+}
+
+/// out [sequences, d] = the last row of each sequence of x [tokens, d], from the batch's device
+/// row offsets [sequences + 1] (the host checked that no sequence is empty). out must not overlap x.
+inline void gather_last_rows(const bfloat16* x, const std::int32_t* row_offsets, index_t sequences, index_t d,
+                             bfloat16* out, cudaStream_t stream)
+{
+    require(sequences >= 0 && sequences <= 0x7fffffff && d > 0 && d <= 0x7fffffff, "gather_last_rows: bad shape [",
+            sequences, ", ", d, "]");
+    if (sequences == 0) return;
+    gather_last_rows_kernel<<<static_cast<unsigned>(sequences), ElementwiseLaunch::block_threads, 0, stream>>>(
+        x, row_offsets, static_cast<int>(d), out);
+    check_launch("gather_last_rows_kernel");
 }
 
 /// out [n] (fp32) = sum of the `streams` consecutive blocks of n elements of x, in order.
