@@ -1,7 +1,8 @@
 // Host kernels, one at a time, on the foe-1b shapes (d 768, head_dim 96, E 64, k 8, f 384):
 // dense projection GEMM (foe's batch-invariant kernel and the CBLAS policy, and the two paired on
 // every GEMM shape of foe-1b and moe-1b as a ratio; decode steps at 7b-like widths and with a
-// bf16 weight, with B's bandwidth beside the machine's copy bandwidth), the grouped SwiGLU experts
+// bf16 weight, with B's bandwidth beside the machine's copy bandwidth), the groups' q|k|v as one
+// GEMM per group against one stacked GEMM (what group-batching would gain), the grouped SwiGLU experts
 // next to OpenBLAS sgemm doing the same FLOPs as three large GEMMs, router + top-k, the
 // permutation of rows by expert, the weighted combine, attention prefill and decode, RMSNorm.
 //
@@ -144,6 +145,47 @@ BENCHMARK(gemm_pair<float>)->Name("gemm_pair/batch_invariant_vs_openblas")->Appl
 BENCHMARK(gemm_pair<float>)->Name("gemm_pair/decode")->Apply(decode_shapes);
 BENCHMARK(gemm_pair<foe::bfloat16>)->Name("gemm_pair/decode_bf16_b")->Apply(decode_bf16_shapes);
 #endif
+
+// --- q|k|v of an FoE layer's groups: one GEMM per group, or one over the stacked groups ----------
+
+/// The host runs one attention instance per group (layer_exec<HostBackend>): H GEMMs of
+/// [T, d] x [n, d]^T for the groups' q|k|v (n = (q heads per group + 2) x head_dim). The CUDA
+/// backend stacks them into one [T, d] x [H n, d]^T where the groups share their input (the first
+/// layer; later layers' groups have H inputs, so no stacking applies). This pair, on foe-1b's
+/// shapes with foe's GEMM, bounds what stacking could gain on the host: both run alternately in
+/// every iteration; the benchmark's time is the per-group loop's, "stacked vs per-group" is the
+/// per-group time over the stacked time (above 1: stacking is faster).
+void group_qkv(benchmark::State& state)
+{
+    const foe::ModelConfig c = foe::named_config("foe-1b");
+    const index_t t = state.range(0), h = c.groups(), k = c.hidden_size;
+    const index_t n = (c.q_heads_per_group() + 2 * c.kv_heads_per_group()) * c.head_dim;
+    const auto x = bench::random(static_cast<std::size_t>(t * k), 1), w = bench::random(static_cast<std::size_t>(h * n * k), 2);
+    std::vector<float> per_group(static_cast<std::size_t>(h * t * n)), stacked(per_group.size());
+    const MatrixView<const float> xv(x.data(), {t, k}), wv(w.data(), {h * n, k});
+    double loop_seconds = 0.0, stacked_seconds = 0.0;
+    using clock = std::chrono::steady_clock;
+    for (auto _ : state) {
+        const auto t0 = clock::now();
+        for (index_t g = 0; g < h; ++g)
+            foe::gemm::BatchInvariant::nt(xv, wv.slice(0, g * n, n), MatrixView<float>(per_group.data() + g * t * n, {t, n}),
+                                          false);
+        benchmark::DoNotOptimize(per_group.data());
+        const auto t1 = clock::now();
+        foe::gemm::BatchInvariant::nt(xv, wv, MatrixView<float>(stacked.data(), {t, h * n}), false);
+        benchmark::DoNotOptimize(stacked.data());
+        const auto t2 = clock::now();
+        const double loop_s = std::chrono::duration<double>(t1 - t0).count();
+        loop_seconds += loop_s;
+        stacked_seconds += std::chrono::duration<double>(t2 - t1).count();
+        state.SetIterationTime(loop_s);
+    }
+    const double flops = 2.0 * static_cast<double>(t * h * n * k) * static_cast<double>(state.iterations());
+    state.counters["per-group GFLOP/s"] = flops / loop_seconds * 1e-9;
+    state.counters["stacked GFLOP/s"] = flops / stacked_seconds * 1e-9;
+    state.counters["stacked vs per-group"] = loop_seconds / stacked_seconds;
+}
+BENCHMARK(group_qkv)->Name("group_qkv/per_group_vs_stacked")->Arg(1)->Arg(8)->Arg(128)->Arg(2048)->ArgName("T")->UseManualTime();
 
 /// The machine's copy bandwidth, to state a decode GEMM's B GB/s as a fraction of it: memcpy of
 /// a 256 MiB buffer (far past the caches), split into one contiguous part per thread. "copy GB/s"
